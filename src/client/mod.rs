@@ -1,0 +1,494 @@
+//! The client side: one task per client connection, from startup to goodbye.
+//!
+//! After [`startup`] admits a client, its [`Session`] waits, holding no read buffer, until
+//! the client sends something. Then it takes a server connection from the pool for the
+//! transaction (transaction mode) or for good (session mode), and the [`relay`] moves the
+//! bytes until the transaction ends. Failures that leave the client usable (no server
+//! connection in time, a server connection lost) are answered here the way PostgreSQL
+//! would answer them: an ErrorResponse, then ReadyForQuery for each batch the client sent.
+
+pub mod auth;
+pub mod params;
+pub mod relay;
+pub mod startup;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::cancel::CancelSlot;
+use crate::config::PoolMode;
+use crate::error::PgError;
+use crate::pool::CheckoutError;
+use crate::protocol::{header, put_ready_for_query};
+use crate::tenant::{PRELUDE_FRESH_QUERIES, PRELUDE_RESET_QUERIES, TenantId};
+
+use relay::{CLIENT_BUF, ClientScan, Relay, RelayEnd, ServerScan};
+use startup::FirstPacket;
+
+/// Serves one client connection to its end.
+pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let login_timeout = shared.config.limits.client_login_timeout.0;
+    // Boxed so that the sizeable login state is not part of every idle client's future.
+    let login = Box::pin(tokio::time::timeout(
+        login_timeout,
+        login(&mut stream, peer, &shared),
+    ))
+    .await;
+    let session = match login {
+        Ok(Ok(Some(session))) => session,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::info!(client = %peer, error = %e, "login refused");
+            let _ = stream.write_all(&e.to_bytes()).await;
+            return;
+        }
+        Err(_) => {
+            tracing::info!(client = %peer, "login timed out");
+            let _ = stream.write_all(&PgError::login_timeout().to_bytes()).await;
+            return;
+        }
+    };
+    let mut session = session.with_stream(stream);
+    session.run().await;
+}
+
+/// What login hands over to the session (the stream stays with the caller).
+struct LoggedIn {
+    tenant: TenantId,
+    reg: Registration,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+}
+
+impl LoggedIn {
+    fn with_stream(self, stream: TcpStream) -> Session {
+        let shutdown = self.shared.shutdown.clone();
+        Session {
+            stream,
+            buf: BytesMut::new(),
+            cfwd: 0,
+            cscan: ClientScan::default(),
+            skip_until_sync: false,
+            discard_left: 0,
+            tenant: self.tenant,
+            reg: self.reg,
+            shared: self.shared,
+            shutdown,
+            peer: self.peer,
+        }
+    }
+}
+
+async fn login(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<Option<LoggedIn>, PgError> {
+    let startup = match startup::read_first_packet(stream).await? {
+        FirstPacket::Cancel { pid, secret } => {
+            if let Some((spid, ssecret)) = shared.cancels.lookup(pid, secret) {
+                tracing::debug!(client = %peer, "forwarding cancel request");
+                let _ = crate::server::send_cancel(shared.pool.target(), spid, ssecret).await;
+            }
+            return Ok(None);
+        }
+        FirstPacket::Startup(s) => s,
+    };
+    let mut buf = BytesMut::new();
+    let admitted = startup::admit(stream, &mut buf, *startup, shared).await?;
+    if !buf.is_empty() {
+        return Err(PgError::protocol_violation(
+            "unexpected data after authentication",
+        ));
+    }
+    let reg = Registration::take(shared, admitted.tenant)?;
+    let server_params = shared
+        .pool
+        .server_params()
+        .await
+        .map_err(|e| PgError::server_unavailable(&e, true))?;
+    startup::welcome(
+        stream,
+        &server_params,
+        &admitted.settings,
+        (reg.cancel.pid, reg.cancel.secret),
+    )
+    .await?;
+    tracing::info!(
+        client = %peer,
+        user = %admitted.user,
+        tenant = %shared.tenants.get(admitted.tenant).name,
+        "client connected"
+    );
+    Ok(Some(LoggedIn {
+        tenant: admitted.tenant,
+        reg,
+        shared: shared.clone(),
+        peer,
+    }))
+}
+
+/// A client's place in the proxy: its client-cap slots and its cancel key. Dropping it
+/// gives them back, however the session ends.
+struct Registration {
+    shared: Arc<Shared>,
+    tenant: TenantId,
+    cancel: Arc<CancelSlot>,
+    id: u64,
+}
+
+impl Registration {
+    fn take(shared: &Arc<Shared>, tenant: TenantId) -> Result<Registration, PgError> {
+        let max = shared.config.proxy.max_client_conn;
+        if shared
+            .clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(PgError::too_many_clients(&format!(
+                "max_client_conn ({max})"
+            )));
+        }
+        let t = shared.tenants.get(tenant);
+        if !t.try_add_client() {
+            shared.clients.fetch_sub(1, Ordering::AcqRel);
+            return Err(PgError::too_many_clients(&format!(
+                "max_client_connections of tenant \"{}\" ({})",
+                t.name, t.max_clients
+            )));
+        }
+        Ok(Registration {
+            shared: shared.clone(),
+            tenant,
+            cancel: shared.cancels.register(),
+            id: shared.next_client_id.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.cancels.unregister(self.cancel.pid);
+        self.shared.tenants.get(self.tenant).remove_client();
+        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A logged-in client.
+struct Session {
+    stream: TcpStream,
+    /// Read buffer; empty and unallocated while the client is idle.
+    buf: BytesMut,
+    /// Bytes at the front of `buf` scanned and ready for the server.
+    cfwd: usize,
+    cscan: ClientScan,
+    /// A batch failed without reaching a server: drop messages until Sync, then answer it.
+    skip_until_sync: bool,
+    /// Body bytes of a message to drop as they arrive.
+    discard_left: usize,
+    tenant: TenantId,
+    reg: Registration,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    peer: SocketAddr,
+}
+
+/// What woke an idle session.
+enum Wake {
+    Data,
+    Closed,
+    Shutdown,
+}
+
+impl Session {
+    async fn run(&mut self) {
+        let reason = self.serve_transactions().await;
+        tracing::info!(
+            client = %self.peer,
+            tenant = %self.shared.tenants.get(self.tenant).name,
+            reason,
+            "client disconnected"
+        );
+    }
+
+    async fn serve_transactions(&mut self) -> &'static str {
+        loop {
+            if !self.first_message_ready() {
+                if self.cscan.terminated && self.cfwd == 0 {
+                    return "terminated";
+                }
+                match self.wait_for_data().await {
+                    Wake::Data => {}
+                    Wake::Closed => return "closed",
+                    Wake::Shutdown => {
+                        let _ = self
+                            .stream
+                            .write_all(&PgError::shutting_down().to_bytes())
+                            .await;
+                        return "shutdown";
+                    }
+                }
+                if let Err(e) = self.absorb_input().await {
+                    let _ = self.stream.write_all(&e.to_bytes()).await;
+                    return "protocol violation";
+                }
+                continue;
+            }
+            match self.transaction().await {
+                Ok(true) => {}
+                Ok(false) => return "closed",
+                Err(e) => {
+                    let _ = self.stream.write_all(&e.to_bytes()).await;
+                    return "error";
+                }
+            }
+            if self.buf.is_empty() {
+                // Idle clients hold no buffer.
+                self.buf = BytesMut::new();
+            }
+        }
+    }
+
+    /// Is there a message to start a transaction with? The whole first message must be
+    /// there unless it is a large one to stream, so that a client stalling mid-message
+    /// does not hold a server connection.
+    fn first_message_ready(&self) -> bool {
+        if self.cfwd == 0 {
+            return false;
+        }
+        match header(&self.buf) {
+            Some((_, Ok(len))) => len > CLIENT_BUF || self.buf.len() >= len,
+            _ => false,
+        }
+    }
+
+    /// Waits until the client has sent bytes (allocating the read buffer only then).
+    async fn wait_for_data(&mut self) -> Wake {
+        loop {
+            if *self.shutdown.borrow() {
+                return Wake::Shutdown;
+            }
+            if !self.buf.is_empty() {
+                self.buf.reserve(CLIENT_BUF);
+                use tokio::io::AsyncReadExt;
+                return match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => Wake::Closed,
+                    Ok(_) => Wake::Data,
+                };
+            }
+            tokio::select! {
+                r = self.stream.readable() => {
+                    if r.is_err() {
+                        return Wake::Closed;
+                    }
+                }
+                _ = self.shutdown.changed() => continue,
+            }
+            self.buf.reserve(CLIENT_BUF);
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Wake::Closed,
+                Ok(_) => return Wake::Data,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Wake::Closed,
+            }
+        }
+    }
+
+    /// Scans newly read bytes, first dropping what belongs to failed batches.
+    async fn absorb_input(&mut self) -> Result<(), PgError> {
+        if self.discard_left > 0 {
+            let n = self.discard_left.min(self.buf.len() - self.cfwd);
+            // Discarded bytes are always at the front: nothing is scanned while discarding.
+            self.buf.advance(n);
+            self.discard_left -= n;
+        }
+        while self.skip_until_sync && self.discard_left == 0 {
+            let Some((tag, len)) = header(&self.buf) else {
+                break;
+            };
+            let len = match len {
+                Ok(l) if l - 1 <= crate::protocol::MAX_CLIENT_MESSAGE_LEN => l,
+                _ => return Err(PgError::protocol_violation("invalid message length")),
+            };
+            let n = len.min(self.buf.len());
+            self.buf.advance(n);
+            self.discard_left = len - n;
+            if tag == b'S' {
+                self.skip_until_sync = false;
+                let mut out = BytesMut::with_capacity(6);
+                put_ready_for_query(&mut out, b'I');
+                self.write_client(&out).await?;
+            } else if tag == b'X' {
+                self.cscan.terminated = true;
+                self.skip_until_sync = false;
+            }
+        }
+        if self.discard_left > 0 || self.skip_until_sync || self.cscan.terminated {
+            return Ok(());
+        }
+        self.cfwd = self.cscan.scan(&self.buf, self.cfwd)?;
+        Ok(())
+    }
+
+    async fn write_client(&mut self, bytes: &[u8]) -> Result<(), PgError> {
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|e| PgError::protocol_violation(e.to_string()))
+    }
+
+    /// Runs one transaction (or the whole session in session mode). Returns whether the
+    /// client is still there.
+    async fn transaction(&mut self) -> Result<bool, PgError> {
+        let shared = self.shared.clone();
+        let wait = shared.config.limits.query_wait_timeout.0;
+        let mut conn = match shared.pool.checkout(self.tenant, wait).await {
+            Ok(c) => c,
+            Err(e) => {
+                let err = match e {
+                    CheckoutError::Timeout => {
+                        PgError::query_wait_timeout(&shared.tenants.get(self.tenant).name)
+                    }
+                    CheckoutError::Unavailable(msg) => PgError::server_unavailable(&msg, false),
+                };
+                tracing::warn!(client = %self.peer, error = %err, "transaction not started");
+                self.fail_batch(&err).await?;
+                return Ok(true);
+            }
+        };
+        let session_mode = shared.config.proxy.pool_mode == PoolMode::Session;
+        let tenant = shared.tenants.get(self.tenant);
+        let client_id = self.reg.id;
+        let (prelude, swallow) = match conn.tenant {
+            None => (&tenant.prelude_fresh[..], PRELUDE_FRESH_QUERIES),
+            Some(t) if t != self.tenant => {
+                shared
+                    .pool
+                    .stats
+                    .search_path_switches
+                    .fetch_add(1, Ordering::Relaxed);
+                (&tenant.prelude_reset[..], PRELUDE_RESET_QUERIES)
+            }
+            Some(_) if conn.dirty && conn.last_client != client_id => {
+                (&tenant.prelude_reset[..], PRELUDE_RESET_QUERIES)
+            }
+            Some(_) => (&[][..], 0),
+        };
+        if swallow > 0 {
+            conn.tenant = Some(self.tenant);
+            conn.dirty = false;
+        }
+        conn.last_client = client_id;
+        self.reg
+            .cancel
+            .attach(conn.backend_pid, conn.backend_secret);
+
+        let server: &mut crate::server::ServerConn = &mut conn;
+        let crate::server::ServerConn {
+            stream: sstream,
+            buf: sbuf,
+            ..
+        } = server;
+        let mut relay = Relay {
+            client: &mut self.stream,
+            cbuf: &mut self.buf,
+            cfwd: &mut self.cfwd,
+            cscan: &mut self.cscan,
+            server: sstream,
+            sbuf,
+            sscan: ServerScan::new(swallow),
+            prelude,
+            sfwd: 0,
+            status: b'I',
+            hold: session_mode,
+        };
+        let end = relay.run().await;
+        let session_changed = relay.sscan.session_changed;
+        let mid_message = relay.sscan_mid_message() || relay.sfwd > 0;
+        let status = relay.status;
+        self.reg.cancel.detach();
+
+        match end {
+            RelayEnd::Released => {
+                conn.dirty |= session_changed;
+                conn.set_clean(true);
+                Ok(true)
+            }
+            RelayEnd::ClientGone => {
+                let idle = status == b'I'
+                    && self.cscan.pending == 0
+                    && !self.cscan.unsynced
+                    && self.cscan.body_left == 0
+                    && self.cfwd == 0
+                    && !mid_message;
+                conn.dirty |= session_changed || session_mode;
+                conn.set_clean(idle);
+                Ok(false)
+            }
+            RelayEnd::ServerLost(why) => {
+                drop(conn);
+                tracing::warn!(client = %self.peer, error = %why, "server connection lost");
+                if mid_message {
+                    // Part of a message already reached the client: the stream cannot be
+                    // repaired, so the client connection ends.
+                    return Err(PgError::fatal(
+                        "08006",
+                        format!("server connection lost: {why}"),
+                    ));
+                }
+                self.fail_batch(&PgError::server_lost(&why)).await?;
+                Ok(true)
+            }
+            RelayEnd::Violation(e) => Err(e),
+        }
+    }
+
+    /// Answers every batch the client has sent (and that will not reach a server) with
+    /// `err` then ReadyForQuery, as PostgreSQL answers a failed batch; an open
+    /// extended-protocol batch gets the error now and its ReadyForQuery at its Sync.
+    async fn fail_batch(&mut self, err: &PgError) -> Result<(), PgError> {
+        let mut out = BytesMut::with_capacity(256);
+        for _ in 0..self.cscan.pending {
+            err.encode(&mut out);
+            put_ready_for_query(&mut out, b'I');
+        }
+        if self.cscan.unsynced {
+            err.encode(&mut out);
+            self.skip_until_sync = true;
+        }
+        // Drop what was scanned; the rest of a partial message is dropped as it arrives.
+        self.buf.advance(self.cfwd);
+        self.cfwd = 0;
+        self.discard_left = self.cscan.body_left;
+        let terminated = self.cscan.terminated;
+        self.cscan = ClientScan {
+            terminated,
+            ..Default::default()
+        };
+        if !out.is_empty() {
+            self.write_client(&out).await?;
+        }
+        if self.skip_until_sync {
+            // Messages already in the buffer may complete the batch.
+            self.absorb_input().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Relay<'_> {
+    /// Did the server connection stop in the middle of a message the client has begun to get?
+    fn sscan_mid_message(&self) -> bool {
+        self.sscan.mid_message()
+    }
+}

@@ -1,0 +1,657 @@
+//! The TOML configuration: typed structs, defaults, and validation.
+//!
+//! Every key of the contract's configuration lives here, with its default. Loading a file
+//! parses it (unknown keys are an error naming the key), resolves `*_env` secrets, and checks
+//! the whole config; all problems are reported together, each naming its key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// `None` turns the Prometheus exporter off.
+    pub metrics: Option<MetricsConfig>,
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub tenant_defaults: TenantDefaults,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+    #[serde(default)]
+    pub users: BTreeMap<String, UserConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    Transaction,
+    Session,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantFrom {
+    Database,
+    User,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTls {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTls {
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+/// `[proxy]`: the listening side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub listen: String,
+    pub pool_mode: PoolMode,
+    pub max_client_conn: u32,
+    pub auth_method: AuthMethod,
+    pub admin_users: Vec<String>,
+    pub shutdown_timeout: Dur,
+    pub tenant_from: TenantFrom,
+    pub max_prepared_statements: u32,
+    pub client_tls: ClientTls,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: "0.0.0.0:6432".into(),
+            pool_mode: PoolMode::Transaction,
+            max_client_conn: 10_000,
+            auth_method: AuthMethod::ScramSha256,
+            admin_users: vec!["admin".into()],
+            shutdown_timeout: Dur::secs(30),
+            tenant_from: TenantFrom::Database,
+            max_prepared_statements: 200,
+            client_tls: ClientTls::Disable,
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
+}
+
+/// `[metrics]`: the Prometheus exporter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9930".into()
+}
+
+/// `[server]`: the one shared PostgreSQL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    #[serde(default = "default_min_idle")]
+    pub min_idle: u32,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Dur,
+    #[serde(default = "default_lifetime")]
+    pub lifetime: Dur,
+    #[serde(default = "default_server_tls")]
+    pub tls: ServerTls,
+    #[serde(default)]
+    pub tls_ca_file: Option<String>,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    5432
+}
+fn default_max_connections() -> u32 {
+    50
+}
+fn default_min_idle() -> u32 {
+    5
+}
+fn default_connect_timeout() -> Dur {
+    Dur::secs(5)
+}
+fn default_idle_timeout() -> Dur {
+    Dur::secs(600)
+}
+fn default_lifetime() -> Dur {
+    Dur::secs(3600)
+}
+fn default_server_tls() -> ServerTls {
+    ServerTls::Disable
+}
+
+/// `[limits]`: timeouts applied to clients and queued transactions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub query_wait_timeout: Dur,
+    pub idle_transaction_timeout: Dur,
+    pub client_idle_timeout: Dur,
+    /// Not in the original contract: PgBouncer's `client_login_timeout`. A client must finish
+    /// its startup and authentication within this time.
+    pub client_login_timeout: Dur,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            query_wait_timeout: Dur::secs(120),
+            idle_transaction_timeout: Dur::ZERO,
+            client_idle_timeout: Dur::ZERO,
+            client_login_timeout: Dur::secs(60),
+        }
+    }
+}
+
+/// `[tenant_defaults]`: what a tenant gets unless it says otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantDefaults {
+    pub max_server_connections: u32,
+    pub max_client_connections: u32,
+    pub search_path: String,
+}
+
+impl Default for TenantDefaults {
+    fn default() -> Self {
+        TenantDefaults {
+            max_server_connections: 10,
+            max_client_connections: 1000,
+            search_path: "{schema}, public".into(),
+        }
+    }
+}
+
+/// `[tenants.NAME]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    #[serde(default)]
+    pub schema: String,
+    pub max_server_connections: Option<u32>,
+    pub max_client_connections: Option<u32>,
+}
+
+/// `[users.NAME]`: a login clients may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub password: Option<String>,
+    pub password_env: Option<String>,
+    pub scram: Option<String>,
+    #[serde(default = "default_user_tenants")]
+    pub tenants: Vec<String>,
+}
+
+fn default_user_tenants() -> Vec<String> {
+    vec!["*".into()]
+}
+
+impl UserConfig {
+    /// The user's cleartext password, from `password` or the `password_env` variable.
+    pub fn cleartext_password(&self) -> Option<String> {
+        if let Some(p) = &self.password {
+            return Some(p.clone());
+        }
+        self.password_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok())
+    }
+
+    pub fn may_open(&self, tenant: &str) -> bool {
+        self.tenants.iter().any(|t| t == "*" || t == tenant)
+    }
+}
+
+impl ServerConfig {
+    /// The password tenantpool logs in to PostgreSQL with, if any.
+    pub fn resolved_password(&self) -> Option<String> {
+        if let Some(p) = &self.password {
+            return Some(p.clone());
+        }
+        self.password_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok())
+    }
+}
+
+/// A duration written as "250ms", "30s", "10m", "1h" (or "0").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const ZERO: Dur = Dur(Duration::ZERO);
+    pub const fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0.is_zero()
+    }
+    /// `None` for zero ("off").
+    pub fn nonzero(&self) -> Option<Duration> {
+        (!self.0.is_zero()).then_some(self.0)
+    }
+}
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Dur::ZERO);
+        }
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(|| format!("duration \"{s}\" needs a unit (ms, s, m, h)"))?;
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num.parse().map_err(|_| {
+            format!("\"{s}\" is not a duration such as \"250ms\", \"30s\", \"10m\"")
+        })?;
+        let secs = match unit.trim() {
+            "us" => n / 1_000_000.0,
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" | "min" => n * 60.0,
+            "h" => n * 3600.0,
+            "d" => n * 86400.0,
+            other => return Err(format!("unknown duration unit \"{other}\" in \"{s}\"")),
+        };
+        if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+            return Err(format!("duration \"{s}\" is out of range"));
+        }
+        Ok(Dur(Duration::from_secs_f64(secs)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 == 0 {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+/// Why a config could not be used: every problem found, one per line.
+#[derive(Debug)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Database names that open the admin console instead of a tenant.
+pub const ADMIN_DATABASES: [&str; 2] = ["tenantpool", "pgbouncer"];
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError(vec![describe_toml_error(&e)]))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective server-connection cap of a tenant.
+    pub fn tenant_max_server(&self, t: &TenantConfig) -> u32 {
+        t.max_server_connections
+            .unwrap_or(self.tenant_defaults.max_server_connections)
+    }
+
+    /// The effective client-connection cap of a tenant.
+    pub fn tenant_max_clients(&self, t: &TenantConfig) -> u32 {
+        t.max_client_connections
+            .unwrap_or(self.tenant_defaults.max_client_connections)
+    }
+
+    /// Checks everything that parsing alone does not; reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        if self.proxy.listen.parse::<std::net::SocketAddr>().is_err() {
+            p.push(format!(
+                "proxy.listen: \"{}\" is not an address such as \"0.0.0.0:6432\"",
+                self.proxy.listen
+            ));
+        }
+        if let Some(m) = &self.metrics
+            && m.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            p.push(format!(
+                "metrics.listen: \"{}\" is not an address such as \"127.0.0.1:9930\"",
+                m.listen
+            ));
+        }
+        if self.proxy.max_client_conn == 0 {
+            p.push("proxy.max_client_conn: must be at least 1".into());
+        }
+        if self.proxy.client_tls != ClientTls::Disable {
+            p.push(
+                "proxy.client_tls: only \"disable\" is supported in this version (TLS is not built yet)"
+                    .into(),
+            );
+        }
+        match self.server.tls {
+            ServerTls::Disable | ServerTls::Prefer => {}
+            _ => p.push(
+                "server.tls: only \"disable\" and \"prefer\" (which falls back to plain TCP) are supported in this version"
+                    .into(),
+            ),
+        }
+        if self.server.max_connections == 0 {
+            p.push("server.max_connections: must be at least 1".into());
+        }
+        if self.server.min_idle > self.server.max_connections {
+            p.push(format!(
+                "server.min_idle: {} is above server.max_connections ({})",
+                self.server.min_idle, self.server.max_connections
+            ));
+        }
+        if self.server.connect_timeout.is_zero() {
+            p.push("server.connect_timeout: must be above 0".into());
+        }
+        if self.server.database.is_empty() {
+            p.push("server.database: must not be empty".into());
+        }
+        if self.server.user.is_empty() {
+            p.push("server.user: must not be empty".into());
+        }
+        if self.server.password.is_some() && self.server.password_env.is_some() {
+            p.push("server: give either password or password_env, not both".into());
+        }
+        if let Some(v) = &self.server.password_env
+            && std::env::var(v).is_err()
+        {
+            p.push(format!(
+                "server.password_env: environment variable {v} is not set"
+            ));
+        }
+        if self.limits.query_wait_timeout.is_zero() {
+            p.push("limits.query_wait_timeout: must be above 0".into());
+        }
+        if self.limits.client_login_timeout.is_zero() {
+            p.push("limits.client_login_timeout: must be above 0".into());
+        }
+        let d = &self.tenant_defaults;
+        if d.max_server_connections == 0 {
+            p.push("tenant_defaults.max_server_connections: must be at least 1".into());
+        }
+        if d.max_client_connections == 0 {
+            p.push("tenant_defaults.max_client_connections: must be at least 1".into());
+        }
+        if d.max_server_connections > self.server.max_connections {
+            p.push(format!(
+                "tenant_defaults.max_server_connections: {} is above server.max_connections ({})",
+                d.max_server_connections, self.server.max_connections
+            ));
+        }
+        if !d.search_path.contains("{schema}") {
+            p.push("tenant_defaults.search_path: must contain {schema}".into());
+        }
+        if self.tenants.is_empty() {
+            p.push("tenants: no tenant is configured ([tenants.NAME] with a schema)".into());
+        }
+        for (name, t) in &self.tenants {
+            if name.is_empty() || name.contains('\0') {
+                p.push("tenants: a tenant name must not be empty".into());
+            }
+            if ADMIN_DATABASES.contains(&name.as_str()) {
+                p.push(format!(
+                    "tenants.{name}: the name is reserved for the admin console"
+                ));
+            }
+            if t.schema.is_empty() {
+                p.push(format!(
+                    "tenants.{name}.schema: every tenant needs a schema"
+                ));
+            }
+            if t.schema.contains('\0') {
+                p.push(format!("tenants.{name}.schema: must not contain NUL"));
+            }
+            if t.max_server_connections == Some(0) {
+                p.push(format!(
+                    "tenants.{name}.max_server_connections: must be at least 1"
+                ));
+            }
+            if t.max_client_connections == Some(0) {
+                p.push(format!(
+                    "tenants.{name}.max_client_connections: must be at least 1"
+                ));
+            }
+            if let Some(n) = t.max_server_connections
+                && n > self.server.max_connections
+            {
+                p.push(format!(
+                    "tenants.{name}.max_server_connections: {n} is above server.max_connections ({})",
+                    self.server.max_connections
+                ));
+            }
+        }
+        if self.users.is_empty() && self.proxy.auth_method != AuthMethod::Trust {
+            p.push("users: no user is configured ([users.NAME] with a password)".into());
+        }
+        for (name, u) in &self.users {
+            let given = [
+                u.password.is_some(),
+                u.password_env.is_some(),
+                u.scram.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if given > 1 {
+                p.push(format!(
+                    "users.{name}: give one of password, password_env or scram"
+                ));
+            }
+            if given == 0 && self.proxy.auth_method != AuthMethod::Trust {
+                p.push(format!(
+                    "users.{name}: needs password, password_env or scram (auth_method is not trust)"
+                ));
+            }
+            if let Some(v) = &u.password_env
+                && std::env::var(v).is_err()
+            {
+                p.push(format!(
+                    "users.{name}.password_env: environment variable {v} is not set"
+                ));
+            }
+            if let Some(s) = &u.scram {
+                if let Err(e) = crate::client::auth::parse_scram_verifier(s) {
+                    p.push(format!("users.{name}.scram: {e}"));
+                }
+                if self.proxy.auth_method == AuthMethod::Md5 {
+                    p.push(format!(
+                        "users.{name}.scram: a SCRAM verifier cannot check md5 logins (auth_method = \"md5\"); give a password"
+                    ));
+                }
+            }
+            if self.proxy.tenant_from == TenantFrom::User && name.contains('.') {
+                p.push(format!(
+                    "users.{name}: with tenant_from = \"user\" a user name may not contain '.'"
+                ));
+            }
+            for t in &u.tenants {
+                if t != "*" && !self.tenants.contains_key(t) {
+                    p.push(format!(
+                        "users.{name}.tenants: \"{t}\" is not a configured tenant"
+                    ));
+                }
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(p))
+        }
+    }
+}
+
+/// Turns a toml/serde error into one line naming the key and the position.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => format!("{msg} (at byte {})", span.start),
+        None => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[server]
+database = "app"
+user = "tenantpool"
+password = "x"
+[tenants.acme]
+schema = "tenant_acme"
+[users.app]
+password = "secret"
+"#;
+
+    #[test]
+    fn minimal_config_gets_contract_defaults() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.proxy.listen, "0.0.0.0:6432");
+        assert_eq!(c.proxy.pool_mode, PoolMode::Transaction);
+        assert_eq!(c.server.max_connections, 50);
+        assert_eq!(c.limits.query_wait_timeout, Dur::secs(120));
+        assert_eq!(c.tenant_defaults.search_path, "{schema}, public");
+        assert_eq!(c.users["app"].tenants, vec!["*".to_string()]);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            "250ms".parse::<Dur>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!("10m".parse::<Dur>().unwrap().0, Duration::from_secs(600));
+        assert_eq!("0s".parse::<Dur>().unwrap(), Dur::ZERO);
+        assert!("10".parse::<Dur>().is_err());
+        assert!("10 parsecs".parse::<Dur>().is_err());
+    }
+
+    fn problems(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = problems(&format!("{MIN}\n[limits]\nquery_wait_timout = \"1s\"\n"));
+        assert!(e.contains("query_wait_timout"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = problems(&format!("{MIN}\n[limits]\nquery_wait_timeout = \"soon\"\n"));
+        assert!(e.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn tenant_problems_are_named() {
+        let text = MIN.replace(
+            "[tenants.acme]\nschema = \"tenant_acme\"",
+            "[tenants.acme]\nschema = \"\"\nmax_server_connections = 0\n[tenants.big]\nschema = \"b\"\nmax_server_connections = 500",
+        );
+        let e = problems(&text);
+        assert!(e.contains("tenants.acme.schema"), "{e}");
+        assert!(e.contains("tenants.acme.max_server_connections"), "{e}");
+        assert!(
+            e.contains("tenants.big.max_server_connections: 500 is above"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn user_naming_unknown_tenant() {
+        let text = MIN.replace(
+            "password = \"secret\"",
+            "password = \"s\"\ntenants = [\"nope\"]",
+        );
+        let e = problems(&text);
+        assert!(e.contains("users.app.tenants: \"nope\""), "{e}");
+    }
+}

@@ -1,0 +1,157 @@
+//! Every error a client can get from tenantpool itself, with the contract's SQLSTATE.
+//!
+//! The contract's table "What a client sees" maps one to one onto the constructors below;
+//! nothing else in the proxy makes up an SQLSTATE.
+
+use bytes::BytesMut;
+use pgwire::messages::Message;
+use pgwire::messages::response::ErrorResponse;
+
+/// An error tenantpool sends to a client (an ErrorResponse).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    /// `FATAL` closes the client connection after sending; `ERROR` keeps it.
+    pub fatal: bool,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl PgError {
+    pub fn fatal(code: &'static str, message: impl Into<String>) -> PgError {
+        PgError {
+            fatal: true,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn error(code: &'static str, message: impl Into<String>) -> PgError {
+        PgError {
+            fatal: false,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Appends the ErrorResponse message.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        let severity = if self.fatal { "FATAL" } else { "ERROR" };
+        let msg = ErrorResponse::new(vec![
+            (b'S', severity.to_string()),
+            (b'V', severity.to_string()),
+            (b'C', self.code.to_string()),
+            (b'M', self.message.replace('\0', "")),
+        ]);
+        // Encoding into a BytesMut cannot fail for an ErrorResponse (no length cap applies
+        // below i32::MAX, and our messages are short).
+        let _ = msg.encode(buf);
+    }
+
+    pub fn to_bytes(&self) -> BytesMut {
+        let mut b = BytesMut::with_capacity(64 + self.message.len());
+        self.encode(&mut b);
+        b
+    }
+
+    // ---- the contract's table ----
+
+    /// dbname names no tenant: FATAL 3D000.
+    pub fn unknown_tenant(name: &str) -> PgError {
+        PgError::fatal("3D000", format!("tenant \"{name}\" does not exist"))
+    }
+
+    /// Wrong password (or unknown user): FATAL 28P01.
+    pub fn password_failed(user: &str) -> PgError {
+        PgError::fatal(
+            "28P01",
+            format!("password authentication failed for user \"{user}\""),
+        )
+    }
+
+    /// The user may not open that tenant (or the admin console): FATAL 28000.
+    pub fn not_allowed(user: &str, what: &str) -> PgError {
+        PgError::fatal("28000", format!("user \"{user}\" may not open {what}"))
+    }
+
+    /// No user in the startup packet: FATAL 28000, as PostgreSQL says it.
+    pub fn no_user() -> PgError {
+        PgError::fatal(
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+    }
+
+    /// `max_client_conn` or a tenant's `max_client_connections` reached: FATAL 53300.
+    pub fn too_many_clients(limit: &str) -> PgError {
+        PgError::fatal(
+            "53300",
+            format!("too many client connections: {limit} reached"),
+        )
+    }
+
+    /// A transaction queued longer than `query_wait_timeout`: ERROR 53300, connection stays.
+    pub fn query_wait_timeout(tenant: &str) -> PgError {
+        PgError::error(
+            "53300",
+            format!(
+                "query_wait_timeout: no server connection for tenant \"{tenant}\" became free in time"
+            ),
+        )
+    }
+
+    /// The server connection died mid-transaction: ERROR 08006, connection stays.
+    pub fn server_lost(detail: &str) -> PgError {
+        PgError::error(
+            "08006",
+            format!("server connection lost during the transaction: {detail}"),
+        )
+    }
+
+    /// No server connection could be made: ERROR 08006 (FATAL during login).
+    pub fn server_unavailable(detail: &str, fatal: bool) -> PgError {
+        PgError {
+            fatal,
+            code: "08006",
+            message: format!("could not connect to the PostgreSQL server: {detail}"),
+        }
+    }
+
+    /// Malformed or oversized protocol message: FATAL 08P01.
+    pub fn protocol_violation(detail: impl Into<String>) -> PgError {
+        PgError::fatal("08P01", detail)
+    }
+
+    /// A startup parameter the tenant decides (`search_path`, `role`, ...): FATAL 42501.
+    pub fn forbidden_parameter(name: &str) -> PgError {
+        PgError::fatal(
+            "42501",
+            format!(
+                "parameter \"{name}\" cannot be set in the startup packet: tenantpool sets it for the tenant"
+            ),
+        )
+    }
+
+    /// An unsupported protocol version or feature in the startup packet: FATAL 0A000.
+    pub fn unsupported(detail: impl Into<String>) -> PgError {
+        PgError::fatal("0A000", detail)
+    }
+
+    /// The proxy is shutting down: FATAL 57P01, as PostgreSQL's own shutdown says.
+    pub fn shutting_down() -> PgError {
+        PgError::fatal(
+            "57P01",
+            "terminating connection because tenantpool is shutting down",
+        )
+    }
+
+    /// Login took longer than `client_login_timeout`: FATAL 08P01.
+    pub fn login_timeout() -> PgError {
+        PgError::fatal("08P01", "client_login_timeout: login took too long")
+    }
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}

@@ -1,0 +1,175 @@
+//! tenantpool: a PostgreSQL wire-protocol proxy that pools transactions and knows tenants.
+//!
+//! Data flows one way: a client socket is served by a [`client`] session, which takes a
+//! connection from the shared [`pool`] for each transaction, forwards the transaction to
+//! that [`server`] connection with the [`tenant`]'s search_path, and gives it back.
+//! [`config`] holds every operator-facing key, [`error`] every client-facing error,
+//! [`protocol`] the message framing.
+
+pub mod cancel;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod pool;
+pub mod protocol;
+pub mod server;
+pub mod tenant;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, watch};
+
+use crate::cancel::CancelRegistry;
+use crate::client::auth::UserDb;
+use crate::config::Config;
+use crate::pool::{Pool, PoolSettings};
+use crate::server::ServerTarget;
+use crate::tenant::Tenants;
+
+/// State every client task shares.
+pub struct Shared {
+    pub config: Config,
+    pub tenants: Arc<Tenants>,
+    pub users: UserDb,
+    pub pool: Arc<Pool>,
+    pub cancels: CancelRegistry,
+    /// Client connections admitted now (for `max_client_conn`).
+    pub clients: AtomicU32,
+    pub next_client_id: AtomicU64,
+    /// Becomes true when the proxy starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A bound, not yet running proxy.
+pub struct Proxy {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+/// Tells a running proxy to shut down gracefully.
+#[derive(Clone)]
+pub struct ShutdownHandle(watch::Sender<bool>);
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Proxy {
+    /// Builds the shared state and binds the listening socket.
+    pub async fn bind(config: Config) -> io::Result<Proxy> {
+        let addr: SocketAddr = config
+            .proxy
+            .listen
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad proxy.listen"))?;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
+
+        let tenants = Arc::new(Tenants::from_config(&config));
+        let target = ServerTarget {
+            host: config.server.host.clone(),
+            port: config.server.port,
+            database: config.server.database.clone(),
+            user: config.server.user.clone(),
+            password: config.server.resolved_password(),
+            connect_timeout: config.server.connect_timeout.0,
+        };
+        let settings = PoolSettings {
+            max_connections: config.server.max_connections,
+            min_idle: config.server.min_idle,
+            idle_timeout: config.server.idle_timeout.0,
+            lifetime: config.server.lifetime.0,
+        };
+        let pool = Pool::new(target, settings, tenants.clone());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let users = UserDb::from_config(&config);
+        let shared = Arc::new(Shared {
+            config,
+            tenants,
+            users,
+            pool,
+            cancels: CancelRegistry::default(),
+            clients: AtomicU32::new(0),
+            next_client_id: AtomicU64::new(1),
+            shutdown: shutdown_rx,
+        });
+        Ok(Proxy {
+            listener,
+            shared,
+            shutdown_tx,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shutdown_tx.clone())
+    }
+
+    /// Accepts clients until shutdown, then lets running transactions finish (up to
+    /// `shutdown_timeout`) and closes the pool.
+    pub async fn run(self) {
+        let Proxy {
+            listener,
+            shared,
+            shutdown_tx,
+        } = self;
+        tokio::spawn(shared.pool.clone().run_maintenance());
+        // Every client task holds a clone; when all are gone, `recv` yields None.
+        let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+        let mut shutdown = shared.shutdown.clone();
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tenantpool listening");
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        let shared = shared.clone();
+                        let alive = alive_tx.clone();
+                        tokio::spawn(async move {
+                            client::serve(stream, peer, shared).await;
+                            drop(alive);
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::error!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: waiting for running transactions");
+        drop(alive_tx);
+        let timeout = shared.config.proxy.shutdown_timeout.0;
+        if tokio::time::timeout(timeout, alive_rx.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown_timeout reached with clients still running");
+        }
+        shared.pool.close();
+        drop(shutdown_tx);
+        tracing::info!("tenantpool stopped");
+    }
+}

@@ -1,0 +1,117 @@
+//! The `tenantpool` command: run the proxy, or check a config file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tenantpool::Proxy;
+use tenantpool::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "tenantpool",
+    version,
+    about = "A tenant-aware PostgreSQL transaction pooler"
+)]
+struct Cli {
+    /// The TOML config file.
+    #[arg(long, env = "TENANTPOOL_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file: print its problems, exit 0 when there are none.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(path) = cli.config else {
+        eprintln!("tenantpool: no config file: give --config FILE or set TENANTPOOL_CONFIG");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: config has problems:", path.display());
+            for p in &e.0 {
+                eprintln!("  - {p}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(Command::Check) = cli.command {
+        println!(
+            "{}: ok ({} tenants, {} users)",
+            path.display(),
+            config.tenants.len(),
+            config.users.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = cli.workers {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tenantpool: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let proxy = match Proxy::bind(config).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("tenantpool: cannot listen: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let handle = proxy.shutdown_handle();
+        tokio::spawn(async move {
+            wait_for_stop_signal().await;
+            tracing::info!("stop signal received");
+            handle.shutdown();
+        });
+        proxy.run().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGTERM or SIGINT; SIGHUP is logged (reloading is not built yet).
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP: config reload is not supported in this version; restart to apply changes");
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The server side: one connection from tenantpool to the shared PostgreSQL.
+//!
+//! [`connect`] opens a connection and logs in, answering whatever PostgreSQL asks for
+//! (SCRAM-SHA-256, md5 or cleartext), and collects its ParameterStatus values and
+//! BackendKeyData. A [`ServerConn`] also remembers which tenant's `search_path` it carries
+//! and whether a client may have left session state on it, so the pool can decide what a
+//! checkout must reset.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::tenant::TenantId;
+
+/// Where and as whom tenantpool logs in to PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct ServerTarget {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+}
+
+/// An open, logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet forwarded. Kept for the connection's life:
+    /// there are few server connections, and this avoids an allocation per transaction.
+    pub buf: BytesMut,
+    pub id: u64,
+    pub backend_pid: i32,
+    pub backend_secret: i32,
+    pub created: Instant,
+    /// When the connection last went back to the pool.
+    pub idle_since: Instant,
+    /// The tenant whose search_path is set; `None` on a fresh connection.
+    pub tenant: Option<TenantId>,
+    /// A client may have changed session state (a `SET`, session mode): the next client
+    /// other than `last_client` gets a full reset first.
+    pub dirty: bool,
+    /// The client that used the connection last.
+    pub last_client: u64,
+}
+
+/// Size of the read buffer of a server connection.
+pub const SERVER_BUF: usize = 16 * 1024;
+
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What a successful login reports.
+pub struct Login {
+    pub conn: ServerConn,
+    pub params: Vec<(String, String)>,
+}
+
+/// Opens a server connection and logs in, within `connect_timeout`.
+pub async fn connect(target: &ServerTarget) -> Result<Login, String> {
+    match tokio::time::timeout(target.connect_timeout, connect_inner(target)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "connecting to {}:{} timed out after {:?}",
+            target.host, target.port, target.connect_timeout
+        )),
+    }
+}
+
+async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
+    let addr = format!("{}:{}", target.host, target.port);
+    let stream = TcpStream::connect(&addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let sock = socket2::SockRef::from(&stream);
+    let _ = sock.set_keepalive(true);
+
+    let mut stream = stream;
+    let mut out = BytesMut::with_capacity(256);
+    frontend::startup_message(
+        [
+            ("user", target.user.as_str()),
+            ("database", target.database.as_str()),
+            ("application_name", "tenantpool"),
+        ],
+        &mut out,
+    )
+    .map_err(|e| e.to_string())?;
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+
+    let mut buf = BytesMut::with_capacity(SERVER_BUF);
+    let mut params = Vec::new();
+    let mut key = (0, 0);
+    let mut scram: Option<ScramSha256> = None;
+    let password = || {
+        target.password.as_deref().ok_or_else(|| {
+            "the server asks for a password and none is configured (server.password or server.password_env)"
+                .to_string()
+        })
+    };
+    loop {
+        let msg = loop {
+            match Message::parse(&mut buf).map_err(|e| format!("bad message from server: {e}"))? {
+                Some(m) => break m,
+                None => {
+                    if buf.len() > 1 << 20 {
+                        return Err("server sent an oversized message during login".into());
+                    }
+                    buf.reserve(4096);
+                    let n = stream.read_buf(&mut buf).await.map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("server closed the connection during login".into());
+                    }
+                }
+            }
+        };
+        out.clear();
+        match msg {
+            Message::AuthenticationOk => {}
+            Message::AuthenticationCleartextPassword => {
+                frontend::password_message(password()?.as_bytes(), &mut out)
+                    .map_err(|e| e.to_string())?;
+            }
+            Message::AuthenticationMd5Password(body) => {
+                let hash = md5_hash(target.user.as_bytes(), password()?.as_bytes(), body.salt());
+                frontend::password_message(hash.as_bytes(), &mut out).map_err(|e| e.to_string())?;
+            }
+            Message::AuthenticationSasl(body) => {
+                let mut mechs = body.mechanisms();
+                let mut has_scram = false;
+                while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechs)
+                    .map_err(|e| e.to_string())?
+                {
+                    has_scram |= m == SCRAM_SHA_256;
+                }
+                if !has_scram {
+                    return Err("server offers no SASL mechanism tenantpool supports".into());
+                }
+                let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                    .map_err(|e| e.to_string())?;
+                scram = Some(s);
+            }
+            Message::AuthenticationSaslContinue(body) => {
+                let s = scram.as_mut().ok_or("unexpected SASL continue")?;
+                s.update(body.data()).map_err(|e| e.to_string())?;
+                frontend::sasl_response(s.message(), &mut out).map_err(|e| e.to_string())?;
+            }
+            Message::AuthenticationSaslFinal(body) => {
+                let s = scram.as_mut().ok_or("unexpected SASL final")?;
+                s.finish(body.data())
+                    .map_err(|e| format!("server SCRAM signature is wrong: {e}"))?;
+            }
+            Message::ParameterStatus(body) => {
+                let name = body.name().map_err(|e| e.to_string())?;
+                let value = body.value().map_err(|e| e.to_string())?;
+                params.push((name.to_string(), value.to_string()));
+            }
+            Message::BackendKeyData(body) => {
+                key = (body.process_id(), body.secret_key());
+            }
+            Message::NoticeResponse(_) => {}
+            Message::ErrorResponse(body) => {
+                let mut fields = body.fields();
+                let mut text = String::new();
+                let mut code = String::new();
+                while let Ok(Some(f)) = fallible_iterator::FallibleIterator::next(&mut fields) {
+                    match f.type_() {
+                        b'M' => text = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                        b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                        _ => {}
+                    }
+                }
+                return Err(format!("server refused the login: {text} ({code})"));
+            }
+            Message::ReadyForQuery(_) => {
+                buf.clear();
+                let now = Instant::now();
+                return Ok(Login {
+                    conn: ServerConn {
+                        stream,
+                        buf,
+                        id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
+                        backend_pid: key.0,
+                        backend_secret: key.1,
+                        created: now,
+                        idle_since: now,
+                        tenant: None,
+                        dirty: false,
+                        last_client: 0,
+                    },
+                    params,
+                });
+            }
+            _ => return Err("server sent an unexpected message during login".into()),
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        }
+    }
+}
+
+impl ServerConn {
+    /// Checks, without blocking or a syscall in the common case, whether an idle connection
+    /// was closed by the server (or got an error such as an admin's termination). Unsolicited
+    /// harmless messages (notices, notifications, parameter changes) are kept in `buf`.
+    pub fn is_broken_idle(&mut self) -> bool {
+        loop {
+            self.buf.reserve(1024);
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return true,
+                Ok(_) => {
+                    if contains_error(&self.buf) {
+                        return true;
+                    }
+                    if self.buf.len() > SERVER_BUF * 4 {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// Sends a Terminate so PostgreSQL ends the backend cleanly; best effort, never blocks.
+    pub fn terminate(&self) {
+        let _ = self.stream.try_write(b"X\0\0\0\x04");
+    }
+}
+
+/// Does a buffer of whole server messages hold an ErrorResponse?
+fn contains_error(mut buf: &[u8]) -> bool {
+    while let Some((tag, Ok(len))) = crate::protocol::header(buf) {
+        if tag == b'E' {
+            return true;
+        }
+        if len > buf.len() {
+            return false;
+        }
+        buf = &buf[len..];
+    }
+    false
+}
+
+/// Sends a CancelRequest for a server backend over a short new connection.
+pub async fn send_cancel(target: &ServerTarget, pid: i32, secret: i32) -> io::Result<()> {
+    let addr = format!("{}:{}", target.host, target.port);
+    let mut stream = tokio::time::timeout(target.connect_timeout, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    let mut out = BytesMut::with_capacity(16);
+    frontend::cancel_request(pid, secret, &mut out);
+    stream.write_all(&out).await?;
+    // PostgreSQL closes the connection when done; wait briefly so the request is read.
+    let mut scratch = [0u8; 1];
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut scratch)).await;
+    Ok(())
+}

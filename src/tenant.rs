@@ -1,0 +1,118 @@
+//! Tenants: who they are, what schema they live in, their caps, and the SQL that puts a
+//! server connection on their `search_path`.
+//!
+//! A tenant is addressed by a dense id (its index in the sorted config), so the pool can
+//! keep per-tenant state in plain vectors.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::config::Config;
+use crate::protocol::{put_query, quote_ident};
+
+pub type TenantId = u32;
+
+/// One configured tenant.
+#[derive(Debug)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub name: String,
+    pub schema: String,
+    /// Server connections this tenant may use at once.
+    pub max_server: u32,
+    /// Client connections this tenant may hold.
+    pub max_clients: u32,
+    /// The `search_path` value, e.g. `"tenant_acme", public`.
+    pub search_path: String,
+    /// Query messages that set this tenant's search_path on a fresh server connection.
+    pub prelude_fresh: Bytes,
+    /// Query messages that wipe a used server connection's session state (whatever tenant
+    /// or client left it) and set this tenant's search_path.
+    pub prelude_reset: Bytes,
+    /// Client connections open now.
+    pub clients: AtomicU32,
+}
+
+/// The number of Query messages in [`Tenant::prelude_fresh`].
+pub const PRELUDE_FRESH_QUERIES: u8 = 1;
+/// The number of Query messages in [`Tenant::prelude_reset`].
+pub const PRELUDE_RESET_QUERIES: u8 = 2;
+
+/// All configured tenants.
+#[derive(Debug)]
+pub struct Tenants {
+    list: Vec<Tenant>,
+    by_name: HashMap<String, TenantId>,
+}
+
+impl Tenants {
+    pub fn from_config(config: &Config) -> Tenants {
+        let mut list = Vec::with_capacity(config.tenants.len());
+        let mut by_name = HashMap::with_capacity(config.tenants.len());
+        for (i, (name, t)) in config.tenants.iter().enumerate() {
+            let id = i as TenantId;
+            let search_path = config
+                .tenant_defaults
+                .search_path
+                .replace("{schema}", &quote_ident(&t.schema));
+            let set = format!("SET search_path TO {search_path}");
+            let mut fresh = BytesMut::new();
+            put_query(&mut fresh, &set);
+            let mut reset = BytesMut::new();
+            // DISCARD ALL may not run inside a multi-statement query string (an implicit
+            // transaction block), hence two Query messages.
+            put_query(&mut reset, "DISCARD ALL");
+            put_query(&mut reset, &set);
+            list.push(Tenant {
+                id,
+                name: name.clone(),
+                schema: t.schema.clone(),
+                max_server: config.tenant_max_server(t),
+                max_clients: config.tenant_max_clients(t),
+                search_path,
+                prelude_fresh: fresh.freeze(),
+                prelude_reset: reset.freeze(),
+                clients: AtomicU32::new(0),
+            });
+            by_name.insert(name.clone(), id);
+        }
+        Tenants { list, by_name }
+    }
+
+    pub fn get(&self, id: TenantId) -> &Tenant {
+        &self.list[id as usize]
+    }
+
+    pub fn lookup(&self, name: &str) -> Option<&Tenant> {
+        self.by_name.get(name).map(|&id| self.get(id))
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Tenant> {
+        self.list.iter()
+    }
+}
+
+impl Tenant {
+    /// Takes a client slot under this tenant's `max_client_connections`, or `None` when full.
+    pub fn try_add_client(&self) -> bool {
+        self.clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_clients).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn remove_client(&self) {
+        self.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -3,6 +3,8 @@
 //! The contract's table "What a client sees" maps one to one onto the constructors below;
 //! nothing else in the proxy makes up an SQLSTATE.
 
+use std::borrow::Cow;
+
 use bytes::BytesMut;
 use pgwire::messages::Message;
 use pgwire::messages::response::ErrorResponse;
@@ -12,7 +14,7 @@ use pgwire::messages::response::ErrorResponse;
 pub struct PgError {
     /// `FATAL` closes the client connection after sending; `ERROR` keeps it.
     pub fatal: bool,
-    pub code: &'static str,
+    pub code: Cow<'static, str>,
     pub message: String,
 }
 
@@ -20,7 +22,7 @@ impl PgError {
     pub fn fatal(code: &'static str, message: impl Into<String>) -> PgError {
         PgError {
             fatal: true,
-            code,
+            code: Cow::Borrowed(code),
             message: message.into(),
         }
     }
@@ -28,7 +30,7 @@ impl PgError {
     pub fn error(code: &'static str, message: impl Into<String>) -> PgError {
         PgError {
             fatal: false,
-            code,
+            code: Cow::Borrowed(code),
             message: message.into(),
         }
     }
@@ -39,7 +41,7 @@ impl PgError {
         let msg = ErrorResponse::new(vec![
             (b'S', severity.to_string()),
             (b'V', severity.to_string()),
-            (b'C', self.code.to_string()),
+            (b'C', self.code.replace('\0', "")),
             (b'M', self.message.replace('\0', "")),
         ]);
         // Encoding into a BytesMut cannot fail for an ErrorResponse (no length cap applies
@@ -111,8 +113,18 @@ impl PgError {
     pub fn server_unavailable(detail: &str, fatal: bool) -> PgError {
         PgError {
             fatal,
-            code: "08006",
+            code: Cow::Borrowed("08006"),
             message: format!("could not connect to the PostgreSQL server: {detail}"),
+        }
+    }
+
+    /// The server ended the connection with its own error (an admin's termination, a
+    /// crash): passed on as an ERROR with the server's SQLSTATE, the connection stays.
+    pub fn server_ended(code: &str, message: &str) -> PgError {
+        PgError {
+            fatal: false,
+            code: Cow::Owned(code.to_string()),
+            message: format!("server connection lost: {message}"),
         }
     }
 

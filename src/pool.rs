@@ -21,6 +21,9 @@ use tokio::sync::oneshot;
 use crate::server::{self, ServerConn, ServerTarget};
 use crate::tenant::{TenantId, Tenants};
 
+/// The server's ParameterStatus values, name and value.
+pub type ServerParams = Arc<[(String, String)]>;
+
 /// Pool sizing and connection lifecycle settings.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -100,7 +103,7 @@ pub struct Pool {
     settings: PoolSettings,
     tenants: Arc<Tenants>,
     /// The server's ParameterStatus values from the latest login.
-    params: Mutex<Option<Arc<[(String, String)]>>>,
+    params: Mutex<Option<ServerParams>>,
     pub stats: PoolStats,
 }
 
@@ -386,7 +389,7 @@ impl Pool {
     }
 
     /// The latest ParameterStatus values of the server, connecting once if none is known.
-    pub async fn server_params(self: &Arc<Self>) -> Result<Arc<[(String, String)]>, String> {
+    pub async fn server_params(self: &Arc<Self>) -> Result<ServerParams, String> {
         if let Some(p) = self
             .params
             .lock()

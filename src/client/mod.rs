@@ -78,6 +78,7 @@ impl LoggedIn {
             cscan: ClientScan::default(),
             skip_until_sync: false,
             discard_left: 0,
+            lost: None,
             tenant: self.tenant,
             reg: self.reg,
             shared: self.shared,
@@ -196,6 +197,9 @@ struct Session {
     skip_until_sync: bool,
     /// Body bytes of a message to drop as they arrive.
     discard_left: usize,
+    /// The server connection died while the client was inside a transaction; the next
+    /// batch is answered with this error.
+    lost: Option<PgError>,
     tenant: TenantId,
     reg: Registration,
     shared: Arc<Shared>,
@@ -350,6 +354,10 @@ impl Session {
     /// Runs one transaction (or the whole session in session mode). Returns whether the
     /// client is still there.
     async fn transaction(&mut self) -> Result<bool, PgError> {
+        if let Some(err) = self.lost.take() {
+            self.fail_batch(&err).await?;
+            return Ok(true);
+        }
         let shared = self.shared.clone();
         let wait = shared.config.limits.query_wait_timeout.0;
         let mut conn = match shared.pool.checkout(self.tenant, wait).await {
@@ -414,6 +422,7 @@ impl Session {
         };
         let end = relay.run().await;
         let session_changed = relay.sscan.session_changed;
+        let server_fatal = relay.sscan.fatal.take();
         let mid_message = relay.sscan_mid_message() || relay.sfwd > 0;
         let status = relay.status;
         self.reg.cancel.detach();
@@ -437,16 +446,23 @@ impl Session {
             }
             RelayEnd::ServerLost(why) => {
                 drop(conn);
-                tracing::warn!(client = %self.peer, error = %why, "server connection lost");
+                let err = match server_fatal {
+                    Some((code, msg)) if code.len() == 5 => PgError::server_ended(&code, &msg),
+                    _ => PgError::server_lost(&why),
+                };
+                tracing::warn!(client = %self.peer, error = %err, "server connection lost");
                 if mid_message {
                     // Part of a message already reached the client: the stream cannot be
                     // repaired, so the client connection ends.
-                    return Err(PgError::fatal(
-                        "08006",
-                        format!("server connection lost: {why}"),
-                    ));
+                    return Err(PgError::fatal("08006", err.message));
                 }
-                self.fail_batch(&PgError::server_lost(&why)).await?;
+                if self.cscan.pending > 0 || self.cscan.unsynced {
+                    self.fail_batch(&err).await?;
+                } else if status != b'I' {
+                    // The client believes it is inside a transaction that is gone: its
+                    // next batch gets the error.
+                    self.lost = Some(err);
+                }
                 Ok(true)
             }
             RelayEnd::Violation(e) => Err(e),

@@ -25,6 +25,8 @@ pub const CLIENT_BUF: usize = 8 * 1024;
 /// Server messages the proxy inspects whole (ReadyForQuery, CommandComplete) are small;
 /// a longer one of those types is passed through without being inspected.
 const MAX_INSPECTED: usize = 1024;
+/// ErrorResponses up to this size are read whole to spot FATAL ones.
+const MAX_INSPECTED_ERROR: usize = 16 * 1024;
 
 /// Walks the client's messages: counts what the server will answer and spots Terminate.
 #[derive(Debug, Default)]
@@ -98,6 +100,9 @@ pub struct ServerScan {
     pub swallow_error: bool,
     /// A SET/RESET/DISCARD went through: session state may differ from the clean state.
     pub session_changed: bool,
+    /// The server sent a FATAL error (SQLSTATE, message) and is about to close; it is
+    /// held back, not forwarded, so the client can be told in a way that keeps it usable.
+    pub fatal: Option<(String, String)>,
 }
 
 impl ServerScan {
@@ -179,6 +184,26 @@ impl ServerScan {
                     continue;
                 }
                 b'E' if self.swallow > 0 => self.swallow_error = true,
+                b'E' if len <= MAX_INSPECTED_ERROR => {
+                    if !whole {
+                        break;
+                    }
+                    let body = &buf[pos + HEADER_LEN..pos + len];
+                    let severity = crate::protocol::error_field(body, b'V')
+                        .or_else(|| crate::protocol::error_field(body, b'S'));
+                    if matches!(severity, Some("FATAL") | Some("PANIC")) {
+                        let field = |c| {
+                            crate::protocol::error_field(body, c)
+                                .unwrap_or("")
+                                .to_string()
+                        };
+                        self.fatal = Some((field(b'C'), field(b'M')));
+                        // Nothing after a FATAL matters: stop before it.
+                        break;
+                    }
+                    pos += len;
+                    continue;
+                }
                 _ => {}
             }
             self.dropping = self.swallow > 0;
@@ -287,6 +312,11 @@ impl Relay<'_> {
                 }
             }
 
+            if self.sfwd == 0 && self.sscan.fatal.is_some() {
+                return Poll::Ready(RelayEnd::ServerLost(
+                    "the server ended the connection".into(),
+                ));
+            }
             if self.sscan.swallow == 0 && self.sscan.swallow_error {
                 return Poll::Ready(RelayEnd::ServerLost(
                     "setting the tenant's search_path failed".into(),
@@ -306,7 +336,7 @@ impl Relay<'_> {
             }
 
             // Read from the server once everything it sent before has gone out.
-            if self.sfwd == 0 {
+            if self.sfwd == 0 && self.sscan.fatal.is_none() {
                 match poll_read_some(self.server, self.sbuf, cx) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(RelayEnd::ServerLost(
@@ -381,7 +411,7 @@ mod tests {
     fn client_scan_counts_what_is_owed() {
         let mut s = ClientScan::default();
         let mut b = Vec::new();
-        b.extend_from_slice(b"Q\0\0\0\x0dSELECT 1;\0");
+        b.extend_from_slice(b"Q\0\0\0\x0eSELECT 1;\0");
         b.extend_from_slice(b"P\0\0\0\x08\0\0\0\0");
         let end = s.scan(&b, 0).unwrap();
         assert_eq!(end, b.len());
@@ -397,11 +427,11 @@ mod tests {
     #[test]
     fn client_scan_streams_partial_bodies_and_stops_at_terminate() {
         let mut s = ClientScan::default();
-        let b = b"Q\0\0\0\x0dSELE";
+        let b = b"Q\0\0\0\x0eSELE";
         assert_eq!(s.scan(b, 0).unwrap(), b.len());
-        assert_eq!(s.body_left, 5);
+        assert_eq!(s.body_left, 6);
         let b2 = b"CT 1;\0X\0\0\0\x04";
-        assert_eq!(s.scan(b2, 0).unwrap(), 5);
+        assert_eq!(s.scan(b2, 0).unwrap(), 6);
         assert!(s.terminated);
     }
 

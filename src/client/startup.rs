@@ -163,11 +163,12 @@ pub async fn admit(
     let settings = params::session_settings(&params)?;
 
     let user = shared.users.get(&user_name);
+    // md5 hashes with the name the client sent (`app.acme` when the tenant is in it).
     auth::authenticate(
         stream,
         buf,
         shared.config.proxy.auth_method,
-        &user_name,
+        &raw_user,
         user,
     )
     .await?;

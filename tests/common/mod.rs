@@ -1,0 +1,624 @@
+//! Test harness: one throwaway PostgreSQL cluster per test binary (SCRAM auth, free port),
+//! a database and server role per test, and an in-process tenantpool in front of it.
+//!
+//! Set `TENANTPOOL_TEST_PG="host=H port=P user=U password=W"` (a superuser) to use an
+//! existing server instead of starting one.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tenantpool::config::Config;
+
+/// Where the test PostgreSQL listens, and its superuser.
+pub struct Pg {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    _child: Option<Mutex<Child>>,
+}
+
+static PG: OnceLock<Pg> = OnceLock::new();
+
+pub fn pg() -> &'static Pg {
+    PG.get_or_init(start_pg)
+}
+
+pub fn pg_bin() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed (/usr/lib/postgresql); run .ci/run or apt-get install postgresql")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    dirs.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.pop().expect("no PostgreSQL server binaries found")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn start_pg() -> Pg {
+    if let Ok(spec) = std::env::var("TENANTPOOL_TEST_PG") {
+        let mut pg = Pg {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "postgres".into(),
+            password: String::new(),
+            _child: None,
+        };
+        for kv in spec.split_whitespace() {
+            if let Some((k, v)) = kv.split_once('=') {
+                match k {
+                    "host" => pg.host = v.into(),
+                    "port" => pg.port = v.parse().expect("port"),
+                    "user" => pg.user = v.into(),
+                    "password" => pg.password = v.into(),
+                    _ => {}
+                }
+            }
+        }
+        return pg;
+    }
+    let bin = pg_bin();
+    let dir = tempdir("tenantpool-test-pg");
+    let root = is_root();
+    let password = "test-superuser-secret";
+    let pwfile = dir.join("pw");
+    std::fs::write(&pwfile, password).unwrap();
+    let data = dir.join("data");
+    if root {
+        chmod(&dir, 0o755);
+        chmod(&pwfile, 0o644);
+        let st = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let as_user = |cmd: &str| -> Command {
+        if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", cmd]);
+            c
+        } else {
+            Command::new(cmd)
+        }
+    };
+    let out = as_user(bin.join("initdb").to_str().unwrap())
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "-A", "scram-sha-256", "--no-sync"])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .output()
+        .expect("initdb");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    // The server runs under a shell that stops it and removes the cluster when this test
+    // process exits (its stdin, our pipe, then reaches EOF).
+    let script = format!(
+        "'{postgres}' -D '{data}' -p {port} -k '{dir}' -c listen_addresses=127.0.0.1 \
+         -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+         > '{dir}/postgres.log' 2>&1 & pid=$!; read _unused; kill -INT $pid; wait $pid; rm -rf '{dir}'",
+        postgres = bin.join("postgres").display(),
+        data = data.display(),
+        dir = dir.display(),
+    );
+    let child = as_user("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start postgres");
+    let pg = Pg {
+        host: "127.0.0.1".into(),
+        port,
+        user: "postgres".into(),
+        password: password.into(),
+        _child: Some(Mutex::new(child)),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = Command::new(bin.join("pg_isready"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL did not start; see {}/postgres.log",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    pg
+}
+
+fn chmod(p: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+pub fn tempdir(prefix: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Pg {
+    pub fn conn_str(&self, user: &str, password: &str, db: &str) -> String {
+        format!(
+            "host={} port={} user={user} password={password} dbname={db}",
+            self.host, self.port
+        )
+    }
+
+    /// A direct (not proxied) connection as the superuser.
+    pub async fn superuser(&self, db: &str) -> tokio_postgres::Client {
+        connect_str(&self.conn_str(&self.user, &self.password, db)).await
+    }
+}
+
+pub async fn connect_str(s: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(s, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {s}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// application_name of the tests' direct connections, which backend counts leave out.
+pub const OWNER_APP: &str = "test_owner";
+pub const SERVER_PASSWORD: &str = "server-secret";
+pub const APP_USER: &str = "app";
+pub const APP_PASSWORD: &str = "app-secret";
+
+/// A database of its own for one test, owned by a server role of its own, with one schema
+/// `tenant_<name>` per tenant holding a `leads(id, name)` table whose rows name the tenant.
+pub struct TestDb {
+    pub name: String,
+    /// The role tenantpool logs in as (only this test's proxy uses it).
+    pub role: String,
+    pub tenants: Vec<String>,
+}
+
+static DB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl TestDb {
+    pub async fn create(test: &str, tenants: &[&str]) -> TestDb {
+        let pg = pg();
+        let n = DB_SEQ.fetch_add(1, Ordering::Relaxed);
+        let name = format!("t_{test}_{n}_{}", std::process::id());
+        let role = format!("r_{test}_{n}_{}", std::process::id());
+        let su = pg.superuser("postgres").await;
+        su.batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{SERVER_PASSWORD}'"
+        ))
+        .await
+        .unwrap();
+        su.batch_execute(&format!("CREATE DATABASE {name} OWNER {role}"))
+            .await
+            .unwrap();
+        let owner = connect_str(&format!(
+            "{} application_name={OWNER_APP}",
+            pg.conn_str(&role, SERVER_PASSWORD, &name)
+        ))
+        .await;
+        for t in tenants {
+            owner
+                .batch_execute(&format!(
+                    "CREATE SCHEMA tenant_{t};
+                     CREATE TABLE tenant_{t}.leads (id serial PRIMARY KEY, name text NOT NULL);
+                     INSERT INTO tenant_{t}.leads (name) VALUES ('{t}-1'), ('{t}-2');"
+                ))
+                .await
+                .unwrap();
+        }
+        TestDb {
+            name,
+            role,
+            tenants: tenants.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// A direct connection as the owner role (bypassing the proxy).
+    pub async fn owner(&self) -> tokio_postgres::Client {
+        let s = pg().conn_str(&self.role, SERVER_PASSWORD, &self.name);
+        connect_str(&format!("{s} application_name={OWNER_APP}")).await
+    }
+
+    /// A config for a proxy in front of this database; `extra` is appended as TOML.
+    pub fn config(&self, max_connections: u32, extra: &str) -> Config {
+        let pg = pg();
+        let mut text = format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+shutdown_timeout = "5s"
+
+[server]
+host = "{host}"
+port = {port}
+database = "{db}"
+user = "{role}"
+password = "{SERVER_PASSWORD}"
+max_connections = {max_connections}
+min_idle = 0
+
+[tenant_defaults]
+max_server_connections = {max_connections}
+
+[users.{APP_USER}]
+password = "{APP_PASSWORD}"
+"#,
+            host = pg.host,
+            port = pg.port,
+            db = self.name,
+            role = self.role,
+        );
+        for t in &self.tenants {
+            text.push_str(&format!("\n[tenants.{t}]\nschema = \"tenant_{t}\"\n"));
+        }
+        let text = merge_toml(&text, extra);
+        Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+    }
+
+    /// How many server backends this test's role has open.
+    pub async fn backends(&self, su: &tokio_postgres::Client) -> i64 {
+        su.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND application_name <> 'test_owner'",
+            &[&self.role],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+}
+
+/// Appends TOML snippets; keys of a `[section]` in `extra` that already exists are
+/// inserted into that section.
+fn merge_toml(base: &str, extra: &str) -> String {
+    let mut out = base.to_string();
+    let mut current: Option<String> = None;
+    let mut pending: Vec<(Option<String>, String)> = Vec::new();
+    for line in extra.lines() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            current = Some(l.to_string());
+            continue;
+        }
+        if l.is_empty() {
+            continue;
+        }
+        pending.push((current.clone(), line.to_string()));
+    }
+    for (section, line) in pending {
+        match section {
+            Some(sec) if out.contains(&sec) => {
+                let key = line.split('=').next().unwrap().trim().to_string();
+                // Replace an existing key in that section, or insert after the header.
+                let start = out.find(&sec).unwrap() + sec.len();
+                let end = out[start..]
+                    .find("\n[")
+                    .map(|i| start + i)
+                    .unwrap_or(out.len());
+                let body = &out[start..end];
+                let new_body = if let Some(pos) = body
+                    .lines()
+                    .position(|bl| bl.split('=').next().map(|k| k.trim()) == Some(key.as_str()))
+                {
+                    body.lines()
+                        .enumerate()
+                        .map(|(i, bl)| {
+                            if i == pos {
+                                line.clone()
+                            } else {
+                                bl.to_string()
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                } else {
+                    format!("\n{line}{body}")
+                };
+                out.replace_range(start..end, &new_body);
+            }
+            Some(sec) => {
+                out.push_str(&format!("\n{sec}\n{line}\n"));
+            }
+            None => {
+                out.push_str(&format!("\n{line}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// A tenantpool running in-process on a runtime of its own.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub shared: std::sync::Arc<tenantpool::Shared>,
+    handle: tenantpool::ShutdownHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub fn start(config: Config) -> Proxy {
+        if std::env::var("TEST_LOG").is_ok() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+                .try_init();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let proxy = tenantpool::Proxy::bind(config).await.unwrap();
+                tx.send((
+                    proxy.local_addr().unwrap(),
+                    proxy.shared(),
+                    proxy.shutdown_handle(),
+                ))
+                .unwrap();
+                proxy.run().await;
+            });
+        });
+        let (addr, shared, handle) = rx.recv().unwrap();
+        Proxy {
+            addr,
+            shared,
+            handle,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn conn_str(&self, tenant: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={APP_USER} password={APP_PASSWORD} dbname={tenant}",
+            self.addr.port()
+        )
+    }
+
+    pub async fn connect(&self, tenant: &str) -> tokio_postgres::Client {
+        connect_str(&self.conn_str(tenant)).await
+    }
+
+    /// Stops the proxy and waits for it.
+    pub fn stop(mut self) {
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
+
+/// Runs psql against the proxy; returns stdout, panics with stderr on failure.
+pub fn psql(port: u16, tenant: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={port} user={APP_USER} password={APP_PASSWORD} dbname={tenant}"
+        ))
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(sql.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or proxy) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_string())
+}
+
+/// A bare protocol client for tests that need exact bytes on the wire (trust auth only).
+pub struct Raw {
+    pub stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One backend message: tag and body.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub tag: u8,
+    pub body: Vec<u8>,
+}
+
+impl Msg {
+    /// A field of an ErrorResponse/NoticeResponse.
+    pub fn field(&self, code: u8) -> Option<String> {
+        tenantpool::protocol::error_field(&self.body, code).map(|s| s.to_string())
+    }
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            stream: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects and logs in (the proxy must use `auth_method = "trust"`).
+    pub async fn login(addr: SocketAddr, tenant: &str) -> Raw {
+        let mut r = Raw::connect(addr).await;
+        r.send(&startup_packet(&[("user", APP_USER), ("database", tenant)]))
+            .await;
+        let msgs = r.until_ready().await;
+        assert!(
+            msgs.iter().any(|m| m.tag == b'R'),
+            "no AuthenticationOk: {msgs:?}"
+        );
+        r
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one message; `None` at EOF.
+    pub async fn recv(&mut self) -> Option<Msg> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() > len {
+                    let body = self.buf[5..len + 1].to_vec();
+                    let tag = self.buf[0];
+                    self.buf.drain(..len + 1);
+                    return Some(Msg { tag, body });
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut chunk))
+                .await
+                .expect("no reply within 30s")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads messages up to and including ReadyForQuery.
+    pub async fn until_ready(&mut self) -> Vec<Msg> {
+        let mut out = Vec::new();
+        loop {
+            let m = self
+                .recv()
+                .await
+                .expect("connection closed before ReadyForQuery");
+            let done = m.tag == b'Z';
+            out.push(m);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Reads until EOF.
+    pub async fn until_eof(&mut self) -> Vec<Msg> {
+        let mut out = Vec::new();
+        while let Some(m) = self.recv().await {
+            out.push(m);
+        }
+        out
+    }
+}
+
+pub fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608u32.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Frames a frontend message.
+pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut b = sql.as_bytes().to_vec();
+    b.push(0);
+    msg(b'Q', &b)
+}
+
+/// Parse (unnamed) + Bind + Execute + Sync for a parameterless statement.
+pub fn extended(sql: &str) -> Vec<u8> {
+    let mut parse = vec![0u8];
+    parse.extend_from_slice(sql.as_bytes());
+    parse.extend_from_slice(&[0, 0, 0]);
+    let mut out = msg(b'P', &parse);
+    out.extend(msg(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+    out.extend(msg(b'E', &[0, 0, 0, 0, 0]));
+    out.extend(msg(b'S', &[]));
+    out
+}
+
+/// The text of the first column of every DataRow.
+pub fn first_column(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| {
+            let len = i32::from_be_bytes([m.body[2], m.body[3], m.body[4], m.body[5]]);
+            String::from_utf8_lossy(&m.body[6..6 + len as usize]).into_owned()
+        })
+        .collect()
+}

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Load benchmark: pgbench -S through tenantpool, directly against PostgreSQL, and through
+# PgBouncer when it is installed, in one run on one throwaway cluster. Prints TPS and each
+# pooler's CPU time per transaction (utime+stime from /proc, divided by transactions).
+#
+#   benches/pgbench.sh                      # 10 s per run, 10/50/200 clients, simple+extended
+#   DURATION=5 CLIENTS="10 50" MODES=simple benches/pgbench.sh
+#   TENANTS=100 benches/pgbench.sh          # spread clients over 100 tenants (tenantpool only)
+#   EXTRA_TOML='[metrics]' benches/pgbench.sh   # append config to tenantpool's TOML
+#
+# Needs PostgreSQL; PgBouncer is optional (apt-get install pgbouncer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DURATION=${DURATION:-10}
+CLIENTS=${CLIENTS:-"10 50 200"}
+MODES=${MODES:-"simple extended"}
+TARGETS=${TARGETS:-"direct tenantpool pgbouncer"}
+POOL=${POOL:-20}
+TENANTS=${TENANTS:-1}
+WORKERS=${WORKERS:-}
+SCRIPT=${SCRIPT:--S}
+
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+WORK=$(mktemp -d /tmp/tenantpool-bench.XXXXXX)
+chmod 755 "$WORK"
+AS=()
+if [ "$(id -u)" = 0 ]; then chown postgres "$WORK"; AS=(runuser -u postgres --); fi
+freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PGPORT=$(freeport); TPPORT=$(freeport); PBPORT=$(freeport)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  "${AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "su-secret" > "$WORK/pw"; chmod 644 "$WORK/pw"
+"${AS[@]}" "$PGBIN/initdb" -D "$WORK/data" -U postgres -A scram-sha-256 --pwfile="$WORK/pw" --no-sync >/dev/null
+"${AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w -o "-p $PGPORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off" start >/dev/null
+export PGPASSWORD=su-secret
+psql -qX -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -c "CREATE ROLE tenantpool LOGIN PASSWORD 'server-secret'" -c "CREATE DATABASE app OWNER tenantpool" >/dev/null
+export PGPASSWORD=server-secret
+for i in $(seq 1 "$TENANTS"); do
+  t=t$i
+  psql -qX -h 127.0.0.1 -p "$PGPORT" -U tenantpool -d app -c "CREATE SCHEMA tenant_$t" >/dev/null
+  PGOPTIONS="-c search_path=tenant_$t" pgbench -q -i -s 1 -h 127.0.0.1 -p "$PGPORT" -U tenantpool app >/dev/null 2>&1
+done
+
+# tenantpool
+{
+  cat <<TOML
+[proxy]
+listen = "127.0.0.1:$TPPORT"
+max_client_conn = 10000
+[server]
+host = "127.0.0.1"
+port = $PGPORT
+database = "app"
+user = "tenantpool"
+password = "server-secret"
+max_connections = $POOL
+min_idle = $POOL
+[tenant_defaults]
+max_server_connections = $POOL
+[users.bench]
+password = "bench-secret"
+TOML
+  for i in $(seq 1 "$TENANTS"); do printf '[tenants.t%s]\nschema = "tenant_t%s"\n' "$i" "$i"; done
+  [ -n "${EXTRA_TOML:-}" ] && printf '%b\n' "$EXTRA_TOML"
+} > "$WORK/tenantpool.toml"
+cargo build --release -q
+TP_ARGS=(--config "$WORK/tenantpool.toml")
+[ -n "$WORKERS" ] && TP_ARGS+=(--workers "$WORKERS")
+RUST_LOG=warn "$ROOT/target/release/tenantpool" "${TP_ARGS[@]}" >"$WORK/tenantpool.log" 2>&1 &
+TP_PID=$!; PIDS+=("$TP_PID")
+
+# PgBouncer, one pool in transaction mode with the same size, search_path set on connect.
+PB_PID=""
+if command -v pgbouncer >/dev/null && [[ " $TARGETS " == *" pgbouncer "* ]]; then
+  cat > "$WORK/pgbouncer.ini" <<INI
+[databases]
+t1 = host=127.0.0.1 port=$PGPORT dbname=app user=tenantpool password=server-secret pool_size=$POOL connect_query='SET search_path TO tenant_t1, public'
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PBPORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+max_client_conn = 10000
+default_pool_size = $POOL
+min_pool_size = $POOL
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+INI
+  echo '"bench" "bench-secret"' > "$WORK/userlist.txt"
+  chown -R postgres "$WORK" 2>/dev/null || true
+  "${AS[@]}" pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+  sleep 1
+  PB_PID=$(cat "$WORK/pgbouncer.pid")
+  PIDS+=("$PB_PID")
+fi
+sleep 1
+
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+TCK=$(getconf CLK_TCK)
+
+run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
+  local target=$1 mode=$2 c=$3 port pid="" user=bench db=t1
+  case $target in
+    direct) port=$PGPORT; user=tenantpool; export PGPASSWORD=server-secret; export PGOPTIONS="-c search_path=tenant_t1";;
+    tenantpool) port=$TPPORT; pid=$TP_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
+    pgbouncer) port=$PBPORT; pid=$PB_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
+  esac
+  local before=0 after=0 out
+  [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  if [ "$target" = tenantpool ] && [ "$TENANTS" -gt 1 ]; then
+    # Clients spread over the tenants: one pgbench per tenant group, run together.
+    local per=$(( c / TENANTS > 0 ? c / TENANTS : 1 )) outs=()
+    for i in $(seq 1 "$TENANTS"); do
+      pgbench -n $SCRIPT -M "$mode" -c "$per" -j 1 -T "$DURATION" -h 127.0.0.1 -p "$port" -U "$user" "t$i" > "$WORK/out.$i" 2>&1 &
+      outs+=($!)
+    done
+    wait "${outs[@]}" || true
+    out=$(cat "$WORK"/out.*); rm -f "$WORK"/out.*
+  else
+    out=$(pgbench -n $SCRIPT -M "$mode" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U "$user" "$( [ $target = direct ] && echo app || echo $db )" 2>&1) || true
+  fi
+  [ -n "$pid" ] && after=$(cpu_ticks "$pid")
+  local txns tps
+  txns=$(echo "$out" | awk -F'[:/ ]+' '/actually processed/{s+=$6} END{print s+0}')
+  tps=$(echo "$out" | awk '/^tps/{s+=$3} END{printf "%.0f", s}')
+  if echo "$out" | grep -q "error"; then echo "$out" | grep error | head -3 >&2; fi
+  local us="-"
+  if [ -n "$pid" ] && [ "$txns" -gt 0 ]; then
+    us=$(awk -v d=$((after-before)) -v t="$txns" -v k="$TCK" 'BEGIN{printf "%.1f", d*1e6/k/t}')
+  fi
+  echo "$tps $txns $us"
+}
+
+printf "pgbench %s, %ss per run, pool %s, tenants %s, %s cores\n" "$SCRIPT" "$DURATION" "$POOL" "$TENANTS" "$(nproc)"
+printf "%-9s %-8s | %-20s | %-20s | %-20s\n" mode clients "direct tps" "tenantpool tps us/tx" "pgbouncer tps us/tx"
+for mode in $MODES; do
+  for c in $CLIENTS; do
+    row=()
+    for target in direct tenantpool pgbouncer; do
+      if [[ " $TARGETS " != *" $target "* ]] || { [ "$target" = pgbouncer ] && [ -z "$PB_PID" ]; }; then
+        row+=("-"); continue
+      fi
+      read -r tps txns us < <(run "$target" "$mode" "$c")
+      if [ "$target" = direct ]; then row+=("$tps"); else row+=("$tps $us"); fi
+    done
+    printf "%-9s %-8s | %-20s | %-20s | %-20s\n" "$mode" "$c" "${row[0]}" "${row[1]}" "${row[2]}"
+  done
+done
+echo
+echo "RSS after the runs: tenantpool $(rss_kb "$TP_PID") kB${PB_PID:+, pgbouncer $(rss_kb "$PB_PID") kB}"

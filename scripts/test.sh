@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against a throwaway PostgreSQL that the tests start themselves.
+# Installs PostgreSQL (server, psql, pgbench) with apt-get first when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v pgbench >/dev/null || ! command -v psql >/dev/null; then
+  echo "installing PostgreSQL (server, psql, pgbench)..."
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
+
+cargo test --all-targets "$@"

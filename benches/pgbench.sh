@@ -5,11 +5,15 @@
 #
 #   benches/pgbench.sh                      # 10 s per run, 10/50/200 clients, simple+extended
 #   DURATION=5 CLIENTS="10 50" MODES=simple benches/pgbench.sh
+#   IDLE=2000 benches/pgbench.sh            # also: memory per idle client connection
 #   TENANTS=100 benches/pgbench.sh          # spread clients over 100 tenants (tenantpool only)
 #   EXTRA_TOML='[metrics]' benches/pgbench.sh   # append config to tenantpool's TOML
+#   PERF_OUT=/tmp/perf.data benches/pgbench.sh   # perf-record tenantpool during its runs
+#   STRACE_DIR=/tmp/st benches/pgbench.sh        # count each pooler's syscalls per run
 #
 # Needs PostgreSQL; PgBouncer is optional (apt-get install pgbouncer).
 set -euo pipefail
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 DURATION=${DURATION:-10}
@@ -64,6 +68,7 @@ max_connections = $POOL
 min_idle = $POOL
 [tenant_defaults]
 max_server_connections = $POOL
+max_client_connections = 10000
 [users.bench]
 password = "bench-secret"
 TOML
@@ -97,7 +102,7 @@ pidfile = $WORK/pgbouncer.pid
 INI
   echo '"bench" "bench-secret"' > "$WORK/userlist.txt"
   chown -R postgres "$WORK" 2>/dev/null || true
-  "${AS[@]}" pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+  "${AS[@]}" bash -c "ulimit -n \$(ulimit -Hn); exec pgbouncer '$WORK/pgbouncer.ini'" >/dev/null 2>&1 &
   sleep 1
   PB_PID=$(cat "$WORK/pgbouncer.pid")
   PIDS+=("$PB_PID")
@@ -115,8 +120,17 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
     tenantpool) port=$TPPORT; pid=$TP_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
     pgbouncer) port=$PBPORT; pid=$PB_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
   esac
-  local before=0 after=0 out
+  local before=0 after=0 out perf_pid=""
   [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  if [ -n "${PERF_OUT:-}" ] && [ "$target" = tenantpool ]; then
+    perf record -q -e cpu-clock -F 4000 -g -p "$pid" -o "$PERF_OUT" -- sleep "$DURATION" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
+  if [ -n "${STRACE_DIR:-}" ] && [ -n "$pid" ]; then
+    strace -c -f -p "$pid" -o "$STRACE_DIR/$target-$mode-$c.txt" >/dev/null 2>&1 &
+    perf_pid=$!
+    sleep 0.5
+  fi
   if [ "$target" = tenantpool ] && [ "$TENANTS" -gt 1 ]; then
     # Clients spread over the tenants: one pgbench per tenant group, run together.
     local per=$(( c / TENANTS > 0 ? c / TENANTS : 1 )) outs=()
@@ -130,6 +144,8 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
     out=$(pgbench -n $SCRIPT -M "$mode" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U "$user" "$( [ $target = direct ] && echo app || echo $db )" 2>&1) || true
   fi
   [ -n "$pid" ] && after=$(cpu_ticks "$pid")
+  if [ -n "${STRACE_DIR:-}" ] && [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; fi
+  if [ -n "$perf_pid" ]; then wait "$perf_pid" || true; fi
   local txns tps
   txns=$(echo "$out" | awk -F'[:/ ]+' '/actually processed/{s+=$6} END{print s+0}')
   tps=$(echo "$out" | awk '/^tps/{s+=$3} END{printf "%.0f", s}')
@@ -156,5 +172,21 @@ for mode in $MODES; do
     printf "%-9s %-8s | %-20s | %-20s | %-20s\n" "$mode" "$c" "${row[0]}" "${row[1]}" "${row[2]}"
   done
 done
+if [ "${IDLE:-0}" -gt 0 ]; then
+  cargo build --release -q --example idle_clients
+  for target in tenantpool pgbouncer; do
+    case $target in tenantpool) port=$TPPORT; pid=$TP_PID;; pgbouncer) port=$PBPORT; pid=$PB_PID;; esac
+    [ -z "$pid" ] && continue
+    before=$(rss_kb "$pid")
+    fifo="$WORK/idle.$target"; mkfifo "$fifo"
+    PGPASSWORD=bench-secret "$ROOT/target/release/examples/idle_clients" "host=127.0.0.1 port=$port user=bench password=bench-secret dbname=t1" "$IDLE" 600 > "$fifo" &
+    ipid=$!
+    read -r _ < "$fifo"
+    sleep 1
+    after=$(rss_kb "$pid")
+    kill "$ipid"; wait "$ipid" 2>/dev/null || true
+    awk -v b="$before" -v a="$after" -v n="$IDLE" -v t="$target" 'BEGIN{printf "%s: %d idle clients: RSS %d kB -> %d kB, %.2f kB per idle client\n", t, n, b, a, (a-b)/n}'
+  done
+fi
 echo
 echo "RSS after the runs: tenantpool $(rss_kb "$TP_PID") kB${PB_PID:+, pgbouncer $(rss_kb "$PB_PID") kB}"

@@ -18,10 +18,10 @@ pub mod tenant;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::cancel::CancelRegistry;
 use crate::client::auth::UserDb;
@@ -40,8 +40,9 @@ pub struct Shared {
     /// Client connections admitted now (for `max_client_conn`).
     pub clients: AtomicU32,
     pub next_client_id: AtomicU64,
-    /// Becomes true when the proxy starts shutting down.
-    pub shutdown: watch::Receiver<bool>,
+    /// Set when the proxy starts shutting down; `stop` then wakes every idle client.
+    pub stopping: AtomicBool,
+    pub stop: Notify,
 }
 
 /// A bound, not yet running proxy.
@@ -49,6 +50,7 @@ pub struct Proxy {
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown_tx: watch::Sender<bool>,
+    shutdown_rx: watch::Receiver<bool>,
 }
 
 /// Tells a running proxy to shut down gracefully.
@@ -104,12 +106,14 @@ impl Proxy {
             cancels: CancelRegistry::default(),
             clients: AtomicU32::new(0),
             next_client_id: AtomicU64::new(1),
-            shutdown: shutdown_rx,
+            stopping: AtomicBool::new(false),
+            stop: Notify::new(),
         });
         Ok(Proxy {
             listener,
             shared,
             shutdown_tx,
+            shutdown_rx,
         })
     }
 
@@ -132,22 +136,19 @@ impl Proxy {
             listener,
             shared,
             shutdown_tx,
+            shutdown_rx: mut shutdown,
         } = self;
         tokio::spawn(shared.pool.clone().run_maintenance());
         // Every client task holds a clone; when all are gone, `recv` yields None.
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-        let mut shutdown = shared.shutdown.clone();
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tenantpool listening");
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
-                        let shared = shared.clone();
-                        let alive = alive_tx.clone();
-                        tokio::spawn(async move {
-                            client::serve(stream, peer, shared).await;
-                            drop(alive);
-                        });
+                        let fut = client::serve(stream, peer, shared.clone(), alive_tx.clone());
+                        tracing::trace!(bytes = std::mem::size_of_val(&fut), "client task size");
+                        tokio::spawn(fut);
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -160,6 +161,8 @@ impl Proxy {
         }
         drop(listener);
         tracing::info!("shutting down: waiting for running transactions");
+        shared.stopping.store(true, Ordering::Release);
+        shared.stop.notify_waiters();
         drop(alive_tx);
         let timeout = shared.config.proxy.shutdown_timeout.0;
         if tokio::time::timeout(timeout, alive_rx.recv())

@@ -17,7 +17,7 @@ struct Cli {
     /// The TOML config file.
     #[arg(long, env = "TENANTPOOL_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Worker threads (default: one per CPU).
+    /// Worker threads (default: one per four CPUs; 1 runs everything on one thread).
     #[arg(long)]
     workers: Option<usize>,
     #[command(subcommand)]
@@ -63,11 +63,16 @@ fn main() -> ExitCode {
         )
         .init();
 
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    let workers = cli.workers.unwrap_or_else(default_workers).max(1);
+    // One worker runs everything on one thread, as PgBouncer does: no cross-thread wakeups.
+    let mut rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
     rt.enable_all();
-    if let Some(n) = cli.workers {
-        rt.worker_threads(n.max(1));
-    }
     let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -92,6 +97,13 @@ fn main() -> ExitCode {
         proxy.run().await;
         ExitCode::SUCCESS
     })
+}
+
+/// One worker thread per four CPUs: on small hosts the proxy shares the CPUs with
+/// PostgreSQL and its clients, and a single thread spends the least CPU per transaction.
+fn default_workers() -> usize {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    cpus.div_ceil(4)
 }
 
 /// SIGTERM or SIGINT; SIGHUP is logged (reloading is not built yet).

@@ -14,12 +14,14 @@ pub mod startup;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 use crate::Shared;
 use crate::cancel::CancelSlot;
@@ -32,67 +34,70 @@ use crate::tenant::{PRELUDE_FRESH_QUERIES, PRELUDE_RESET_QUERIES, TenantId};
 use relay::{CLIENT_BUF, ClientScan, Relay, RelayEnd, ServerScan};
 use startup::FirstPacket;
 
-/// Serves one client connection to its end.
-pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Serves one client connection to its end; `alive` is dropped when it ends.
+///
+/// Written as a plain function returning a future so that the task's state is just the
+/// (boxed) login and then the session: an idle client's task stays a few hundred bytes.
+pub fn serve<T: Send + 'static>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    alive: T,
+) -> impl Future<Output = ()> + Send {
+    let admit = Box::pin(admit_client(stream, peer, shared));
+    async move {
+        let _alive = alive;
+        let Some(mut session) = admit.await else {
+            return;
+        };
+        session.run().await;
+    }
+}
+
+/// Logs a client in within `client_login_timeout`; `None` when it was refused (it has been
+/// told why) or it was a cancel request.
+async fn admit_client(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> Option<Session> {
     let _ = stream.set_nodelay(true);
     let login_timeout = shared.config.limits.client_login_timeout.0;
-    // Boxed so that the sizeable login state is not part of every idle client's future.
-    let login = Box::pin(tokio::time::timeout(
-        login_timeout,
-        login(&mut stream, peer, &shared),
-    ))
-    .await;
-    let session = match login {
-        Ok(Ok(Some(session))) => session,
-        Ok(Ok(None)) => return,
+    let reg = match tokio::time::timeout(login_timeout, login(&mut stream, peer, &shared)).await
+    {
+        Ok(Ok(Some(reg))) => reg,
+        Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
             tracing::info!(client = %peer, error = %e, "login refused");
             let _ = stream.write_all(&e.to_bytes()).await;
-            return;
+            return None;
         }
         Err(_) => {
             tracing::info!(client = %peer, "login timed out");
             let _ = stream.write_all(&PgError::login_timeout().to_bytes()).await;
-            return;
+            return None;
         }
     };
-    let mut session = session.with_stream(stream);
-    session.run().await;
-}
-
-/// What login hands over to the session (the stream stays with the caller).
-struct LoggedIn {
-    tenant: TenantId,
-    reg: Registration,
-    shared: Arc<Shared>,
-    peer: SocketAddr,
-}
-
-impl LoggedIn {
-    fn with_stream(self, stream: TcpStream) -> Session {
-        let shutdown = self.shared.shutdown.clone();
-        Session {
-            stream,
-            buf: BytesMut::new(),
-            cfwd: 0,
-            cscan: ClientScan::default(),
-            skip_until_sync: false,
-            discard_left: 0,
-            lost: None,
-            tenant: self.tenant,
-            reg: self.reg,
-            shared: self.shared,
-            shutdown,
-            peer: self.peer,
-        }
-    }
+    Some(Session {
+        stream,
+        buf: BytesMut::new(),
+        cfwd: 0,
+        cscan: ClientScan::default(),
+        skip_until_sync: false,
+        discard_left: 0,
+        lost: None,
+        reg,
+        peer,
+    })
 }
 
 async fn login(
     stream: &mut TcpStream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
-) -> Result<Option<LoggedIn>, PgError> {
+) -> Result<Option<Registration>, PgError> {
     let startup = match startup::read_first_packet(stream).await? {
         FirstPacket::Cancel { pid, secret } => {
             if let Some((spid, ssecret)) = shared.cancels.lookup(pid, secret) {
@@ -129,12 +134,7 @@ async fn login(
         tenant = %shared.tenants.get(admitted.tenant).name,
         "client connected"
     );
-    Ok(Some(LoggedIn {
-        tenant: admitted.tenant,
-        reg,
-        shared: shared.clone(),
-        peer,
-    }))
+    Ok(Some(reg))
 }
 
 /// A client's place in the proxy: its client-cap slots and its cancel key. Dropping it
@@ -199,11 +199,9 @@ struct Session {
     discard_left: usize,
     /// The server connection died while the client was inside a transaction; the next
     /// batch is answered with this error.
-    lost: Option<PgError>,
-    tenant: TenantId,
+    lost: Option<Box<PgError>>,
+    /// Client slots, cancel key, tenant and the shared state.
     reg: Registration,
-    shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
     peer: SocketAddr,
 }
 
@@ -219,13 +217,15 @@ impl Session {
         let reason = self.serve_transactions().await;
         tracing::info!(
             client = %self.peer,
-            tenant = %self.shared.tenants.get(self.tenant).name,
+            tenant = %self.reg.shared.tenants.get(self.reg.tenant).name,
             reason,
             "client disconnected"
         );
     }
 
     async fn serve_transactions(&mut self) -> &'static str {
+        // Paths that write errors or owed ReadyForQuery messages are rare and boxed, so
+        // that their state does not enlarge every idle client's future.
         loop {
             if !self.first_message_ready() {
                 if self.cscan.terminated && self.cfwd == 0 {
@@ -235,24 +235,31 @@ impl Session {
                     Wake::Data => {}
                     Wake::Closed => return "closed",
                     Wake::Shutdown => {
-                        let _ = self
-                            .stream
-                            .write_all(&PgError::shutting_down().to_bytes())
-                            .await;
+                        self.boxed_send_error(PgError::shutting_down()).await;
                         return "shutdown";
                     }
                 }
-                if let Err(e) = self.absorb_input().await {
-                    let _ = self.stream.write_all(&e.to_bytes()).await;
-                    return "protocol violation";
+                match self.absorb_input() {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        if self.boxed_send_ready(n).await.is_err() {
+                            return "closed";
+                        }
+                    }
+                    Err(e) => {
+                        self.boxed_send_error(e).await;
+                        return "protocol violation";
+                    }
                 }
                 continue;
             }
-            match self.transaction().await {
+            // Boxed: the transaction's state (checkout, relay) is large and only lives
+            // while a transaction runs.
+            match self.boxed_transaction().await {
                 Ok(true) => {}
                 Ok(false) => return "closed",
                 Err(e) => {
-                    let _ = self.stream.write_all(&e.to_bytes()).await;
+                    self.boxed_send_error(e).await;
                     return "error";
                 }
             }
@@ -261,6 +268,25 @@ impl Session {
                 self.buf = BytesMut::new();
             }
         }
+    }
+
+    // Boxing happens in these plain functions: written inline in the async fn, the unboxed
+    // future would still get a slot in the caller's state.
+    fn boxed_transaction(&mut self) -> BoxFuture<'_, Result<bool, PgError>> {
+        Box::pin(self.transaction())
+    }
+
+    fn boxed_send_error(&mut self, e: PgError) -> BoxFuture<'_, ()> {
+        Box::pin(self.send_error(e))
+    }
+
+    fn boxed_send_ready(&mut self, n: u32) -> BoxFuture<'_, Result<(), PgError>> {
+        Box::pin(self.send_ready(n))
+    }
+
+    /// Sends an error, best effort (the connection is about to close).
+    async fn send_error(&mut self, e: PgError) {
+        let _ = self.stream.write_all(&e.to_bytes()).await;
     }
 
     /// Is there a message to start a transaction with? The whole first message must be
@@ -276,40 +302,46 @@ impl Session {
         }
     }
 
-    /// Waits until the client has sent bytes (allocating the read buffer only then).
+    /// Waits until the client has sent bytes (allocating the read buffer only then). An
+    /// idle client's wait holds no buffer and little state: a readiness registration on
+    /// its socket and one on the proxy's stop signal.
     async fn wait_for_data(&mut self) -> Wake {
-        loop {
-            if *self.shutdown.borrow() {
+        if self.buf.is_empty() {
+            let shared = &*self.reg.shared;
+            let stream = &self.stream;
+            let mut stop = pin!(shared.stop.notified());
+            stop.as_mut().enable();
+            if shared.stopping.load(Ordering::Acquire) {
                 return Wake::Shutdown;
             }
-            if !self.buf.is_empty() {
-                self.buf.reserve(CLIENT_BUF);
-                use tokio::io::AsyncReadExt;
-                return match self.stream.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => Wake::Closed,
-                    Ok(_) => Wake::Data,
+            let readable = std::future::poll_fn(|cx| {
+                if stop.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                stream.poll_read_ready(cx).map(|r| r.is_ok())
+            })
+            .await;
+            if !readable {
+                return if shared.stopping.load(Ordering::Acquire) {
+                    Wake::Shutdown
+                } else {
+                    Wake::Closed
                 };
             }
-            tokio::select! {
-                r = self.stream.readable() => {
-                    if r.is_err() {
-                        return Wake::Closed;
-                    }
-                }
-                _ = self.shutdown.changed() => continue,
-            }
-            self.buf.reserve(CLIENT_BUF);
-            match self.stream.try_read_buf(&mut self.buf) {
-                Ok(0) => return Wake::Closed,
-                Ok(_) => return Wake::Data,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(_) => return Wake::Closed,
-            }
+        }
+        self.buf.reserve(CLIENT_BUF);
+        // When the socket is readable this completes at once; unlike try_read it also
+        // notes a short read as "drained", saving a wasted read syscall later.
+        match self.stream.read_buf(&mut self.buf).await {
+            Ok(0) | Err(_) => Wake::Closed,
+            Ok(_) => Wake::Data,
         }
     }
 
-    /// Scans newly read bytes, first dropping what belongs to failed batches.
-    async fn absorb_input(&mut self) -> Result<(), PgError> {
+    /// Scans newly read bytes, first dropping what belongs to failed batches. Returns how
+    /// many ReadyForQuery messages the client is owed for failed batches that ended.
+    fn absorb_input(&mut self) -> Result<u32, PgError> {
+        let mut ready = 0;
         if self.discard_left > 0 {
             let n = self.discard_left.min(self.buf.len() - self.cfwd);
             // Discarded bytes are always at the front: nothing is scanned while discarding.
@@ -329,19 +361,26 @@ impl Session {
             self.discard_left = len - n;
             if tag == b'S' {
                 self.skip_until_sync = false;
-                let mut out = BytesMut::with_capacity(6);
-                put_ready_for_query(&mut out, b'I');
-                self.write_client(&out).await?;
+                ready += 1;
             } else if tag == b'X' {
                 self.cscan.terminated = true;
                 self.skip_until_sync = false;
             }
         }
         if self.discard_left > 0 || self.skip_until_sync || self.cscan.terminated {
-            return Ok(());
+            return Ok(ready);
         }
         self.cfwd = self.cscan.scan(&self.buf, self.cfwd)?;
-        Ok(())
+        Ok(ready)
+    }
+
+    /// Sends `n` ReadyForQuery (idle) messages.
+    async fn send_ready(&mut self, n: u32) -> Result<(), PgError> {
+        let mut out = BytesMut::with_capacity(6 * n as usize);
+        for _ in 0..n {
+            put_ready_for_query(&mut out, b'I');
+        }
+        self.write_client(&out).await
     }
 
     async fn write_client(&mut self, bytes: &[u8]) -> Result<(), PgError> {
@@ -358,14 +397,14 @@ impl Session {
             self.fail_batch(&err).await?;
             return Ok(true);
         }
-        let shared = self.shared.clone();
+        let shared = self.reg.shared.clone();
         let wait = shared.config.limits.query_wait_timeout.0;
-        let mut conn = match shared.pool.checkout(self.tenant, wait).await {
+        let mut conn = match shared.pool.checkout(self.reg.tenant, wait).await {
             Ok(c) => c,
             Err(e) => {
                 let err = match e {
                     CheckoutError::Timeout => {
-                        PgError::query_wait_timeout(&shared.tenants.get(self.tenant).name)
+                        PgError::query_wait_timeout(&shared.tenants.get(self.reg.tenant).name)
                     }
                     CheckoutError::Unavailable(msg) => PgError::server_unavailable(&msg, false),
                 };
@@ -375,11 +414,11 @@ impl Session {
             }
         };
         let session_mode = shared.config.proxy.pool_mode == PoolMode::Session;
-        let tenant = shared.tenants.get(self.tenant);
+        let tenant = shared.tenants.get(self.reg.tenant);
         let client_id = self.reg.id;
         let (prelude, swallow) = match conn.tenant {
             None => (&tenant.prelude_fresh[..], PRELUDE_FRESH_QUERIES),
-            Some(t) if t != self.tenant => {
+            Some(t) if t != self.reg.tenant => {
                 shared
                     .pool
                     .stats
@@ -393,7 +432,7 @@ impl Session {
             Some(_) => (&[][..], 0),
         };
         if swallow > 0 {
-            conn.tenant = Some(self.tenant);
+            conn.tenant = Some(self.reg.tenant);
             conn.dirty = false;
         }
         conn.last_client = client_id;
@@ -461,7 +500,7 @@ impl Session {
                 } else if status != b'I' {
                     // The client believes it is inside a transaction that is gone: its
                     // next batch gets the error.
-                    self.lost = Some(err);
+                    self.lost = Some(Box::new(err));
                 }
                 Ok(true)
             }
@@ -496,7 +535,10 @@ impl Session {
         }
         if self.skip_until_sync {
             // Messages already in the buffer may complete the batch.
-            self.absorb_input().await?;
+            let n = self.absorb_input()?;
+            if n > 0 {
+                self.send_ready(n).await?;
+            }
         }
         Ok(())
     }
@@ -508,3 +550,4 @@ impl Relay<'_> {
         self.sscan.mid_message()
     }
 }
+

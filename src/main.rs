@@ -102,7 +102,9 @@ fn main() -> ExitCode {
 /// One worker thread per four CPUs: on small hosts the proxy shares the CPUs with
 /// PostgreSQL and its clients, and a single thread spends the least CPU per transaction.
 fn default_workers() -> usize {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     cpus.div_ceil(4)
 }
 

@@ -87,7 +87,10 @@ impl Drop for ProxyProcess {
 }
 
 fn assert_fatal_08p01(msgs: &[Msg]) {
-    let e = msgs.iter().find(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {msgs:?}"));
+    let e = msgs
+        .iter()
+        .find(|m| m.tag == b'E')
+        .unwrap_or_else(|| panic!("no error: {msgs:?}"));
     assert_eq!(e.field(b'V').as_deref(), Some("FATAL"), "{msgs:?}");
     assert_eq!(e.field(b'C').as_deref(), Some("08P01"), "{msgs:?}");
 }

@@ -12,10 +12,10 @@ pub mod params;
 pub mod relay;
 pub mod startup;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 
@@ -65,8 +65,7 @@ async fn admit_client(
 ) -> Option<Session> {
     let _ = stream.set_nodelay(true);
     let login_timeout = shared.config.limits.client_login_timeout.0;
-    let reg = match tokio::time::timeout(login_timeout, login(&mut stream, peer, &shared)).await
-    {
+    let reg = match tokio::time::timeout(login_timeout, login(&mut stream, peer, &shared)).await {
         Ok(Ok(Some(reg))) => reg,
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
@@ -235,34 +234,36 @@ impl Session {
                     Wake::Data => {}
                     Wake::Closed => return "closed",
                     Wake::Shutdown => {
-                        self.boxed_send_error(PgError::shutting_down()).await;
+                        let _ = self.boxed_send_error(PgError::shutting_down()).await;
                         return "shutdown";
                     }
                 }
-                match self.absorb_input() {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        if self.boxed_send_ready(n).await.is_err() {
-                            return "closed";
-                        }
-                    }
-                    Err(e) => {
-                        self.boxed_send_error(e).await;
-                        return "protocol violation";
-                    }
+                // Results are turned into boxed futures before any await, so that no error
+                // value is held across an await in this (long-lived) future.
+                let pending = match self.absorb_input() {
+                    Ok(0) => None,
+                    Ok(n) => Some((self.boxed_send_ready(n), "closed")),
+                    Err(e) => Some((self.boxed_send_error(e), "protocol violation")),
+                };
+                if let Some((fut, why)) = pending
+                    && fut.await.is_err()
+                {
+                    return why;
                 }
                 continue;
             }
             // Boxed: the transaction's state (checkout, relay) is large and only lives
             // while a transaction runs.
-            match self.boxed_transaction().await {
-                Ok(true) => {}
+            let error = match self.boxed_transaction().await {
+                Ok(true) => None,
                 Ok(false) => return "closed",
-                Err(e) => {
-                    self.boxed_send_error(e).await;
-                    return "error";
-                }
+                Err(e) => Some(self.boxed_send_error(e)),
+            };
+            if let Some(fut) = error {
+                let _ = fut.await;
+                return "error";
             }
+            drop(error);
             if self.buf.is_empty() {
                 // Idle clients hold no buffer.
                 self.buf = BytesMut::new();
@@ -276,8 +277,11 @@ impl Session {
         Box::pin(self.transaction())
     }
 
-    fn boxed_send_error(&mut self, e: PgError) -> BoxFuture<'_, ()> {
-        Box::pin(self.send_error(e))
+    fn boxed_send_error(&mut self, e: PgError) -> BoxFuture<'_, Result<(), PgError>> {
+        Box::pin(async move {
+            self.send_error(e).await;
+            Err(PgError::protocol_violation("closing"))
+        })
     }
 
     fn boxed_send_ready(&mut self, n: u32) -> BoxFuture<'_, Result<(), PgError>> {
@@ -550,4 +554,3 @@ impl Relay<'_> {
         self.sscan.mid_message()
     }
 }
-

@@ -156,6 +156,21 @@ impl PgError {
         )
     }
 
+    /// Idle inside a transaction longer than `idle_transaction_timeout`: FATAL 25P03, as
+    /// PostgreSQL's own idle_in_transaction_session_timeout.
+    pub fn idle_in_transaction_timeout() -> PgError {
+        PgError::fatal(
+            "25P03",
+            "terminating connection due to idle_transaction_timeout",
+        )
+    }
+
+    /// Idle longer than `client_idle_timeout`: FATAL 57P05, as PostgreSQL's
+    /// idle_session_timeout.
+    pub fn client_idle_timeout() -> PgError {
+        PgError::fatal("57P05", "terminating connection due to client_idle_timeout")
+    }
+
     /// Login took longer than `client_login_timeout`: FATAL 08P01.
     pub fn login_timeout() -> PgError {
         PgError::fatal("08P01", "client_login_timeout: login took too long")

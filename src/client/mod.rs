@@ -56,6 +56,31 @@ pub fn serve<T: Send + 'static>(
     }
 }
 
+/// Rolls back an idle-in-transaction server connection; true when it is idle again.
+async fn rollback(conn: &mut crate::pool::PooledConn) -> bool {
+    let mut out = BytesMut::with_capacity(16);
+    crate::protocol::put_query(&mut out, "ROLLBACK");
+    let server: &mut crate::server::ServerConn = conn;
+    let work = async {
+        server.stream.write_all(&out).await.ok()?;
+        // Swallow everything up to the ROLLBACK's ReadyForQuery.
+        let mut scan = ServerScan::new(1);
+        while scan.swallow > 0 {
+            if server.stream.read_buf(&mut server.buf).await.ok()? == 0 {
+                return None;
+            }
+            let chunk = scan.scan(&server.buf).ok()?;
+            server.buf.advance(chunk.drop);
+        }
+        (!scan.swallow_error && server.buf.is_empty()).then_some(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), work)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
+
 /// Logs a client in within `client_login_timeout`; `None` when it was refused (it has been
 /// told why) or it was a cancel request.
 async fn admit_client(
@@ -209,6 +234,7 @@ enum Wake {
     Data,
     Closed,
     Shutdown,
+    IdleTimeout,
 }
 
 impl Session {
@@ -236,6 +262,10 @@ impl Session {
                     Wake::Shutdown => {
                         let _ = self.boxed_send_error(PgError::shutting_down()).await;
                         return "shutdown";
+                    }
+                    Wake::IdleTimeout => {
+                        let _ = self.boxed_send_error(PgError::client_idle_timeout()).await;
+                        return "client_idle_timeout";
                     }
                 }
                 // Results are turned into boxed futures before any await, so that no error
@@ -318,19 +348,30 @@ impl Session {
             if shared.stopping.load(Ordering::Acquire) {
                 return Wake::Shutdown;
             }
-            let readable = std::future::poll_fn(|cx| {
+            // client_idle_timeout, when on, costs a timer allocation per idle period.
+            let mut idle_timer = shared
+                .config
+                .limits
+                .client_idle_timeout
+                .nonzero()
+                .map(|d| Box::pin(tokio::time::sleep(d)));
+            let wake = std::future::poll_fn(|cx| {
                 if stop.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(false);
+                    return Poll::Ready(Wake::Shutdown);
                 }
-                stream.poll_read_ready(cx).map(|r| r.is_ok())
+                if let Some(t) = idle_timer.as_mut()
+                    && t.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Wake::IdleTimeout);
+                }
+                stream.poll_read_ready(cx).map(|r| match r {
+                    Ok(()) => Wake::Data,
+                    Err(_) => Wake::Closed,
+                })
             })
             .await;
-            if !readable {
-                return if shared.stopping.load(Ordering::Acquire) {
-                    Wake::Shutdown
-                } else {
-                    Wake::Closed
-                };
+            if !matches!(wake, Wake::Data) {
+                return wake;
             }
         }
         self.buf.reserve(CLIENT_BUF);
@@ -462,6 +503,8 @@ impl Session {
             sfwd: 0,
             status: b'I',
             hold: session_mode,
+            idle_in_transaction: shared.config.limits.idle_transaction_timeout.nonzero(),
+            idle_timer: None,
         };
         let end = relay.run().await;
         let session_changed = relay.sscan.session_changed;
@@ -509,6 +552,15 @@ impl Session {
                 Ok(true)
             }
             RelayEnd::Violation(e) => Err(e),
+            RelayEnd::IdleInTransaction => {
+                // Roll the server connection back so it can serve others, then end the client.
+                if rollback(&mut conn).await {
+                    conn.dirty |= session_changed || session_mode;
+                    conn.set_clean(true);
+                }
+                drop(conn);
+                Err(PgError::idle_in_transaction_timeout())
+            }
         }
     }
 

@@ -229,6 +229,8 @@ pub enum RelayEnd {
     ServerLost(String),
     /// The client broke the protocol.
     Violation(PgError),
+    /// The client stayed idle inside a transaction longer than `idle_transaction_timeout`.
+    IdleInTransaction,
 }
 
 /// Everything the relay moves and tracks; borrowed from the session and the server conn.
@@ -249,6 +251,10 @@ pub struct Relay<'a> {
     pub status: u8,
     /// Session mode: never release between transactions.
     pub hold: bool,
+    /// `idle_transaction_timeout`, if on.
+    pub idle_in_transaction: Option<std::time::Duration>,
+    /// Runs while the client sits idle inside a transaction.
+    pub idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Relay<'_> {
@@ -383,6 +389,24 @@ impl Relay<'_> {
             }
 
             if !progress {
+                if let Some(limit) = self.idle_in_transaction {
+                    // Idle inside a transaction: the server waits on the client.
+                    let idle = self.status != b'I'
+                        && self.cscan.pending == 0
+                        && self.cscan.body_left == 0
+                        && *self.cfwd == 0
+                        && self.sfwd == 0;
+                    if idle {
+                        let timer = self
+                            .idle_timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                        if timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(RelayEnd::IdleInTransaction);
+                        }
+                    } else {
+                        self.idle_timer = None;
+                    }
+                }
                 return Poll::Pending;
             }
         }

@@ -25,26 +25,9 @@ TENANTS=${TENANTS:-1}
 WORKERS=${WORKERS:-}
 SCRIPT=${SCRIPT:--S}
 
-PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-WORK=$(mktemp -d /tmp/tenantpool-bench.XXXXXX)
-chmod 755 "$WORK"
-AS=()
-if [ "$(id -u)" = 0 ]; then chown postgres "$WORK"; AS=(runuser -u postgres --); fi
-freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PGPORT=$(freeport); TPPORT=$(freeport); PBPORT=$(freeport)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  "${AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-echo "su-secret" > "$WORK/pw"; chmod 644 "$WORK/pw"
-"${AS[@]}" "$PGBIN/initdb" -D "$WORK/data" -U postgres -A scram-sha-256 --pwfile="$WORK/pw" --no-sync >/dev/null
-"${AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w -o "-p $PGPORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off" start >/dev/null
-export PGPASSWORD=su-secret
-psql -qX -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -c "CREATE ROLE tenantpool LOGIN PASSWORD 'server-secret'" -c "CREATE DATABASE app OWNER tenantpool" >/dev/null
+source benches/lib.sh
+start_pg
+TPPORT=$(freeport)
 export PGPASSWORD=server-secret
 for i in $(seq 1 "$TENANTS"); do
   t=t$i
@@ -84,33 +67,13 @@ TP_PID=$!; PIDS+=("$TP_PID")
 # PgBouncer, one pool in transaction mode with the same size, search_path set on connect.
 PB_PID=""
 if command -v pgbouncer >/dev/null && [[ " $TARGETS " == *" pgbouncer "* ]]; then
-  cat > "$WORK/pgbouncer.ini" <<INI
-[databases]
-t1 = host=127.0.0.1 port=$PGPORT dbname=app user=tenantpool password=server-secret pool_size=$POOL connect_query='SET search_path TO tenant_t1, public'
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PBPORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/userlist.txt
-pool_mode = transaction
-max_client_conn = 10000
-default_pool_size = $POOL
-min_pool_size = $POOL
-logfile = $WORK/pgbouncer.log
-pidfile = $WORK/pgbouncer.pid
-INI
-  echo '"bench" "bench-secret"' > "$WORK/userlist.txt"
-  chown -R postgres "$WORK" 2>/dev/null || true
-  "${AS[@]}" bash -c "ulimit -n \$(ulimit -Hn); exec pgbouncer '$WORK/pgbouncer.ini'" >/dev/null 2>&1 &
-  sleep 1
-  PB_PID=$(cat "$WORK/pgbouncer.pid")
-  PIDS+=("$PB_PID")
+  start_pgbouncer "[databases]
+t1 = host=127.0.0.1 port=$PGPORT dbname=app user=tenantpool password=server-secret pool_size=$POOL connect_query='SET search_path TO tenant_t1, public'" "default_pool_size = $POOL
+min_pool_size = $POOL"
+  PBPORT=$PB_PORT
 fi
 sleep 1
 
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 TCK=$(getconf CLK_TCK)
 
 run() { # target mode clients -> prints "tps txns cpu_us_per_txn"

@@ -1,0 +1,57 @@
+# Shared by the benchmark scripts: a throwaway PostgreSQL cluster and small helpers.
+# Source it, then call start_pg; it sets PGBIN, WORK, PGPORT, AS and a cleanup trap.
+
+freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  "${AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+
+# start_pg: initdb + start with SCRAM auth; creates role tenantpool (password server-secret)
+# owning database app.
+start_pg() {
+  PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+  WORK=$(mktemp -d /tmp/tenantpool-bench.XXXXXX)
+  chmod 755 "$WORK"
+  AS=()
+  if [ "$(id -u)" = 0 ]; then chown postgres "$WORK"; AS=(runuser -u postgres --); fi
+  PGPORT=$(freeport)
+  trap cleanup EXIT
+  echo "su-secret" > "$WORK/pw"; chmod 644 "$WORK/pw"
+  "${AS[@]}" "$PGBIN/initdb" -D "$WORK/data" -U postgres -A scram-sha-256 --pwfile="$WORK/pw" --no-sync >/dev/null
+  "${AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w -o "-p $PGPORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off" start >/dev/null
+  PGPASSWORD=su-secret psql -qX -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres \
+    -c "CREATE ROLE tenantpool LOGIN PASSWORD 'server-secret'" -c "CREATE DATABASE app OWNER tenantpool" >/dev/null
+}
+
+# start_pgbouncer INI_BODY: runs PgBouncer (as postgres when root) with the given ini;
+# sets PB_PORT and PB_PID. User "bench" with password "bench-secret".
+start_pgbouncer() {
+  PB_PORT=$(freeport)
+  cat > "$WORK/pgbouncer.ini" <<INI
+$1
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+max_client_conn = 10000
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+$2
+INI
+  echo '"bench" "bench-secret"' > "$WORK/userlist.txt"
+  chown -R postgres "$WORK" 2>/dev/null || true
+  rm -f "$WORK/pgbouncer.pid"
+  "${AS[@]}" bash -c "ulimit -n \$(ulimit -Hn); exec pgbouncer '$WORK/pgbouncer.ini'" >/dev/null 2>&1 &
+  for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
+  PB_PID=$(cat "$WORK/pgbouncer.pid")
+  PIDS+=("$PB_PID")
+}

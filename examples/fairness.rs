@@ -52,7 +52,8 @@ async fn main() {
         waits.push(t.elapsed());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let noisy_tps = (done.load(Ordering::Relaxed) - start_done) as f64 / started.elapsed().as_secs_f64();
+    let noisy_tps =
+        (done.load(Ordering::Relaxed) - start_done) as f64 / started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;

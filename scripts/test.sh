@@ -12,4 +12,6 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v pgben
   $SUDO apt-get install -y -qq postgresql >/dev/null
 fi
 
-cargo test --all-targets "$@"
+# Benches and examples must build; the tests are the library's and tests/ (run last).
+cargo build --benches --examples
+cargo test --lib --bins --tests "$@"

@@ -242,31 +242,24 @@ fn default_user_tenants() -> Vec<String> {
     vec!["*".into()]
 }
 
+/// A secret given inline or as the name of an environment variable (`*_env`).
+fn resolve_secret(inline: &Option<String>, env: &Option<String>) -> Option<String> {
+    inline
+        .clone()
+        .or_else(|| env.as_ref().and_then(|v| std::env::var(v).ok()))
+}
+
 impl UserConfig {
     /// The user's cleartext password, from `password` or the `password_env` variable.
     pub fn cleartext_password(&self) -> Option<String> {
-        if let Some(p) = &self.password {
-            return Some(p.clone());
-        }
-        self.password_env
-            .as_ref()
-            .and_then(|v| std::env::var(v).ok())
-    }
-
-    pub fn may_open(&self, tenant: &str) -> bool {
-        self.tenants.iter().any(|t| t == "*" || t == tenant)
+        resolve_secret(&self.password, &self.password_env)
     }
 }
 
 impl ServerConfig {
     /// The password tenantpool logs in to PostgreSQL with, if any.
     pub fn resolved_password(&self) -> Option<String> {
-        if let Some(p) = &self.password {
-            return Some(p.clone());
-        }
-        self.password_env
-            .as_ref()
-            .and_then(|v| std::env::var(v).ok())
+        resolve_secret(&self.password, &self.password_env)
     }
 }
 

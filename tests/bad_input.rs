@@ -16,34 +16,12 @@ struct ProxyProcess {
 impl ProxyProcess {
     fn start(db: &TestDb, max_connections: u32) -> ProxyProcess {
         let port = free_port();
-        let pgc = pg();
-        let mut text = format!(
-            r#"
-[proxy]
-listen = "127.0.0.1:{port}"
-auth_method = "trust"
-[server]
-host = "{host}"
-port = {pgport}
-database = "{db}"
-user = "{role}"
-password = "{SERVER_PASSWORD}"
-max_connections = {max_connections}
-min_idle = 0
-[limits]
-client_login_timeout = "1s"
-[tenant_defaults]
-max_server_connections = {max_connections}
-[users.{APP_USER}]
-"#,
-            host = pgc.host,
-            pgport = pgc.port,
-            db = db.name,
-            role = db.role,
+        let text = db.config_text(
+            max_connections,
+            &format!(
+                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nauth_method = \"trust\"\n[limits]\nclient_login_timeout = \"1s\""
+            ),
         );
-        for t in &db.tenants {
-            text.push_str(&format!("[tenants.{t}]\nschema = \"tenant_{t}\"\n"));
-        }
         let dir = tempdir("tenantpool-bad-input");
         let path = dir.join("tenantpool.toml");
         std::fs::write(&path, text).unwrap();

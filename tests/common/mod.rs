@@ -269,8 +269,14 @@ impl TestDb {
         connect_str(&format!("{s} application_name={OWNER_APP}")).await
     }
 
-    /// A config for a proxy in front of this database; `extra` is appended as TOML.
+    /// A config for a proxy in front of this database; `extra` is merged in as TOML.
     pub fn config(&self, max_connections: u32, extra: &str) -> Config {
+        let text = self.config_text(max_connections, extra);
+        Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+    }
+
+    /// The TOML text of [`TestDb::config`].
+    pub fn config_text(&self, max_connections: u32, extra: &str) -> String {
         let pg = pg();
         let mut text = format!(
             r#"
@@ -301,8 +307,7 @@ password = "{APP_PASSWORD}"
         for t in &self.tenants {
             text.push_str(&format!("\n[tenants.{t}]\nschema = \"tenant_{t}\"\n"));
         }
-        let text = merge_toml(&text, extra);
-        Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+        merge_toml(&text, extra)
     }
 
     /// How many server backends this test's role has open.

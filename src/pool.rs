@@ -90,6 +90,9 @@ struct State {
     queues: Vec<VecDeque<Waiter>>,
     /// Tenants with waiters, in the order they get the next connection.
     ring: VecDeque<TenantId>,
+    /// The scheduling round, and the round in which each tenant was last served.
+    round: u64,
+    served: Vec<u64>,
     waiting: u32,
     next_waiter: u64,
     down: Option<Down>,
@@ -129,6 +132,8 @@ impl Pool {
                 in_use: vec![0; n],
                 queues: (0..n).map(|_| VecDeque::new()).collect(),
                 ring: VecDeque::new(),
+                round: 1,
+                served: vec![0; n],
                 waiting: 0,
                 next_waiter: 0,
                 down: None,
@@ -332,19 +337,18 @@ impl Pool {
         }
     }
 
-    /// Gives `grant` to the next waiter whose tenant is below its cap, tenants taking turns.
-    /// Returns false (and drops a `Connect` grant) when no waiter can take it; a connection
-    /// grant that nobody takes is put back into `idle`.
+    /// Gives `grant` to the next waiter whose tenant is below its cap, tenants taking turns
+    /// (see [`Pool::next_tenant`]). Returns false (and drops a `Connect` grant) when no
+    /// waiter can take it; a connection grant that nobody takes is put back into `idle`.
     fn hand_out(&self, st: &mut State, mut grant: Grant) -> bool {
-        let mut turns = st.ring.len();
-        while turns > 0 {
-            turns -= 1;
-            let Some(t) = st.ring.pop_front() else { break };
+        let preferred = match &grant {
+            Grant::Conn(c) => c.tenant,
+            _ => None,
+        };
+        while let Some(t) = self.next_tenant(st, preferred) {
             let ti = t as usize;
-            if st.in_use[ti] >= self.tenants.get(t).max_server {
-                st.ring.push_back(t);
-                continue;
-            }
+            st.ring.retain(|&x| x != t);
+            st.served[ti] = st.round;
             while let Some(w) = st.queues[ti].pop_front() {
                 st.waiting -= 1;
                 st.in_use[ti] += 1;
@@ -367,6 +371,39 @@ impl Pool {
             st.idle.push(conn);
         }
         false
+    }
+
+    /// The tenant whose waiter gets the next connection. Tenants with waiters take turns
+    /// in rounds: in each round every tenant below its cap is served once, in ring order
+    /// (FIFO within a tenant). Within a round the order is free, so a connection goes back
+    /// to the tenant whose search_path it carries when that tenant's turn in this round is
+    /// still to come: fewer tenant switches, same fairness.
+    fn next_tenant(&self, st: &mut State, preferred: Option<TenantId>) -> Option<TenantId> {
+        let eligible = |st: &State, t: TenantId| {
+            !st.queues[t as usize].is_empty()
+                && st.in_use[t as usize] < self.tenants.get(t).max_server
+        };
+        for _ in 0..2 {
+            if let Some(p) = preferred
+                && eligible(st, p)
+                && st.served[p as usize] < st.round
+            {
+                return Some(p);
+            }
+            if let Some(&t) = st
+                .ring
+                .iter()
+                .find(|&&t| eligible(st, t) && st.served[t as usize] < st.round)
+            {
+                return Some(t);
+            }
+            // Everyone eligible has had a turn in this round: start the next one.
+            if !st.ring.iter().any(|&t| eligible(st, t)) {
+                return None;
+            }
+            st.round += 1;
+        }
+        None
     }
 
     /// Takes a connection back from a transaction or session.
@@ -579,5 +616,75 @@ impl Drop for PooledConn {
         if let Some(conn) = self.conn.take() {
             self.pool.checkin(conn, self.tenant, self.clean);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn pool(caps: &str) -> Arc<Pool> {
+        let config = Config::parse(&format!(
+            "[server]\ndatabase = \"d\"\nuser = \"u\"\nmax_connections = 4\nmin_idle = 0\n\
+             [tenant_defaults]\nmax_server_connections = 2\n\
+             [tenants.a]\nschema = \"a\"\n[tenants.b]\nschema = \"b\"\n{caps}\n\
+             [users.x]\npassword = \"p\"\n"
+        ))
+        .unwrap();
+        let target = ServerTarget {
+            host: "127.0.0.1".into(),
+            port: 1,
+            database: "d".into(),
+            user: "u".into(),
+            password: None,
+            connect_timeout: Duration::from_secs(1),
+        };
+        let settings = PoolSettings {
+            max_connections: 4,
+            min_idle: 0,
+            idle_timeout: Duration::from_secs(60),
+            lifetime: Duration::from_secs(60),
+        };
+        Pool::new(target, settings, Arc::new(Tenants::from_config(&config)))
+    }
+
+    fn wait(st: &mut State, t: TenantId) -> oneshot::Receiver<Grant> {
+        let (tx, rx) = oneshot::channel();
+        if st.queues[t as usize].is_empty() {
+            st.ring.push_back(t);
+        }
+        st.queues[t as usize].push_back(Waiter { id: 0, tx });
+        st.waiting += 1;
+        rx
+    }
+
+    #[test]
+    fn tenants_take_turns_and_a_connection_prefers_its_own_tenant_within_a_round() {
+        let pool = pool("");
+        let mut st = pool.lock();
+        let mut rx: Vec<_> = (0..3).map(|_| wait(&mut st, 1)).collect();
+        rx.push(wait(&mut st, 0));
+        // Ring order is b, a. A connection carrying a's search_path goes to a: a's turn in
+        // this round is still to come.
+        assert_eq!(pool.next_tenant(&mut st, Some(0)), Some(0));
+        st.served[0] = st.round;
+        // a has had its turn in this round: the next connection, even a's, goes to b.
+        assert_eq!(pool.next_tenant(&mut st, Some(0)), Some(1));
+        st.served[1] = st.round;
+        // Both served: a new round starts, in ring order.
+        assert_eq!(pool.next_tenant(&mut st, None), Some(1));
+    }
+
+    #[test]
+    fn a_tenant_at_its_cap_is_skipped() {
+        let pool = pool("");
+        let mut st = pool.lock();
+        let _a = wait(&mut st, 0);
+        let _b = wait(&mut st, 1);
+        st.in_use[0] = pool.tenants.get(0).max_server;
+        assert_eq!(pool.next_tenant(&mut st, Some(0)), Some(1));
+        st.in_use[1] = pool.tenants.get(1).max_server;
+        assert_eq!(pool.next_tenant(&mut st, None), None);
     }
 }

@@ -461,22 +461,7 @@ async fn server_connection_lost_mid_transaction() {
     )
     .remove(0);
     let su = pg().superuser("postgres").await;
-    su.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
-        .await
-        .unwrap();
-    for _ in 0..200 {
-        let alive = names(
-            &su.simple_query(&format!(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
-            ))
-            .await
-            .unwrap(),
-        );
-        if alive == ["0"] {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    terminate_backend(&su, &pid).await;
     let err = client.simple_query("SELECT 1").await.unwrap_err();
     let code = sqlstate(&err);
     assert!(

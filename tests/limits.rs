@@ -315,22 +315,7 @@ async fn broken_idle_connection_is_replaced_unseen() {
     let c = proxy.connect("acme").await;
     let pid = first(&c.simple_query("SELECT pg_backend_pid()").await.unwrap());
     let su = pg().superuser("postgres").await;
-    su.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
-        .await
-        .unwrap();
-    for _ in 0..200 {
-        let n = first(
-            &su.simple_query(&format!(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
-            ))
-            .await
-            .unwrap(),
-        );
-        if n == "0" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    terminate_backend(&su, &pid).await;
     // Give the FATAL a moment to land in the idle socket.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let new_pid = first(&c.simple_query("SELECT pg_backend_pid()").await.unwrap());

@@ -509,7 +509,7 @@ impl Session {
         let end = relay.run().await;
         let session_changed = relay.sscan.session_changed;
         let server_fatal = relay.sscan.fatal.take();
-        let mid_message = relay.sscan_mid_message() || relay.sfwd > 0;
+        let mid_message = relay.sscan.mid_message() || relay.sfwd > 0;
         let status = relay.status;
         self.reg.cancel.detach();
 
@@ -597,12 +597,5 @@ impl Session {
             }
         }
         Ok(())
-    }
-}
-
-impl Relay<'_> {
-    /// Did the server connection stop in the middle of a message the client has begun to get?
-    fn sscan_mid_message(&self) -> bool {
-        self.sscan.mid_message()
     }
 }

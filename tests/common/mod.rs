@@ -627,3 +627,24 @@ pub fn first_column(msgs: &[Msg]) -> Vec<String> {
         })
         .collect()
 }
+
+/// Terminates a server backend and waits until PostgreSQL no longer lists it.
+pub async fn terminate_backend(su: &tokio_postgres::Client, pid: &str) {
+    su.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let rows = su
+            .query_one(
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+                &[],
+            )
+            .await
+            .unwrap();
+        if rows.get::<_, i64>(0) == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("backend {pid} did not end");
+}

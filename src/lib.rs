@@ -6,12 +6,14 @@
 //! [`config`] holds every operator-facing key, [`error`] every client-facing error,
 //! [`protocol`] the message framing.
 
-pub mod cancel;
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
+pub mod registry;
 pub mod server;
 pub mod tenant;
 
@@ -23,10 +25,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::cancel::CancelRegistry;
 use crate::client::auth::UserDb;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolSettings};
+use crate::registry::ClientRegistry;
 use crate::server::ServerTarget;
 use crate::tenant::Tenants;
 
@@ -36,7 +39,11 @@ pub struct Shared {
     pub tenants: Arc<Tenants>,
     pub users: UserDb,
     pub pool: Arc<Pool>,
-    pub cancels: CancelRegistry,
+    /// Live clients: cancel keys, and what the admin console lists.
+    pub registry: ClientRegistry,
+    pub metrics: Arc<Metrics>,
+    /// Starts a graceful shutdown (signals, the admin console's SHUTDOWN).
+    pub shutdown_tx: watch::Sender<bool>,
     /// Client connections admitted now (for `max_client_conn`).
     pub clients: AtomicU32,
     pub next_client_id: AtomicU64,
@@ -98,12 +105,24 @@ impl Proxy {
         let pool = Pool::new(target, settings, tenants.clone());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let users = UserDb::from_config(&config);
+        let metrics = match &config.metrics {
+            Some(m) => {
+                let addr: SocketAddr = m.listen.parse().map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "bad metrics.listen")
+                })?;
+                Metrics::start(addr, &tenants).map_err(io::Error::other)?
+            }
+            None => Metrics::disabled(&tenants),
+        };
+        let metrics = Arc::new(metrics);
         let shared = Arc::new(Shared {
             config,
             tenants,
             users,
             pool,
-            cancels: CancelRegistry::default(),
+            registry: ClientRegistry::default(),
+            metrics,
+            shutdown_tx: shutdown_tx.clone(),
             clients: AtomicU32::new(0),
             next_client_id: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
@@ -139,6 +158,12 @@ impl Proxy {
             shutdown_rx: mut shutdown,
         } = self;
         tokio::spawn(shared.pool.clone().run_maintenance());
+        tokio::spawn(
+            shared
+                .metrics
+                .clone()
+                .run_refresh(shared.tenants.clone(), shared.pool.clone()),
+        );
         // Every client task holds a clone; when all are gone, `recv` yields None.
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tenantpool listening");

@@ -70,6 +70,7 @@ enum Take {
 
 struct Waiter {
     id: u64,
+    since: Instant,
     tx: oneshot::Sender<Grant>,
 }
 
@@ -94,6 +95,11 @@ struct State {
     round: u64,
     served: Vec<u64>,
     waiting: u32,
+    /// Connections being opened now.
+    connecting: u32,
+    /// PAUSE: everything, or per tenant. Paused tenants' transactions wait.
+    paused_all: bool,
+    paused: Vec<bool>,
     next_waiter: u64,
     down: Option<Down>,
     closed: bool,
@@ -115,8 +121,16 @@ pub struct Pool {
 pub struct PoolSnapshot {
     pub open: u32,
     pub idle: u32,
+    pub connecting: u32,
     pub waiting: u32,
     pub in_use: Vec<u32>,
+    /// Idle connections per tenant whose search_path they carry.
+    pub idle_by_tenant: Vec<u32>,
+    /// How long the oldest waiter of each tenant has waited.
+    pub max_wait: Vec<Duration>,
+    pub paused: Vec<bool>,
+    /// Idle connections: (server pid, tenant, age).
+    pub idle_servers: Vec<(i32, Option<TenantId>, Duration)>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -135,6 +149,9 @@ impl Pool {
                 round: 1,
                 served: vec![0; n],
                 waiting: 0,
+                connecting: 0,
+                paused_all: false,
+                paused: vec![false; n],
                 next_waiter: 0,
                 down: None,
                 closed: false,
@@ -182,7 +199,11 @@ impl Pool {
                     if st.queues[t].is_empty() {
                         st.ring.push_back(tenant);
                     }
-                    st.queues[t].push_back(Waiter { id, tx });
+                    st.queues[t].push_back(Waiter {
+                        id,
+                        since: Instant::now(),
+                        tx,
+                    });
                     st.waiting += 1;
                     Some((id, rx))
                 }
@@ -225,7 +246,7 @@ impl Pool {
     fn try_take(&self, st: &mut State, tenant: TenantId) -> Take {
         let cap = self.tenants.get(tenant).max_server;
         let t = tenant as usize;
-        if !st.queues[t].is_empty() || st.in_use[t] >= cap {
+        if !st.queues[t].is_empty() || st.in_use[t] >= cap || st.paused_all || st.paused[t] {
             return Take::Wait;
         }
         if let Some(conn) = take_idle(st, tenant) {
@@ -277,7 +298,10 @@ impl Pool {
 
     /// Connects and logs in, updating the failure backoff either way.
     async fn connect(&self) -> Result<ServerConn, String> {
-        match server::connect(&self.target).await {
+        self.lock().connecting += 1;
+        let result = server::connect(&self.target).await;
+        self.lock().connecting -= 1;
+        match result {
             Ok(login) => {
                 self.stats.connects_ok.fetch_add(1, Ordering::Relaxed);
                 *self.params.lock().unwrap_or_else(|e| e.into_inner()) = Some(login.params.into());
@@ -382,6 +406,8 @@ impl Pool {
         let eligible = |st: &State, t: TenantId| {
             !st.queues[t as usize].is_empty()
                 && st.in_use[t as usize] < self.tenants.get(t).max_server
+                && !st.paused_all
+                && !st.paused[t as usize]
         };
         for _ in 0..2 {
             if let Some(p) = preferred
@@ -453,11 +479,31 @@ impl Pool {
 
     pub fn snapshot(&self) -> PoolSnapshot {
         let st = self.lock();
+        let now = Instant::now();
+        let mut idle_by_tenant = vec![0; st.in_use.len()];
+        for c in &st.idle {
+            if let Some(t) = c.tenant {
+                idle_by_tenant[t as usize] += 1;
+            }
+        }
         PoolSnapshot {
             open: st.open,
             idle: st.idle.len() as u32,
+            connecting: st.connecting,
             waiting: st.waiting,
             in_use: st.in_use.clone(),
+            idle_by_tenant,
+            max_wait: st
+                .queues
+                .iter()
+                .map(|q| q.front().map(|w| now - w.since).unwrap_or_default())
+                .collect(),
+            paused: st.paused.iter().map(|&p| p || st.paused_all).collect(),
+            idle_servers: st
+                .idle
+                .iter()
+                .map(|c| (c.backend_pid, c.tenant, now - c.created))
+                .collect(),
         }
     }
 
@@ -533,6 +579,55 @@ impl Pool {
                 Duration::from_secs(1)
             };
             tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// PAUSE: new transactions of `tenant` (or of all tenants) wait; running ones finish.
+    pub fn pause(&self, tenant: Option<TenantId>) {
+        let mut st = self.lock();
+        match tenant {
+            Some(t) => st.paused[t as usize] = true,
+            None => st.paused_all = true,
+        }
+    }
+
+    /// RESUME: lifts a PAUSE and hands idle connections and free slots to the waiters.
+    pub fn resume(&self, tenant: Option<TenantId>) {
+        let mut st = self.lock();
+        match tenant {
+            Some(t) => st.paused[t as usize] = false,
+            None => {
+                st.paused_all = false;
+                st.paused.iter_mut().for_each(|p| *p = false);
+            }
+        }
+        while let Some(conn) = st.idle.pop() {
+            if !self.hand_out(&mut st, Grant::Conn(conn)) {
+                break;
+            }
+        }
+        while st.waiting > 0 && st.open < self.settings.max_connections {
+            st.open += 1;
+            if !self.hand_out(&mut st, Grant::Connect) {
+                st.open -= 1;
+                break;
+            }
+        }
+    }
+
+    /// Closes the idle connections carrying `tenant`'s search_path (KILL).
+    pub fn close_idle_of(&self, tenant: TenantId) {
+        let closed: Vec<ServerConn> = {
+            let mut st = self.lock();
+            let (keep, close): (Vec<_>, Vec<_>) = std::mem::take(&mut st.idle)
+                .into_iter()
+                .partition(|c| c.tenant != Some(tenant));
+            st.idle = keep;
+            st.open -= close.len() as u32;
+            close
+        };
+        for c in closed {
+            c.terminate();
         }
     }
 
@@ -654,7 +749,11 @@ mod tests {
         if st.queues[t as usize].is_empty() {
             st.ring.push_back(t);
         }
-        st.queues[t as usize].push_back(Waiter { id: 0, tx });
+        st.queues[t as usize].push_back(Waiter {
+            id: 0,
+            since: Instant::now(),
+            tx,
+        });
         st.waiting += 1;
         rx
     }

@@ -58,6 +58,51 @@ pub fn put_ready_for_query(buf: &mut BytesMut, status: u8) {
     buf.put_slice(&[b'Z', 0, 0, 0, 5, status]);
 }
 
+/// Appends a RowDescription of text columns.
+pub fn put_row_description(buf: &mut BytesMut, columns: &[&str]) {
+    let start = buf.len();
+    buf.put_u8(b'T');
+    buf.put_i32(0);
+    buf.put_i16(columns.len() as i16);
+    for c in columns {
+        put_cstr(buf, c);
+        buf.put_i32(0); // table oid
+        buf.put_i16(0); // column number
+        buf.put_i32(25); // type oid: text
+        buf.put_i16(-1); // type size
+        buf.put_i32(-1); // type modifier
+        buf.put_i16(0); // text format
+    }
+    patch_len(buf, start);
+}
+
+/// Appends a DataRow of text values.
+pub fn put_data_row<S: AsRef<str>>(buf: &mut BytesMut, values: &[S]) {
+    let start = buf.len();
+    buf.put_u8(b'D');
+    buf.put_i32(0);
+    buf.put_i16(values.len() as i16);
+    for v in values {
+        let v = v.as_ref().as_bytes();
+        buf.put_i32(v.len() as i32);
+        buf.put_slice(v);
+    }
+    patch_len(buf, start);
+}
+
+/// Appends a CommandComplete message.
+pub fn put_command_complete(buf: &mut BytesMut, tag: &str) {
+    buf.put_u8(b'C');
+    buf.put_i32((4 + tag.len() + 1) as i32);
+    put_cstr(buf, tag);
+}
+
+/// Writes the length of the message that starts at `start` (its tag byte).
+fn patch_len(buf: &mut BytesMut, start: usize) {
+    let len = (buf.len() - start - 1) as i32;
+    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+}
+
 /// Appends a ParameterStatus message.
 pub fn put_parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
     buf.put_u8(b'S');

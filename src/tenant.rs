@@ -5,7 +5,7 @@
 //! keep per-tenant state in plain vectors.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
@@ -33,6 +33,25 @@ pub struct Tenant {
     pub prelude_reset: Bytes,
     /// Client connections open now.
     pub clients: AtomicU32,
+    /// Running totals and current counts, for metrics and the admin console.
+    pub stats: TenantStats,
+}
+
+/// Per-tenant counters, bumped once per transaction (never per message).
+#[derive(Debug, Default)]
+pub struct TenantStats {
+    /// Clients inside a transaction now (holding a server connection).
+    pub active: AtomicU32,
+    /// Clients queued for a server connection now.
+    pub waiting: AtomicU32,
+    pub transactions: AtomicU64,
+    pub queries: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub transaction_us: AtomicU64,
+    pub query_us: AtomicU64,
+    pub wait_us: AtomicU64,
+    pub wait_timeouts: AtomicU64,
 }
 
 /// The number of Query messages in [`Tenant::prelude_fresh`].
@@ -75,6 +94,7 @@ impl Tenants {
                 prelude_fresh: fresh.freeze(),
                 prelude_reset: reset.freeze(),
                 clients: AtomicU32::new(0),
+                stats: TenantStats::default(),
             });
             by_name.insert(name.clone(), id);
         }

@@ -86,7 +86,7 @@ pub fn parse_scram_verifier(s: &str) -> Result<ScramKeys, String> {
 
 /// One login.
 pub struct User {
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     scram: Option<ScramKeys>,
     cleartext: Option<String>,
     /// `None` means every tenant.
@@ -120,7 +120,7 @@ impl UserDb {
             users.insert(
                 name.clone(),
                 User {
-                    name: name.clone(),
+                    name: name.as_str().into(),
                     scram,
                     cleartext,
                     tenants,

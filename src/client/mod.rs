@@ -18,17 +18,18 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::Shared;
-use crate::cancel::CancelSlot;
 use crate::config::PoolMode;
 use crate::error::PgError;
 use crate::pool::CheckoutError;
 use crate::protocol::{header, put_ready_for_query};
+use crate::registry::{ClientSlot, STATE_ACTIVE, STATE_IDLE, STATE_WAITING};
 use crate::tenant::{PRELUDE_FRESH_QUERIES, PRELUDE_RESET_QUERIES, TenantId};
 
 use relay::{CLIENT_BUF, ClientScan, Relay, RelayEnd, ServerScan};
@@ -104,6 +105,13 @@ async fn admit_client(
             return None;
         }
     };
+    let reg = match reg {
+        Login::Client(reg) => reg,
+        Login::Admin(user) => {
+            crate::admin::serve(stream, peer, user, shared).await;
+            return None;
+        }
+    };
     Some(Session {
         stream,
         buf: BytesMut::new(),
@@ -113,18 +121,24 @@ async fn admit_client(
         discard_left: 0,
         lost: None,
         reg,
-        peer,
     })
+}
+
+/// Who logged in.
+enum Login {
+    Client(Registration),
+    /// An admin user opened the admin console.
+    Admin(Arc<str>),
 }
 
 async fn login(
     stream: &mut TcpStream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
-) -> Result<Option<Registration>, PgError> {
+) -> Result<Option<Login>, PgError> {
     let startup = match startup::read_first_packet(stream).await? {
         FirstPacket::Cancel { pid, secret } => {
-            if let Some((spid, ssecret)) = shared.cancels.lookup(pid, secret) {
+            if let Some((spid, ssecret)) = shared.registry.lookup(pid, secret) {
                 tracing::debug!(client = %peer, "forwarding cancel request");
                 let _ = crate::server::send_cancel(shared.pool.target(), spid, ssecret).await;
             }
@@ -139,7 +153,20 @@ async fn login(
             "unexpected data after authentication",
         ));
     }
-    let reg = Registration::take(shared, admitted.tenant)?;
+    let tenant = match admitted.target {
+        startup::Target::Tenant(t) => t,
+        startup::Target::Admin => {
+            let mut out = BytesMut::new();
+            crate::admin::welcome(&mut out, (0, 0));
+            stream
+                .write_all(&out)
+                .await
+                .map_err(|e| PgError::protocol_violation(e.to_string()))?;
+            tracing::info!(client = %peer, user = %admitted.user, "admin console opened");
+            return Ok(Some(Login::Admin(admitted.user)));
+        }
+    };
+    let reg = Registration::take(shared, tenant, admitted.user.clone(), peer)?;
     let server_params = shared
         .pool
         .server_params()
@@ -149,29 +176,35 @@ async fn login(
         stream,
         &server_params,
         &admitted.settings,
-        (reg.cancel.pid, reg.cancel.secret),
+        (reg.client.pid, reg.client.secret),
     )
     .await?;
     tracing::info!(
         client = %peer,
         user = %admitted.user,
-        tenant = %shared.tenants.get(admitted.tenant).name,
+        tenant = %shared.tenants.get(tenant).name,
         "client connected"
     );
-    Ok(Some(reg))
+    Ok(Some(Login::Client(reg)))
 }
 
-/// A client's place in the proxy: its client-cap slots and its cancel key. Dropping it
-/// gives them back, however the session ends.
+/// A client's place in the proxy: its client-cap slots and its registry entry (cancel key,
+/// what the admin console shows). Dropping it gives them back, however the session ends.
 struct Registration {
     shared: Arc<Shared>,
     tenant: TenantId,
-    cancel: Arc<CancelSlot>,
+    client: Arc<ClientSlot>,
     id: u64,
 }
 
 impl Registration {
-    fn take(shared: &Arc<Shared>, tenant: TenantId) -> Result<Registration, PgError> {
+    fn take(
+        shared: &Arc<Shared>,
+        tenant: TenantId,
+        user: Arc<str>,
+        addr: SocketAddr,
+    ) -> Result<Registration, PgError> {
+        let rejected = &shared.metrics.tenants[tenant as usize].rejected;
         let max = shared.config.proxy.max_client_conn;
         if shared
             .clients
@@ -180,6 +213,7 @@ impl Registration {
             })
             .is_err()
         {
+            rejected[0].increment(1);
             return Err(PgError::too_many_clients(&format!(
                 "max_client_conn ({max})"
             )));
@@ -187,6 +221,7 @@ impl Registration {
         let t = shared.tenants.get(tenant);
         if !t.try_add_client() {
             shared.clients.fetch_sub(1, Ordering::AcqRel);
+            rejected[1].increment(1);
             return Err(PgError::too_many_clients(&format!(
                 "max_client_connections of tenant \"{}\" ({})",
                 t.name, t.max_clients
@@ -195,7 +230,7 @@ impl Registration {
         Ok(Registration {
             shared: shared.clone(),
             tenant,
-            cancel: shared.cancels.register(),
+            client: shared.registry.register(tenant, user, addr),
             id: shared.next_client_id.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -203,7 +238,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.shared.cancels.unregister(self.cancel.pid);
+        self.shared.registry.unregister(self.client.pid);
         self.shared.tenants.get(self.tenant).remove_client();
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
     }
@@ -226,7 +261,6 @@ struct Session {
     lost: Option<Box<PgError>>,
     /// Client slots, cancel key, tenant and the shared state.
     reg: Registration,
-    peer: SocketAddr,
 }
 
 /// What woke an idle session.
@@ -235,13 +269,15 @@ enum Wake {
     Closed,
     Shutdown,
     IdleTimeout,
+    /// The admin console's KILL.
+    Killed,
 }
 
 impl Session {
     async fn run(&mut self) {
         let reason = self.serve_transactions().await;
         tracing::info!(
-            client = %self.peer,
+            client = %self.reg.client.addr,
             tenant = %self.reg.shared.tenants.get(self.reg.tenant).name,
             reason,
             "client disconnected"
@@ -262,6 +298,14 @@ impl Session {
                     Wake::Shutdown => {
                         let _ = self.boxed_send_error(PgError::shutting_down()).await;
                         return "shutdown";
+                    }
+                    Wake::Killed => {
+                        let e = PgError::fatal(
+                            "57P01",
+                            "terminating connection: tenant killed by an admin",
+                        );
+                        let _ = self.boxed_send_error(e).await;
+                        return "killed";
                     }
                     Wake::IdleTimeout => {
                         let _ = self.boxed_send_error(PgError::client_idle_timeout()).await;
@@ -340,13 +384,16 @@ impl Session {
     /// idle client's wait holds no buffer and little state: a readiness registration on
     /// its socket and one on the proxy's stop signal.
     async fn wait_for_data(&mut self) -> Wake {
-        if self.buf.is_empty() {
+        while self.buf.is_empty() {
             let shared = &*self.reg.shared;
             let stream = &self.stream;
             let mut stop = pin!(shared.stop.notified());
             stop.as_mut().enable();
             if shared.stopping.load(Ordering::Acquire) {
                 return Wake::Shutdown;
+            }
+            if self.reg.client.killed.load(Ordering::Acquire) {
+                return Wake::Killed;
             }
             // client_idle_timeout, when on, costs a timer allocation per idle period.
             let mut idle_timer = shared
@@ -357,21 +404,26 @@ impl Session {
                 .map(|d| Box::pin(tokio::time::sleep(d)));
             let wake = std::future::poll_fn(|cx| {
                 if stop.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::Shutdown);
+                    // Shutdown or KILL; the flags above say which (or neither: wait again).
+                    return Poll::Ready(None);
                 }
                 if let Some(t) = idle_timer.as_mut()
                     && t.as_mut().poll(cx).is_ready()
                 {
-                    return Poll::Ready(Wake::IdleTimeout);
+                    return Poll::Ready(Some(Wake::IdleTimeout));
                 }
-                stream.poll_read_ready(cx).map(|r| match r {
-                    Ok(()) => Wake::Data,
-                    Err(_) => Wake::Closed,
+                stream.poll_read_ready(cx).map(|r| {
+                    Some(match r {
+                        Ok(()) => Wake::Data,
+                        Err(_) => Wake::Closed,
+                    })
                 })
             })
             .await;
-            if !matches!(wake, Wake::Data) {
-                return wake;
+            match wake {
+                None => continue,
+                Some(Wake::Data) => break,
+                Some(other) => return other,
             }
         }
         self.buf.reserve(CLIENT_BUF);
@@ -444,22 +496,40 @@ impl Session {
         }
         let shared = self.reg.shared.clone();
         let wait = shared.config.limits.query_wait_timeout.0;
-        let mut conn = match shared.pool.checkout(self.reg.tenant, wait).await {
+        let tenant = shared.tenants.get(self.reg.tenant);
+        let tmetrics = &shared.metrics.tenants[self.reg.tenant as usize];
+        let stats = &tenant.stats;
+        // Per-transaction bookkeeping: client state, wait time.
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.reg
+            .client
+            .state
+            .store(STATE_WAITING, Ordering::Relaxed);
+        let wait_start = Instant::now();
+        let checkout = shared.pool.checkout(self.reg.tenant, wait).await;
+        let waited = wait_start.elapsed();
+        stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        stats
+            .wait_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        tmetrics.wait_duration.record(waited.as_secs_f64());
+        self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
+        let mut conn = match checkout {
             Ok(c) => c,
             Err(e) => {
                 let err = match e {
                     CheckoutError::Timeout => {
-                        PgError::query_wait_timeout(&shared.tenants.get(self.reg.tenant).name)
+                        stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                        PgError::query_wait_timeout(&tenant.name)
                     }
                     CheckoutError::Unavailable(msg) => PgError::server_unavailable(&msg, false),
                 };
-                tracing::warn!(client = %self.peer, error = %err, "transaction not started");
+                tracing::warn!(client = %self.reg.client.addr, error = %err, "transaction not started");
                 self.fail_batch(&err).await?;
                 return Ok(true);
             }
         };
         let session_mode = shared.config.proxy.pool_mode == PoolMode::Session;
-        let tenant = shared.tenants.get(self.reg.tenant);
         let client_id = self.reg.id;
         let (prelude, swallow) = match conn.tenant {
             None => (&tenant.prelude_fresh[..], PRELUDE_FRESH_QUERIES),
@@ -482,7 +552,7 @@ impl Session {
         }
         conn.last_client = client_id;
         self.reg
-            .cancel
+            .client
             .attach(conn.backend_pid, conn.backend_secret);
 
         let server: &mut crate::server::ServerConn = &mut conn;
@@ -505,13 +575,19 @@ impl Session {
             hold: session_mode,
             idle_in_transaction: shared.config.limits.idle_transaction_timeout.nonzero(),
             idle_timer: None,
+            counts: relay::Counts::new(tmetrics),
         };
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        self.reg.client.state.store(STATE_ACTIVE, Ordering::Relaxed);
         let end = relay.run().await;
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
+        relay.counts.flush(stats);
         let session_changed = relay.sscan.session_changed;
         let server_fatal = relay.sscan.fatal.take();
         let mid_message = relay.sscan.mid_message() || relay.sfwd > 0;
         let status = relay.status;
-        self.reg.cancel.detach();
+        self.reg.client.detach();
 
         match end {
             RelayEnd::Released => {
@@ -536,7 +612,7 @@ impl Session {
                     Some((code, msg)) if code.len() == 5 => PgError::server_ended(&code, &msg),
                     _ => PgError::server_lost(&why),
                 };
-                tracing::warn!(client = %self.peer, error = %err, "server connection lost");
+                tracing::warn!(client = %self.reg.client.addr, error = %err, "server connection lost");
                 if mid_message {
                     // Part of a message already reached the client: the stream cannot be
                     // repaired, so the client connection ends.

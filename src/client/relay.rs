@@ -130,6 +130,8 @@ pub struct ServerChunk {
     /// ReadyForQuery messages forwarded, and the last one's status.
     pub ready: u32,
     pub status: Option<u8>,
+    /// How many of those said "idle": transactions that ended.
+    pub idle: u32,
 }
 
 impl ServerScan {
@@ -169,6 +171,7 @@ impl ServerScan {
                     } else {
                         c.ready += 1;
                         c.status = Some(status);
+                        c.idle += u32::from(status == b'I');
                     }
                     continue;
                 }
@@ -255,6 +258,85 @@ pub struct Relay<'a> {
     pub idle_in_transaction: Option<std::time::Duration>,
     /// Runs while the client sits idle inside a transaction.
     pub idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes, queries and transactions seen, with their durations.
+    pub counts: Counts<'a>,
+}
+
+/// What a relay counts for metrics: a few adds per read, durations per query and per
+/// transaction. Flushed into the tenant's totals once, when the relay ends.
+pub struct Counts<'a> {
+    metrics: &'a crate::metrics::TenantMetrics,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub queries: u64,
+    pub transactions: u64,
+    query_us: u64,
+    transaction_us: u64,
+    query_start: Option<std::time::Instant>,
+    transaction_start: Option<std::time::Instant>,
+}
+
+impl<'a> Counts<'a> {
+    pub fn new(metrics: &'a crate::metrics::TenantMetrics) -> Counts<'a> {
+        Counts {
+            metrics,
+            bytes_in: 0,
+            bytes_out: 0,
+            queries: 0,
+            transactions: 0,
+            query_us: 0,
+            transaction_us: 0,
+            query_start: None,
+            transaction_start: None,
+        }
+    }
+
+    /// Client bytes went to the server: a query (and maybe a transaction) is under way.
+    #[inline]
+    fn sent(&mut self, n: usize) {
+        self.bytes_in += n as u64;
+        if self.query_start.is_none() {
+            let now = std::time::Instant::now();
+            self.query_start = Some(now);
+            self.transaction_start.get_or_insert(now);
+        }
+    }
+
+    /// ReadyForQuery messages arrived: `ready` queries ended, `idle` of them transactions.
+    fn finished(&mut self, ready: u32, idle: u32, more_pending: bool) {
+        let now = std::time::Instant::now();
+        if let Some(start) = self.query_start {
+            let d = now.saturating_duration_since(start);
+            self.query_us += d.as_micros() as u64 * u64::from(ready);
+            self.metrics
+                .query_duration
+                .record_many(d.as_secs_f64(), ready as usize);
+        }
+        self.queries += u64::from(ready);
+        if idle > 0 {
+            if let Some(start) = self.transaction_start {
+                let d = now.saturating_duration_since(start);
+                self.transaction_us += d.as_micros() as u64 * u64::from(idle);
+                self.metrics
+                    .transaction_duration
+                    .record_many(d.as_secs_f64(), idle as usize);
+            }
+            self.transactions += u64::from(idle);
+            self.transaction_start = more_pending.then_some(now);
+        }
+        self.query_start = more_pending.then_some(now);
+    }
+
+    /// Adds the counts to the tenant's totals.
+    pub fn flush(&self, stats: &crate::tenant::TenantStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        stats.bytes_in.fetch_add(self.bytes_in, Relaxed);
+        stats.bytes_out.fetch_add(self.bytes_out, Relaxed);
+        stats.queries.fetch_add(self.queries, Relaxed);
+        stats.transactions.fetch_add(self.transactions, Relaxed);
+        stats.query_us.fetch_add(self.query_us, Relaxed);
+        stats.transaction_us.fetch_add(self.transaction_us, Relaxed);
+    }
 }
 
 impl Relay<'_> {
@@ -287,6 +369,7 @@ impl Relay<'_> {
                     Poll::Ready(Ok(n)) => {
                         self.sbuf.advance(n);
                         self.sfwd -= n;
+                        self.counts.bytes_out += n as u64;
                         progress = true;
                     }
                     Poll::Pending => {}
@@ -312,6 +395,9 @@ impl Relay<'_> {
                         n -= p;
                         self.cbuf.advance(n);
                         *self.cfwd -= n;
+                        if n > 0 {
+                            self.counts.sent(n);
+                        }
                         progress = true;
                     }
                     Poll::Pending => {}
@@ -358,6 +444,11 @@ impl Relay<'_> {
                                 if chunk.ready > 0 {
                                     self.cscan.pending =
                                         self.cscan.pending.saturating_sub(chunk.ready);
+                                    self.counts.finished(
+                                        chunk.ready,
+                                        chunk.idle,
+                                        self.cscan.pending > 0,
+                                    );
                                 }
                                 if let Some(s) = chunk.status {
                                     self.status = s;

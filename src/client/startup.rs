@@ -2,6 +2,7 @@
 //! protocol version, authentication, and the checks that admit a client to its tenant.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use pgwire::messages::Message;
@@ -24,9 +25,16 @@ use super::{auth, params};
 
 /// What a successful startup yields: who the client is and where it goes.
 pub struct Admitted {
-    pub user: String,
-    pub tenant: TenantId,
+    pub user: Arc<str>,
+    pub target: Target,
     pub settings: Vec<(String, String)>,
+}
+
+/// Where an admitted client goes.
+pub enum Target {
+    Tenant(TenantId),
+    /// The admin console (`dbname=tenantpool` or `pgbouncer`).
+    Admin,
 }
 
 /// The first packet of a connection.
@@ -163,23 +171,39 @@ pub async fn admit(
     let settings = params::session_settings(&params)?;
 
     let user = shared.users.get(&user_name);
+    // Rejections are counted for configured tenants only (the label is never client input).
+    let reject = |reason: usize| {
+        if let Some(t) = shared.tenants.lookup(&tenant_name) {
+            shared.metrics.tenants[t.id as usize].rejected[reason].increment(1);
+        }
+    };
     // md5 hashes with the name the client sent (`app.acme` when the tenant is in it).
-    auth::authenticate(
+    if let Err(e) = auth::authenticate(
         stream,
         buf,
         shared.config.proxy.auth_method,
         &raw_user,
         user,
     )
-    .await?;
+    .await
+    {
+        reject(3);
+        return Err(e);
+    }
+    let user_arc: Arc<str> = match user {
+        Some(u) => u.name.clone(),
+        None => Arc::from(user_name.as_str()),
+    };
 
     if ADMIN_DATABASES.contains(&tenant_name.as_str()) {
         if !shared.config.proxy.admin_users.contains(&user_name) {
             return Err(PgError::not_allowed(&user_name, "the admin console"));
         }
-        return Err(PgError::unsupported(
-            "the admin console is not available in this version",
-        ));
+        return Ok(Admitted {
+            user: user_arc,
+            target: Target::Admin,
+            settings,
+        });
     }
     let tenant = shared
         .tenants
@@ -188,14 +212,15 @@ pub async fn admit(
     if let Some(u) = user
         && !u.may_open(&tenant.name)
     {
+        reject(2);
         return Err(PgError::not_allowed(
             &user_name,
             &format!("tenant \"{}\"", tenant.name),
         ));
     }
     Ok(Admitted {
-        user: user_name,
-        tenant: tenant.id,
+        user: user_arc,
+        target: Target::Tenant(tenant.id),
         settings,
     })
 }

@@ -1,4 +1,4 @@
-//! Query cancellation: the proxy-made keys clients get, and where a cancel goes.
+//! The live clients: their cancel keys, and what the admin console shows of them.
 //!
 //! Each client gets a BackendKeyData made by tenantpool. While a server connection is
 //! attached to the client, the client's slot holds that server's own key; a CancelRequest
@@ -6,21 +6,37 @@
 //! short new connection. Unknown keys and keys of idle clients are dropped silently, as
 //! PostgreSQL does.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use dashmap::DashMap;
 
-/// One client's cancel key and the server backend it is attached to now.
+use crate::tenant::TenantId;
+
+/// What a client is doing, for SHOW CLIENTS.
+pub const STATE_IDLE: u8 = 0;
+pub const STATE_WAITING: u8 = 1;
+pub const STATE_ACTIVE: u8 = 2;
+
+/// One client: its cancel key, the server backend it is attached to now, and who it is.
 #[derive(Debug)]
-pub struct CancelSlot {
+pub struct ClientSlot {
     pub pid: i32,
     pub secret: i32,
     /// The attached server's `(pid << 32) | secret`, or 0 when none.
     server_key: AtomicU64,
+    pub tenant: TenantId,
+    pub user: Arc<str>,
+    pub addr: SocketAddr,
+    pub connected_at: SystemTime,
+    pub state: AtomicU8,
+    /// Set by the admin console's KILL: the session ends at its next idle moment.
+    pub killed: AtomicBool,
 }
 
-impl CancelSlot {
+impl ClientSlot {
     /// Records the server backend now running this client's queries.
     #[inline]
     pub fn attach(&self, pid: i32, secret: i32) {
@@ -33,21 +49,22 @@ impl CancelSlot {
         self.server_key.store(0, Ordering::Release);
     }
 
-    fn server(&self) -> Option<(i32, i32)> {
+    /// The attached server backend's pid and secret, if any.
+    pub fn server(&self) -> Option<(i32, i32)> {
         let v = self.server_key.load(Ordering::Acquire);
         (v != 0).then_some(((v >> 32) as u32 as i32, v as u32 as i32))
     }
 }
 
-/// All live client keys.
+/// All live clients, by cancel key.
 #[derive(Debug, Default)]
-pub struct CancelRegistry {
-    slots: DashMap<i32, Arc<CancelSlot>>,
+pub struct ClientRegistry {
+    slots: DashMap<i32, Arc<ClientSlot>>,
 }
 
-impl CancelRegistry {
-    /// Makes a fresh random key for a new client.
-    pub fn register(&self) -> Arc<CancelSlot> {
+impl ClientRegistry {
+    /// Registers a new client under a fresh random key.
+    pub fn register(&self, tenant: TenantId, user: Arc<str>, addr: SocketAddr) -> Arc<ClientSlot> {
         loop {
             let pid = (rand::random::<u32>() >> 1) as i32;
             if pid == 0 {
@@ -55,10 +72,16 @@ impl CancelRegistry {
             }
             let secret = rand::random::<i32>();
             if let dashmap::Entry::Vacant(v) = self.slots.entry(pid) {
-                let slot = Arc::new(CancelSlot {
+                let slot = Arc::new(ClientSlot {
                     pid,
                     secret,
                     server_key: AtomicU64::new(0),
+                    tenant,
+                    user,
+                    addr,
+                    connected_at: SystemTime::now(),
+                    state: AtomicU8::new(STATE_IDLE),
+                    killed: AtomicBool::new(false),
                 });
                 v.insert(slot.clone());
                 return slot;
@@ -77,6 +100,11 @@ impl CancelRegistry {
             return None;
         }
         slot.server()
+    }
+
+    /// Every live client (for the admin console).
+    pub fn all(&self) -> Vec<Arc<ClientSlot>> {
+        self.slots.iter().map(|e| e.value().clone()).collect()
     }
 
     pub fn len(&self) -> usize {

@@ -1,0 +1,510 @@
+//! The admin console: `dbname=tenantpool` (or `pgbouncer`) for `admin_users`, over the
+//! simple query protocol, answering rows the way PgBouncer does.
+//!
+//! SHOW HELP | VERSION | CONFIG | TENANTS | POOLS | CLIENTS | SERVERS | STATS,
+//! PAUSE [tenant], RESUME [tenant], KILL tenant, RELOAD, SHUTDOWN.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use pgwire::messages::Message;
+use pgwire::messages::startup::{Authentication, BackendKeyData, SecretKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::Shared;
+use crate::config::PoolMode;
+use crate::error::PgError;
+use crate::protocol::{
+    HEADER_LEN, header, put_command_complete, put_data_row, put_parameter_status,
+    put_ready_for_query, put_row_description,
+};
+use crate::registry::{STATE_ACTIVE, STATE_WAITING};
+use crate::tenant::TenantId;
+
+/// Largest command accepted on the console.
+const MAX_COMMAND: usize = 64 * 1024;
+
+/// Sends AuthenticationOk, a few ParameterStatus values, a key and ReadyForQuery.
+pub fn welcome(out: &mut BytesMut, key: (i32, i32)) {
+    let _ = Authentication::Ok.encode(out);
+    for (k, v) in [
+        ("server_version", env!("CARGO_PKG_VERSION")),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", "tenantpool"),
+    ] {
+        put_parameter_status(out, k, v);
+    }
+    let _ = BackendKeyData::new(key.0, SecretKey::I32(key.1)).encode(out);
+    put_ready_for_query(out, b'I');
+}
+
+/// Serves an admin session until the client leaves.
+pub async fn serve(mut stream: TcpStream, peer: SocketAddr, user: Arc<str>, shared: Arc<Shared>) {
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut skipping = false;
+    loop {
+        let (tag, len) = loop {
+            if let Some((tag, len)) = header(&buf) {
+                match len {
+                    Ok(l) if l <= MAX_COMMAND => {
+                        if buf.len() >= l {
+                            break (tag, l);
+                        }
+                    }
+                    _ => {
+                        let e = PgError::protocol_violation("invalid message length");
+                        let _ = stream.write_all(&e.to_bytes()).await;
+                        return;
+                    }
+                }
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        };
+        let frame = buf.split_to(len);
+        let mut out = BytesMut::new();
+        match tag {
+            b'X' => return,
+            b'Q' => {
+                let sql = String::from_utf8_lossy(&frame[HEADER_LEN..len - 1]).into_owned();
+                tracing::info!(client = %peer, user = %user, command = %sql.trim(), "admin command");
+                let stop = run(&sql, &shared, &mut out);
+                put_ready_for_query(&mut out, b'I');
+                if stream.write_all(&out).await.is_err() || stop {
+                    return;
+                }
+            }
+            b'S' => {
+                skipping = false;
+                put_ready_for_query(&mut out, b'I');
+                if stream.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => {
+                if !skipping {
+                    skipping = true;
+                    PgError::error(
+                        "0A000",
+                        "the admin console speaks the simple query protocol only",
+                    )
+                    .encode(&mut out);
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            _ => {
+                let e = PgError::protocol_violation(format!("invalid frontend message type {tag}"));
+                let _ = stream.write_all(&e.to_bytes()).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Runs one command, appending its answer. Returns true when the session should end.
+fn run(sql: &str, shared: &Shared, out: &mut BytesMut) -> bool {
+    let cmd = sql.trim().trim_end_matches(';').trim();
+    let words: Vec<&str> = cmd.split_whitespace().collect();
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    let kw: Vec<&str> = upper.iter().map(|s| s.as_str()).collect();
+    let tenant_arg = |i: usize| -> Result<Option<TenantId>, PgError> {
+        match words.get(i) {
+            None => Ok(None),
+            Some(name) => shared
+                .tenants
+                .lookup(name.trim_matches('"'))
+                .map(|t| Some(t.id))
+                .ok_or_else(|| {
+                    PgError::error("3D000", format!("tenant \"{name}\" does not exist"))
+                }),
+        }
+    };
+    let result: Result<(), PgError> = match kw.as_slice() {
+        [] => {
+            out.extend_from_slice(b"I\0\0\0\x04");
+            Ok(())
+        }
+        ["SHOW", what] => show(what, shared, out),
+        ["PAUSE", ..] | ["RESUME", ..] if words.len() <= 2 => tenant_arg(1).map(|t| {
+            if kw[0] == "PAUSE" {
+                shared.pool.pause(t);
+                put_command_complete(out, "PAUSE");
+            } else {
+                shared.pool.resume(t);
+                put_command_complete(out, "RESUME");
+            }
+        }),
+        ["KILL", _] => tenant_arg(1).map(|t| {
+            let t = t.expect("one argument");
+            kill(shared, t);
+            put_command_complete(out, "KILL");
+        }),
+        ["RELOAD"] => Err(PgError::error(
+            "0A000",
+            "RELOAD is not supported yet: restart tenantpool to apply a new config",
+        )),
+        ["SHUTDOWN"] => {
+            let _ = shared.shutdown_tx.send(true);
+            put_command_complete(out, "SHUTDOWN");
+            Ok(())
+        }
+        _ => Err(PgError::error(
+            "42601",
+            format!("unknown admin command: {cmd} (try SHOW HELP)"),
+        )),
+    };
+    if let Err(e) = result {
+        e.encode(out);
+    }
+    false
+}
+
+/// Ends every client of a tenant at its next idle moment and closes the tenant's idle
+/// server connections.
+fn kill(shared: &Shared, tenant: TenantId) {
+    for c in shared.registry.all() {
+        if c.tenant == tenant {
+            c.killed.store(true, Ordering::Release);
+        }
+    }
+    shared.stop.notify_waiters();
+    shared.pool.close_idle_of(tenant);
+}
+
+fn table<S: AsRef<str>>(out: &mut BytesMut, columns: &[&str], rows: &[Vec<S>]) {
+    put_row_description(out, columns);
+    for r in rows {
+        put_data_row(out, r);
+    }
+    put_command_complete(out, "SHOW");
+}
+
+fn secs(d: Duration) -> String {
+    d.as_secs().to_string()
+}
+
+fn unix(t: SystemTime) -> String {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs().to_string())
+        .unwrap_or_default()
+}
+
+fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> {
+    let snap = shared.pool.snapshot();
+    let server_user = shared.config.server.user.as_str();
+    let mode = match shared.config.proxy.pool_mode {
+        PoolMode::Transaction => "transaction",
+        PoolMode::Session => "session",
+    };
+    match what {
+        "HELP" => {
+            let rows: Vec<Vec<&str>> = [
+                "SHOW HELP|VERSION|CONFIG|TENANTS|POOLS|CLIENTS|SERVERS|STATS",
+                "PAUSE [tenant]",
+                "RESUME [tenant]",
+                "KILL tenant",
+                "RELOAD",
+                "SHUTDOWN",
+            ]
+            .iter()
+            .map(|c| vec![*c])
+            .collect();
+            table(out, &["command"], &rows);
+        }
+        "VERSION" => table(
+            out,
+            &["version"],
+            &[vec![format!("tenantpool {}", env!("CARGO_PKG_VERSION"))]],
+        ),
+        "CONFIG" => {
+            let c = &shared.config;
+            let rows: Vec<Vec<String>> = [
+                ("listen", c.proxy.listen.clone()),
+                ("pool_mode", mode.to_string()),
+                ("max_client_conn", c.proxy.max_client_conn.to_string()),
+                ("auth_method", format!("{:?}", c.proxy.auth_method)),
+                ("tenant_from", format!("{:?}", c.proxy.tenant_from)),
+                ("shutdown_timeout", c.proxy.shutdown_timeout.to_string()),
+                (
+                    "max_prepared_statements",
+                    c.proxy.max_prepared_statements.to_string(),
+                ),
+                ("server_host", c.server.host.clone()),
+                ("server_port", c.server.port.to_string()),
+                ("server_database", c.server.database.clone()),
+                ("server_user", c.server.user.clone()),
+                ("max_connections", c.server.max_connections.to_string()),
+                ("min_idle", c.server.min_idle.to_string()),
+                ("connect_timeout", c.server.connect_timeout.to_string()),
+                ("idle_timeout", c.server.idle_timeout.to_string()),
+                ("lifetime", c.server.lifetime.to_string()),
+                (
+                    "query_wait_timeout",
+                    c.limits.query_wait_timeout.to_string(),
+                ),
+                (
+                    "idle_transaction_timeout",
+                    c.limits.idle_transaction_timeout.to_string(),
+                ),
+                (
+                    "client_idle_timeout",
+                    c.limits.client_idle_timeout.to_string(),
+                ),
+                (
+                    "client_login_timeout",
+                    c.limits.client_login_timeout.to_string(),
+                ),
+                ("tenants", shared.tenants.len().to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| vec![k.to_string(), v, "no".to_string()])
+            .collect();
+            table(out, &["key", "value", "changeable"], &rows);
+        }
+        "TENANTS" => {
+            let rows: Vec<Vec<String>> = shared
+                .tenants
+                .iter()
+                .map(|t| {
+                    let i = t.id as usize;
+                    let s = &t.stats;
+                    let xacts = s.transactions.load(Ordering::Relaxed).max(1);
+                    vec![
+                        t.name.clone(),
+                        t.schema.clone(),
+                        t.max_server.to_string(),
+                        t.max_clients.to_string(),
+                        t.clients.load(Ordering::Relaxed).to_string(),
+                        s.active.load(Ordering::Relaxed).to_string(),
+                        s.waiting.load(Ordering::Relaxed).to_string(),
+                        snap.in_use[i].to_string(),
+                        snap.idle_by_tenant[i].to_string(),
+                        secs(snap.max_wait[i]),
+                        (s.wait_us.load(Ordering::Relaxed) / xacts).to_string(),
+                        s.wait_timeouts.load(Ordering::Relaxed).to_string(),
+                        if snap.paused[i] { "yes" } else { "no" }.to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                out,
+                &[
+                    "tenant",
+                    "schema",
+                    "max_server_connections",
+                    "max_client_connections",
+                    "cl_total",
+                    "cl_active",
+                    "cl_waiting",
+                    "sv_in_use",
+                    "sv_idle",
+                    "maxwait",
+                    "avg_wait_us",
+                    "wait_timeouts",
+                    "paused",
+                ],
+                &rows,
+            );
+        }
+        "POOLS" => {
+            let rows: Vec<Vec<String>> = shared
+                .tenants
+                .iter()
+                .map(|t| {
+                    let i = t.id as usize;
+                    let s = &t.stats;
+                    let w = snap.max_wait[i];
+                    vec![
+                        t.name.clone(),
+                        server_user.to_string(),
+                        s.active.load(Ordering::Relaxed).to_string(),
+                        s.waiting.load(Ordering::Relaxed).to_string(),
+                        "0".into(),
+                        "0".into(),
+                        snap.in_use[i].to_string(),
+                        "0".into(),
+                        "0".into(),
+                        snap.idle_by_tenant[i].to_string(),
+                        "0".into(),
+                        "0".into(),
+                        "0".into(),
+                        w.as_secs().to_string(),
+                        w.subsec_micros().to_string(),
+                        mode.to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                out,
+                &[
+                    "database",
+                    "user",
+                    "cl_active",
+                    "cl_waiting",
+                    "cl_active_cancel_req",
+                    "cl_waiting_cancel_req",
+                    "sv_active",
+                    "sv_active_cancel",
+                    "sv_being_canceled",
+                    "sv_idle",
+                    "sv_used",
+                    "sv_tested",
+                    "sv_login",
+                    "maxwait",
+                    "maxwait_us",
+                    "pool_mode",
+                ],
+                &rows,
+            );
+        }
+        "CLIENTS" => {
+            let rows: Vec<Vec<String>> = shared
+                .registry
+                .all()
+                .iter()
+                .map(|c| {
+                    let state = match c.state.load(Ordering::Relaxed) {
+                        STATE_ACTIVE => "active",
+                        STATE_WAITING => "waiting",
+                        _ => "idle",
+                    };
+                    vec![
+                        "C".to_string(),
+                        c.user.to_string(),
+                        shared.tenants.get(c.tenant).name.clone(),
+                        state.to_string(),
+                        c.addr.ip().to_string(),
+                        c.addr.port().to_string(),
+                        unix(c.connected_at),
+                        c.server()
+                            .map(|(pid, _)| pid.to_string())
+                            .unwrap_or_default(),
+                        c.pid.to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                out,
+                &[
+                    "type",
+                    "user",
+                    "database",
+                    "state",
+                    "addr",
+                    "port",
+                    "connect_time",
+                    "remote_pid",
+                    "cancel_pid",
+                ],
+                &rows,
+            );
+        }
+        "SERVERS" => {
+            let host = &shared.config.server.host;
+            let port = shared.config.server.port.to_string();
+            let mut rows: Vec<Vec<String>> = Vec::new();
+            for c in shared.registry.all() {
+                if let Some((pid, _)) = c.server() {
+                    rows.push(vec![
+                        "S".into(),
+                        server_user.to_string(),
+                        shared.tenants.get(c.tenant).name.clone(),
+                        "active".into(),
+                        host.clone(),
+                        port.clone(),
+                        pid.to_string(),
+                        String::new(),
+                    ]);
+                }
+            }
+            for (pid, tenant, age) in &snap.idle_servers {
+                rows.push(vec![
+                    "S".into(),
+                    server_user.to_string(),
+                    tenant
+                        .map(|t| shared.tenants.get(t).name.clone())
+                        .unwrap_or_default(),
+                    "idle".into(),
+                    host.clone(),
+                    port.clone(),
+                    pid.to_string(),
+                    secs(*age),
+                ]);
+            }
+            table(
+                out,
+                &[
+                    "type",
+                    "user",
+                    "database",
+                    "state",
+                    "addr",
+                    "port",
+                    "remote_pid",
+                    "age",
+                ],
+                &rows,
+            );
+        }
+        "STATS" => {
+            let rows: Vec<Vec<String>> = shared
+                .tenants
+                .iter()
+                .map(|t| {
+                    let s = &t.stats;
+                    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                    let (x, q) = (l(&s.transactions), l(&s.queries));
+                    vec![
+                        t.name.clone(),
+                        x.to_string(),
+                        q.to_string(),
+                        l(&s.bytes_in).to_string(),
+                        l(&s.bytes_out).to_string(),
+                        l(&s.transaction_us).to_string(),
+                        l(&s.query_us).to_string(),
+                        l(&s.wait_us).to_string(),
+                        (l(&s.transaction_us) / x.max(1)).to_string(),
+                        (l(&s.query_us) / q.max(1)).to_string(),
+                        (l(&s.wait_us) / x.max(1)).to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                out,
+                &[
+                    "database",
+                    "total_xact_count",
+                    "total_query_count",
+                    "total_received",
+                    "total_sent",
+                    "total_xact_time",
+                    "total_query_time",
+                    "total_wait_time",
+                    "avg_xact_time",
+                    "avg_query_time",
+                    "avg_wait_time",
+                ],
+                &rows,
+            );
+        }
+        other => {
+            return Err(PgError::error(
+                "42601",
+                format!("unknown SHOW item: {other} (try SHOW HELP)"),
+            ));
+        }
+    }
+    Ok(())
+}

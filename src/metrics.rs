@@ -1,0 +1,244 @@
+//! Prometheus metrics: every series of the contract, registered at start-up for every
+//! configured tenant, with handles cached so that recording is an atomic add.
+//!
+//! Counters are copied from the tenants' and pool's own atomic totals by an upkeep task
+//! (every 500 ms), and so are the gauges; the hot path only bumps those atomics once per
+//! transaction. Histograms are recorded directly, once per transaction, query or checkout.
+//! With no `[metrics]` section every handle is a no-op.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+
+use crate::pool::Pool;
+use crate::tenant::Tenants;
+
+/// Histogram buckets, in seconds: from 100 us to a minute.
+pub const BUCKETS: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// Reasons a client connection is refused, the `reason` label.
+pub const REJECT_REASONS: [&str; 4] = [
+    "max_client_conn",
+    "max_client_connections",
+    "not_allowed",
+    "auth_failed",
+];
+
+/// One tenant's handles.
+pub struct TenantMetrics {
+    pub clients_active: Gauge,
+    pub clients_waiting: Gauge,
+    pub clients_idle: Gauge,
+    pub server_in_use: Gauge,
+    pub max_server: Gauge,
+    pub transactions: Counter,
+    pub queries: Counter,
+    pub transaction_duration: Histogram,
+    pub query_duration: Histogram,
+    pub wait_duration: Histogram,
+    pub wait_timeouts: Counter,
+    pub rejected: [Counter; 4],
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+}
+
+/// All handles.
+pub struct Metrics {
+    pub tenants: Vec<TenantMetrics>,
+    server_active: Gauge,
+    server_idle: Gauge,
+    server_connecting: Gauge,
+    connects_ok: Counter,
+    connects_error: Counter,
+    switches: Counter,
+    /// Keeps the recorder (and so the series) alive.
+    recorder: Option<Arc<PrometheusRecorder>>,
+}
+
+const META: Metadata<'static> = Metadata::new("tenantpool", Level::INFO, None);
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.to_string()))
+        .collect();
+    Key::from_parts(name, labels)
+}
+
+impl Metrics {
+    /// No exporter: every handle does nothing.
+    pub fn disabled(tenants: &Tenants) -> Metrics {
+        Metrics {
+            tenants: tenants
+                .iter()
+                .map(|_| TenantMetrics {
+                    clients_active: Gauge::noop(),
+                    clients_waiting: Gauge::noop(),
+                    clients_idle: Gauge::noop(),
+                    server_in_use: Gauge::noop(),
+                    max_server: Gauge::noop(),
+                    transactions: Counter::noop(),
+                    queries: Counter::noop(),
+                    transaction_duration: Histogram::noop(),
+                    query_duration: Histogram::noop(),
+                    wait_duration: Histogram::noop(),
+                    wait_timeouts: Counter::noop(),
+                    rejected: std::array::from_fn(|_| Counter::noop()),
+                    bytes_in: Counter::noop(),
+                    bytes_out: Counter::noop(),
+                })
+                .collect(),
+            server_active: Gauge::noop(),
+            server_idle: Gauge::noop(),
+            server_connecting: Gauge::noop(),
+            connects_ok: Counter::noop(),
+            connects_error: Counter::noop(),
+            switches: Counter::noop(),
+            recorder: None,
+        }
+    }
+
+    /// Builds the recorder, starts the HTTP exporter on `listen` (GET /metrics) and
+    /// registers every series. Must run inside the tokio runtime.
+    pub fn start(listen: std::net::SocketAddr, tenants: &Tenants) -> Result<Metrics, String> {
+        let (recorder, exporter) = PrometheusBuilder::new()
+            .with_http_listener(listen)
+            .set_buckets(&BUCKETS)
+            .map_err(|e| e.to_string())?
+            .build()
+            .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = exporter.await {
+                tracing::error!(error = ?e, "metrics exporter stopped");
+            }
+        });
+        let r = &recorder;
+        let counter =
+            |name, labels: &[(&'static str, &str)]| r.register_counter(&key(name, labels), &META);
+        let gauge =
+            |name, labels: &[(&'static str, &str)]| r.register_gauge(&key(name, labels), &META);
+        let histogram =
+            |name, labels: &[(&'static str, &str)]| r.register_histogram(&key(name, labels), &META);
+        let per_tenant = tenants
+            .iter()
+            .map(|t| {
+                let n = t.name.as_str();
+                let clients = |state| {
+                    gauge(
+                        "tenantpool_client_connections",
+                        &[("tenant", n), ("state", state)],
+                    )
+                };
+                let m = TenantMetrics {
+                    clients_active: clients("active"),
+                    clients_waiting: clients("waiting"),
+                    clients_idle: clients("idle"),
+                    server_in_use: gauge("tenantpool_tenant_server_connections", &[("tenant", n)]),
+                    max_server: gauge("tenantpool_tenant_max_server_connections", &[("tenant", n)]),
+                    transactions: counter("tenantpool_transactions_total", &[("tenant", n)]),
+                    queries: counter("tenantpool_queries_total", &[("tenant", n)]),
+                    transaction_duration: histogram(
+                        "tenantpool_transaction_duration_seconds",
+                        &[("tenant", n)],
+                    ),
+                    query_duration: histogram(
+                        "tenantpool_query_duration_seconds",
+                        &[("tenant", n)],
+                    ),
+                    wait_duration: histogram("tenantpool_wait_duration_seconds", &[("tenant", n)]),
+                    wait_timeouts: counter("tenantpool_wait_timeouts_total", &[("tenant", n)]),
+                    rejected: REJECT_REASONS.map(|reason| {
+                        counter(
+                            "tenantpool_rejected_connections_total",
+                            &[("tenant", n), ("reason", reason)],
+                        )
+                    }),
+                    bytes_in: counter(
+                        "tenantpool_bytes_total",
+                        &[("tenant", n), ("direction", "in")],
+                    ),
+                    bytes_out: counter(
+                        "tenantpool_bytes_total",
+                        &[("tenant", n), ("direction", "out")],
+                    ),
+                };
+                m.max_server.set(t.max_server as f64);
+                m
+            })
+            .collect();
+        let server = |state| gauge("tenantpool_server_connections", &[("state", state)]);
+        let metrics = Metrics {
+            tenants: per_tenant,
+            server_active: server("active"),
+            server_idle: server("idle"),
+            server_connecting: server("connecting"),
+            connects_ok: counter("tenantpool_server_connects_total", &[("result", "ok")]),
+            connects_error: counter("tenantpool_server_connects_total", &[("result", "error")]),
+            switches: counter("tenantpool_search_path_switches_total", &[]),
+            recorder: None,
+        };
+        Ok(Metrics {
+            recorder: Some(Arc::new(recorder)),
+            ..metrics
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.recorder.is_some()
+    }
+
+    /// Copies the atomic totals and current counts into the series.
+    pub fn refresh(&self, tenants: &Tenants, pool: &Pool) {
+        if !self.enabled() {
+            return;
+        }
+        let snap = pool.snapshot();
+        for (t, m) in tenants.iter().zip(&self.tenants) {
+            let s = &t.stats;
+            let active = s.active.load(Ordering::Relaxed);
+            let waiting = s.waiting.load(Ordering::Relaxed);
+            let clients = t.clients.load(Ordering::Relaxed);
+            m.clients_active.set(active as f64);
+            m.clients_waiting.set(waiting as f64);
+            m.clients_idle
+                .set(clients.saturating_sub(active + waiting) as f64);
+            m.server_in_use
+                .set(snap.in_use.get(t.id as usize).copied().unwrap_or(0) as f64);
+            m.transactions
+                .absolute(s.transactions.load(Ordering::Relaxed));
+            m.queries.absolute(s.queries.load(Ordering::Relaxed));
+            m.wait_timeouts
+                .absolute(s.wait_timeouts.load(Ordering::Relaxed));
+            m.bytes_in.absolute(s.bytes_in.load(Ordering::Relaxed));
+            m.bytes_out.absolute(s.bytes_out.load(Ordering::Relaxed));
+        }
+        self.server_idle.set(snap.idle as f64);
+        self.server_connecting.set(snap.connecting as f64);
+        self.server_active
+            .set(snap.open.saturating_sub(snap.idle + snap.connecting) as f64);
+        let st = &pool.stats;
+        self.connects_ok
+            .absolute(st.connects_ok.load(Ordering::Relaxed));
+        self.connects_error
+            .absolute(st.connects_failed.load(Ordering::Relaxed));
+        self.switches
+            .absolute(st.search_path_switches.load(Ordering::Relaxed));
+    }
+
+    /// Refreshes the series every 500 ms.
+    pub async fn run_refresh(self: Arc<Self>, tenants: Arc<Tenants>, pool: Arc<Pool>) {
+        if !self.enabled() {
+            return;
+        }
+        loop {
+            self.refresh(&tenants, &pool);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

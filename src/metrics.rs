@@ -30,6 +30,80 @@ pub const REJECT_REASONS: [&str; 4] = [
     "auth_failed",
 ];
 
+/// Name, kind (counter, gauge, histogram) and help text of every series.
+const HELP: [(&str, char, &str); 14] = [
+    (
+        "tenantpool_client_connections",
+        'g',
+        "Client connections by tenant and state (active, waiting, idle).",
+    ),
+    (
+        "tenantpool_server_connections",
+        'g',
+        "Server connections by state (active, idle, connecting).",
+    ),
+    (
+        "tenantpool_tenant_server_connections",
+        'g',
+        "Server connections a tenant uses now.",
+    ),
+    (
+        "tenantpool_tenant_max_server_connections",
+        'g',
+        "A tenant's max_server_connections cap.",
+    ),
+    (
+        "tenantpool_transactions_total",
+        'c',
+        "Transactions completed.",
+    ),
+    (
+        "tenantpool_queries_total",
+        'c',
+        "Queries completed (one per Query or Sync answered).",
+    ),
+    (
+        "tenantpool_transaction_duration_seconds",
+        'h',
+        "Transaction duration, first byte to the ReadyForQuery that ends it.",
+    ),
+    (
+        "tenantpool_query_duration_seconds",
+        'h',
+        "Query duration, sent to ReadyForQuery.",
+    ),
+    (
+        "tenantpool_wait_duration_seconds",
+        'h',
+        "Time a transaction queued for a server connection.",
+    ),
+    (
+        "tenantpool_wait_timeouts_total",
+        'c',
+        "Transactions that hit query_wait_timeout.",
+    ),
+    (
+        "tenantpool_rejected_connections_total",
+        'c',
+        "Client connections refused, by reason.",
+    ),
+    (
+        "tenantpool_server_connects_total",
+        'c',
+        "Server connection attempts, by result.",
+    ),
+    (
+        "tenantpool_search_path_switches_total",
+        'c',
+        "Server connections moved from one tenant to another.",
+    ),
+    (
+        "tenantpool_bytes_total",
+        'c',
+        "Bytes from clients (in) and to clients (out).",
+    ),
+];
+
 /// One tenant's handles.
 pub struct TenantMetrics {
     pub clients_active: Gauge,
@@ -119,6 +193,15 @@ impl Metrics {
             }
         });
         let r = &recorder;
+        for (name, kind, help) in HELP {
+            let name = metrics::KeyName::from_const_str(name);
+            let help = metrics::SharedString::const_str(help);
+            match kind {
+                'c' => r.describe_counter(name, None, help),
+                'g' => r.describe_gauge(name, None, help),
+                _ => r.describe_histogram(name, Some(metrics::Unit::Seconds), help),
+            }
+        }
         let counter =
             |name, labels: &[(&'static str, &str)]| r.register_counter(&key(name, labels), &META);
         let gauge =

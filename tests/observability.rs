@@ -10,24 +10,6 @@ use tokio_postgres::SimpleQueryMessage;
 
 const ADMIN_PASSWORD: &str = "admin-secret";
 
-/// Every metric name of the contract.
-pub const CONTRACT_METRICS: [&str; 14] = [
-    "tenantpool_client_connections",
-    "tenantpool_server_connections",
-    "tenantpool_tenant_server_connections",
-    "tenantpool_tenant_max_server_connections",
-    "tenantpool_transactions_total",
-    "tenantpool_queries_total",
-    "tenantpool_transaction_duration_seconds",
-    "tenantpool_query_duration_seconds",
-    "tenantpool_wait_duration_seconds",
-    "tenantpool_wait_timeouts_total",
-    "tenantpool_rejected_connections_total",
-    "tenantpool_server_connects_total",
-    "tenantpool_search_path_switches_total",
-    "tenantpool_bytes_total",
-];
-
 async fn scrape(port: u16) -> String {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await

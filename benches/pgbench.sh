@@ -8,6 +8,7 @@
 #   IDLE=2000 benches/pgbench.sh            # also: memory per idle client connection
 #   TENANTS=100 benches/pgbench.sh          # spread clients over 100 tenants (tenantpool only)
 #   EXTRA_TOML='[metrics]' benches/pgbench.sh   # append config to tenantpool's TOML
+#   TARGETS="tenantpool metrics" benches/pgbench.sh   # metrics off vs on, same run
 #   PERF_OUT=/tmp/perf.data benches/pgbench.sh   # perf-record tenantpool during its runs
 #   STRACE_DIR=/tmp/st benches/pgbench.sh        # count each pooler's syscalls per run
 #
@@ -64,6 +65,16 @@ TP_ARGS=(--config "$WORK/tenantpool.toml")
 RUST_LOG=warn "$ROOT/target/release/tenantpool" "${TP_ARGS[@]}" >"$WORK/tenantpool.log" 2>&1 &
 TP_PID=$!; PIDS+=("$TP_PID")
 
+# Target "metrics": a second tenantpool, the same but with the Prometheus exporter on.
+TPM_PID=""
+if [[ " $TARGETS " == *" metrics "* ]]; then
+  TPMPORT=$(freeport)
+  sed -e "s/^listen = \"127.0.0.1:$TPPORT\"/listen = \"127.0.0.1:$TPMPORT\"/" "$WORK/tenantpool.toml" > "$WORK/tenantpool-metrics.toml"
+  printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$(freeport)" >> "$WORK/tenantpool-metrics.toml"
+  RUST_LOG=warn "$ROOT/target/release/tenantpool" --config "$WORK/tenantpool-metrics.toml" ${WORKERS:+--workers "$WORKERS"} >"$WORK/tenantpool-metrics.log" 2>&1 &
+  TPM_PID=$!; PIDS+=("$TPM_PID")
+fi
+
 # PgBouncer, one pool in transaction mode with the same size, search_path set on connect.
 PB_PID=""
 if command -v pgbouncer >/dev/null && [[ " $TARGETS " == *" pgbouncer "* ]]; then
@@ -81,6 +92,7 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
   case $target in
     direct) port=$PGPORT; user=tenantpool; export PGPASSWORD=server-secret; export PGOPTIONS="-c search_path=tenant_t1";;
     tenantpool) port=$TPPORT; pid=$TP_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
+    metrics) port=$TPMPORT; pid=$TPM_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
     pgbouncer) port=$PBPORT; pid=$PB_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
   esac
   local before=0 after=0 out perf_pid=""
@@ -121,18 +133,25 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
 }
 
 printf "pgbench %s, %ss per run, pool %s, tenants %s, %s cores\n" "$SCRIPT" "$DURATION" "$POOL" "$TENANTS" "$(nproc)"
-printf "%-9s %-8s | %-20s | %-20s | %-20s\n" mode clients "direct tps" "tenantpool tps us/tx" "pgbouncer tps us/tx"
+COLS=()
+for target in direct tenantpool metrics pgbouncer; do
+  [[ " $TARGETS " == *" $target "* ]] || continue
+  [ "$target" = pgbouncer ] && [ -z "$PB_PID" ] && continue
+  COLS+=("$target")
+done
+header=$(printf "%-9s %-8s" mode clients)
+for t in "${COLS[@]}"; do
+  case $t in direct) header+=$(printf " | %-20s" "direct tps");; metrics) header+=$(printf " | %-20s" "tenantpool+metrics");; *) header+=$(printf " | %-20s" "$t tps us/tx");; esac
+done
+echo "$header"
 for mode in $MODES; do
   for c in $CLIENTS; do
-    row=()
-    for target in direct tenantpool pgbouncer; do
-      if [[ " $TARGETS " != *" $target "* ]] || { [ "$target" = pgbouncer ] && [ -z "$PB_PID" ]; }; then
-        row+=("-"); continue
-      fi
+    line=$(printf "%-9s %-8s" "$mode" "$c")
+    for target in "${COLS[@]}"; do
       read -r tps txns us < <(run "$target" "$mode" "$c")
-      if [ "$target" = direct ]; then row+=("$tps"); else row+=("$tps $us"); fi
+      if [ "$target" = direct ]; then line+=$(printf " | %-20s" "$tps"); else line+=$(printf " | %-20s" "$tps $us"); fi
     done
-    printf "%-9s %-8s | %-20s | %-20s | %-20s\n" "$mode" "$c" "${row[0]}" "${row[1]}" "${row[2]}"
+    echo "$line"
   done
 done
 if [ "${IDLE:-0}" -gt 0 ]; then

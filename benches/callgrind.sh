@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Instructions per transaction in tenantpool's own code (user space), counted by callgrind:
+# repeatable where wall-clock CPU figures are noisy. Runs a fixed pgbench workload through
+# tenantpool once per variant and prints Ir / transaction for each.
+#
+#   benches/callgrind.sh                 # variants: plain, metrics (the cost of metrics)
+#   TXNS=2000 CLIENTS=4 MODE=extended benches/callgrind.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TXNS=${TXNS:-1000}
+CLIENTS=${CLIENTS:-4}
+MODE=${MODE:-simple}
+command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)"; exit 1; }
+source benches/lib.sh
+start_pg
+export PGPASSWORD=server-secret
+psql -qX -h 127.0.0.1 -p "$PGPORT" -U tenantpool -d app -c "CREATE SCHEMA tenant_t1" >/dev/null
+PGOPTIONS="-c search_path=tenant_t1" pgbench -q -i -s 1 -h 127.0.0.1 -p "$PGPORT" -U tenantpool app >/dev/null 2>&1
+cargo build --release -q --bin tenantpool
+
+variant() { # name extra-toml
+  local port; port=$(freeport)
+  cat > "$WORK/$1.toml" <<TOML
+[proxy]
+listen = "127.0.0.1:$port"
+[server]
+port = $PGPORT
+database = "app"
+user = "tenantpool"
+password = "server-secret"
+max_connections = 8
+min_idle = 8
+[tenant_defaults]
+max_server_connections = 8
+[tenants.t1]
+schema = "tenant_t1"
+[users.bench]
+password = "bench-secret"
+TOML
+  [ -n "$2" ] && printf '%b\n' "$2" >> "$WORK/$1.toml"
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$1" \
+    "$ROOT/target/release/tenantpool" --workers 1 --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.2; done
+  sleep 2
+  # Start-up (config SCRAM keys, server logins) is not counted.
+  callgrind_control -z "$pid" >/dev/null
+  PGPASSWORD=bench-secret pgbench -n -S -M "$MODE" -c "$CLIENTS" -j 1 -t "$TXNS" -h 127.0.0.1 -p "$port" -U bench t1 >/dev/null 2>&1
+  kill -INT "$pid"; wait "$pid" || true
+  local ir; ir=$( (callgrind_annotate "$WORK/cg.$1" 2>/dev/null || true) | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}')
+  awk -v n="$1" -v ir="$ir" -v t=$((TXNS * CLIENTS)) 'BEGIN{printf "%-10s %12d Ir total  %8.0f Ir per transaction (client logins included)\n", n, ir, ir/t}'
+}
+echo "callgrind: pgbench -S -M $MODE, $CLIENTS clients x $TXNS transactions"
+variant plain ""
+variant metrics "[metrics]\nlisten = \"127.0.0.1:$(freeport)\""

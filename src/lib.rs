@@ -42,6 +42,10 @@ pub struct Shared {
     /// Live clients: cancel keys, and what the admin console lists.
     pub registry: ClientRegistry,
     pub metrics: Arc<Metrics>,
+    /// Client session settings, shared by the clients that have the same ones.
+    pub settings: client::params::SettingsCache,
+    /// No settings: what a fresh or reset server connection has.
+    pub no_settings: Arc<client::params::Settings>,
     /// Starts a graceful shutdown (signals, the admin console's SHUTDOWN).
     pub shutdown_tx: watch::Sender<bool>,
     /// Client connections admitted now (for `max_client_conn`).
@@ -115,12 +119,15 @@ impl Proxy {
             None => Metrics::disabled(&tenants),
         };
         let metrics = Arc::new(metrics);
+        let settings = client::params::SettingsCache::default();
         let shared = Arc::new(Shared {
             config,
             tenants,
             users,
             pool,
             registry: ClientRegistry::default(),
+            no_settings: settings.intern(Vec::new()),
+            settings,
             metrics,
             shutdown_tx: shutdown_tx.clone(),
             clients: AtomicU32::new(0),

@@ -51,6 +51,9 @@ pub struct ServerConn {
     pub dirty: bool,
     /// The client that used the connection last.
     pub last_client: u64,
+    /// The client settings applied on it: `Some(empty)` for the server's defaults (fresh or
+    /// just reset), `None` when unknown (a client ran RESET).
+    pub settings: Option<std::sync::Arc<crate::client::params::Settings>>,
 }
 
 /// Size of the read buffer of a server connection.
@@ -197,6 +200,7 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
                         tenant: None,
                         dirty: false,
                         last_client: 0,
+                        settings: None,
                     },
                     params,
                 });
@@ -230,6 +234,71 @@ impl ServerConn {
                 Err(_) => return true,
             }
         }
+    }
+
+    /// Runs queries the proxy itself sends (`queries` holds `ready` Query messages) and
+    /// reads their answers up to the last ReadyForQuery, within 5 s. Returns the
+    /// ParameterStatus values reported on the way, or the first error's SQLSTATE and
+    /// message (`Err(None)` when the connection failed). Not for the hot path: it decodes.
+    pub async fn run_queries(
+        &mut self,
+        queries: &[u8],
+        ready: u32,
+    ) -> Result<Vec<(String, String)>, Option<(String, String)>> {
+        let work = async {
+            self.stream.write_all(queries).await.map_err(|_| None)?;
+            let mut params = Vec::new();
+            let mut error = None;
+            let mut left = ready;
+            while left > 0 {
+                let msg = match Message::parse(&mut self.buf).map_err(|_| None)? {
+                    Some(m) => m,
+                    None => {
+                        self.buf.reserve(4096);
+                        if self
+                            .stream
+                            .read_buf(&mut self.buf)
+                            .await
+                            .map_err(|_| None)?
+                            == 0
+                        {
+                            return Err(None);
+                        }
+                        continue;
+                    }
+                };
+                match msg {
+                    Message::ReadyForQuery(_) => left -= 1,
+                    Message::ParameterStatus(b) => {
+                        if let (Ok(n), Ok(v)) = (b.name(), b.value()) {
+                            params.push((n.to_string(), v.to_string()));
+                        }
+                    }
+                    Message::ErrorResponse(b) if error.is_none() => {
+                        let (mut code, mut text) = (String::new(), String::new());
+                        let mut fields = b.fields();
+                        while let Ok(Some(f)) =
+                            fallible_iterator::FallibleIterator::next(&mut fields)
+                        {
+                            match f.type_() {
+                                b'C' => code = String::from_utf8_lossy(f.value_bytes()).into(),
+                                b'M' => text = String::from_utf8_lossy(f.value_bytes()).into(),
+                                _ => {}
+                            }
+                        }
+                        error = Some((code, text));
+                    }
+                    _ => {}
+                }
+            }
+            match error {
+                Some(e) => Err(Some(e)),
+                None => Ok(params),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), work)
+            .await
+            .unwrap_or(Err(None))
     }
 
     /// Sends a Terminate so PostgreSQL ends the backend cleanly; best effort, never blocks.

@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use crate::Shared;
 use crate::config::PoolMode;
 use crate::error::PgError;
-use crate::pool::CheckoutError;
+use crate::pool::{CheckoutError, PooledConn};
 use crate::protocol::{header, put_ready_for_query};
 use crate::registry::{ClientSlot, STATE_ACTIVE, STATE_IDLE, STATE_WAITING};
 use crate::tenant::{PRELUDE_FRESH_QUERIES, PRELUDE_RESET_QUERIES, TenantId};
@@ -61,25 +61,56 @@ pub fn serve<T: Send + 'static>(
 async fn rollback(conn: &mut crate::pool::PooledConn) -> bool {
     let mut out = BytesMut::with_capacity(16);
     crate::protocol::put_query(&mut out, "ROLLBACK");
-    let server: &mut crate::server::ServerConn = conn;
-    let work = async {
-        server.stream.write_all(&out).await.ok()?;
-        // Swallow everything up to the ROLLBACK's ReadyForQuery.
-        let mut scan = ServerScan::new(1);
-        while scan.swallow > 0 {
-            if server.stream.read_buf(&mut server.buf).await.ok()? == 0 {
-                return None;
-            }
-            let chunk = scan.scan(&server.buf).ok()?;
-            server.buf.advance(chunk.drop);
-        }
-        (!scan.swallow_error && server.buf.is_empty()).then_some(())
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(5), work)
+    conn.run_queries(&out, 1).await.is_ok() && conn.buf.is_empty()
+}
+
+/// Applies a client's settings on a server connection at login, so that bad names or values
+/// are refused there as PostgreSQL would refuse them, and learns how PostgreSQL reports them
+/// (for the client's ParameterStatus). Done once per distinct set of settings.
+async fn validate_settings(
+    shared: &Arc<Shared>,
+    tenant: TenantId,
+    settings: &Arc<params::Settings>,
+) -> Result<(), PgError> {
+    if settings.list.is_empty() || settings.reported.get().is_some() {
+        return Ok(());
+    }
+    let wait = shared.config.limits.query_wait_timeout.0;
+    let mut conn = shared
+        .pool
+        .checkout(tenant, wait)
         .await
-        .ok()
-        .flatten()
-        .is_some()
+        .map_err(|e| match e {
+            CheckoutError::Timeout => PgError::query_wait_timeout(&shared.tenants.get(tenant).name),
+            CheckoutError::Unavailable(m) => PgError::server_unavailable(&m, true),
+        })?;
+    let t = shared.tenants.get(tenant);
+    let mut out = BytesMut::from(&t.prelude_reset[..]);
+    crate::protocol::put_query(&mut out, &settings.transition_sql(None));
+    let result = conn
+        .run_queries(&out, u32::from(PRELUDE_RESET_QUERIES) + 1)
+        .await;
+    conn.tenant = Some(tenant);
+    conn.dirty = false;
+    match result {
+        Ok(reported) => {
+            conn.settings = Some(settings.clone());
+            conn.set_clean(conn.buf.is_empty());
+            let _ = settings.reported.set(reported);
+            Ok(())
+        }
+        Err(Some((code, message))) => {
+            // The failed multi-statement query rolled back every SET: server defaults.
+            conn.settings = Some(shared.no_settings.clone());
+            conn.set_clean(conn.buf.is_empty());
+            Err(PgError {
+                fatal: true,
+                code: code.into(),
+                message,
+            })
+        }
+        Err(None) => Err(PgError::server_unavailable("connection lost", true)),
+    }
 }
 
 /// Logs a client in within `client_login_timeout`; `None` when it was refused (it has been
@@ -120,6 +151,8 @@ async fn admit_client(
         skip_until_sync: false,
         discard_left: 0,
         lost: None,
+        settings: reg.settings.clone(),
+        held: None,
         reg,
     })
 }
@@ -166,19 +199,22 @@ async fn login(
             return Ok(Some(Login::Admin(admitted.user)));
         }
     };
-    let reg = Registration::take(shared, tenant, admitted.user.clone(), peer)?;
+    let settings = shared.settings.intern(admitted.settings);
+    let mut reg = Registration::take(shared, tenant, admitted.user.clone(), peer)?;
     let server_params = shared
         .pool
         .server_params()
         .await
         .map_err(|e| PgError::server_unavailable(&e, true))?;
+    validate_settings(shared, tenant, &settings).await?;
     startup::welcome(
         stream,
         &server_params,
-        &admitted.settings,
+        &settings,
         (reg.client.pid, reg.client.secret),
     )
     .await?;
+    reg.settings = settings;
     tracing::info!(
         client = %peer,
         user = %admitted.user,
@@ -195,6 +231,8 @@ struct Registration {
     tenant: TenantId,
     client: Arc<ClientSlot>,
     id: u64,
+    /// The client's startup settings (RESET goes back to these).
+    settings: Arc<params::Settings>,
 }
 
 impl Registration {
@@ -231,6 +269,7 @@ impl Registration {
             shared: shared.clone(),
             tenant,
             client: shared.registry.register(tenant, user, addr),
+            settings: shared.no_settings.clone(),
             id: shared.next_client_id.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -261,6 +300,11 @@ struct Session {
     lost: Option<Box<PgError>>,
     /// Client slots, cancel key, tenant and the shared state.
     reg: Registration,
+    /// The client's settings now: its startup settings plus what it SET since (followed
+    /// through ParameterStatus).
+    settings: Arc<params::Settings>,
+    /// Session mode: the server connection kept between transactions.
+    held: Option<Box<crate::pool::PooledConn>>,
 }
 
 /// What woke an idle session.
@@ -495,61 +539,76 @@ impl Session {
             return Ok(true);
         }
         let shared = self.reg.shared.clone();
-        let wait = shared.config.limits.query_wait_timeout.0;
         let tenant = shared.tenants.get(self.reg.tenant);
         let tmetrics = &shared.metrics.tenants[self.reg.tenant as usize];
         let stats = &tenant.stats;
-        // Per-transaction bookkeeping: client state, wait time.
-        stats.waiting.fetch_add(1, Ordering::Relaxed);
-        self.reg
-            .client
-            .state
-            .store(STATE_WAITING, Ordering::Relaxed);
-        let wait_start = Instant::now();
-        let checkout = shared.pool.checkout(self.reg.tenant, wait).await;
-        let waited = wait_start.elapsed();
-        stats.waiting.fetch_sub(1, Ordering::Relaxed);
-        stats
-            .wait_us
-            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        tmetrics.wait_duration.record(waited.as_secs_f64());
-        self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
-        let mut conn = match checkout {
-            Ok(c) => c,
-            Err(e) => {
-                let err = match e {
-                    CheckoutError::Timeout => {
-                        stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                        PgError::query_wait_timeout(&tenant.name)
-                    }
-                    CheckoutError::Unavailable(msg) => PgError::server_unavailable(&msg, false),
-                };
-                tracing::warn!(client = %self.reg.client.addr, error = %err, "transaction not started");
-                self.fail_batch(&err).await?;
-                return Ok(true);
-            }
-        };
         let session_mode = shared.config.proxy.pool_mode == PoolMode::Session;
+        let mut conn = match self.take_held() {
+            Some(conn) => conn,
+            None => match self.checkout(&shared).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let err = match e {
+                        CheckoutError::Timeout => {
+                            stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                            PgError::query_wait_timeout(&tenant.name)
+                        }
+                        CheckoutError::Unavailable(msg) => PgError::server_unavailable(&msg, false),
+                    };
+                    tracing::warn!(client = %self.reg.client.addr, error = %err, "transaction not started");
+                    self.fail_batch(&err).await?;
+                    return Ok(true);
+                }
+            },
+        };
         let client_id = self.reg.id;
-        let (prelude, swallow) = match conn.tenant {
-            None => (&tenant.prelude_fresh[..], PRELUDE_FRESH_QUERIES),
+        // What the connection needs before the client's bytes: its tenant's search_path
+        // (with a full reset when it served another tenant, or another client left session
+        // state), then the client's own settings where they differ from the connection's.
+        let (tenant_prelude, mut swallow, before) = match conn.tenant {
+            None => (
+                &tenant.prelude_fresh[..],
+                PRELUDE_FRESH_QUERIES,
+                Some(shared.no_settings.clone()),
+            ),
             Some(t) if t != self.reg.tenant => {
                 shared
                     .pool
                     .stats
                     .search_path_switches
                     .fetch_add(1, Ordering::Relaxed);
-                (&tenant.prelude_reset[..], PRELUDE_RESET_QUERIES)
+                (
+                    &tenant.prelude_reset[..],
+                    PRELUDE_RESET_QUERIES,
+                    Some(shared.no_settings.clone()),
+                )
             }
-            Some(_) if conn.dirty && conn.last_client != client_id => {
-                (&tenant.prelude_reset[..], PRELUDE_RESET_QUERIES)
-            }
-            Some(_) => (&[][..], 0),
+            Some(_) if conn.dirty && conn.last_client != client_id => (
+                &tenant.prelude_reset[..],
+                PRELUDE_RESET_QUERIES,
+                Some(shared.no_settings.clone()),
+            ),
+            Some(_) => (&[][..], 0, conn.settings.clone()),
         };
         if swallow > 0 {
             conn.tenant = Some(self.reg.tenant);
             conn.dirty = false;
         }
+        let mut combined = BytesMut::new();
+        let mut prelude = tenant_prelude;
+        let same = before
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(b, &self.settings));
+        if !same {
+            let sql = self.settings.transition_sql(before.as_deref());
+            if !sql.is_empty() {
+                combined.extend_from_slice(tenant_prelude);
+                crate::protocol::put_query(&mut combined, &sql);
+                swallow += 1;
+                prelude = &combined[..];
+            }
+        }
+        conn.settings = Some(self.settings.clone());
         conn.last_client = client_id;
         self.reg
             .client
@@ -572,7 +631,7 @@ impl Session {
             prelude,
             sfwd: 0,
             status: b'I',
-            hold: session_mode,
+            hold: false,
             idle_in_transaction: shared.config.limits.idle_transaction_timeout.nonzero(),
             idle_timer: None,
             counts: relay::Counts::new(tmetrics),
@@ -585,14 +644,26 @@ impl Session {
         relay.counts.flush(stats);
         let session_changed = relay.sscan.session_changed;
         let server_fatal = relay.sscan.fatal.take();
+        let reported = std::mem::take(&mut relay.sscan.reported);
+        let reset_seen = relay.sscan.reset_seen;
         let mid_message = relay.sscan.mid_message() || relay.sfwd > 0;
         let status = relay.status;
         self.reg.client.detach();
+        if reset_seen || !reported.is_empty() {
+            self.follow_settings(reset_seen, reported);
+            // After a RESET the connection no longer has the client's startup values.
+            conn.settings = (!reset_seen).then(|| self.settings.clone());
+        }
 
         match end {
             RelayEnd::Released => {
-                conn.dirty |= session_changed;
+                conn.dirty |= session_changed || session_mode;
                 conn.set_clean(true);
+                if session_mode {
+                    // The connection stays with the client; transactions are still
+                    // delimited so that settings can be put right between them.
+                    self.held = Some(Box::new(conn));
+                }
                 Ok(true)
             }
             RelayEnd::ClientGone => {
@@ -638,6 +709,63 @@ impl Session {
                 Err(PgError::idle_in_transaction_timeout())
             }
         }
+    }
+
+    /// Session mode: the connection kept from the last transaction, if it is still alive.
+    fn take_held(&mut self) -> Option<PooledConn> {
+        let mut conn = *self.held.take()?;
+        if conn.is_broken_idle() {
+            conn.set_clean(false);
+            return None;
+        }
+        Some(conn)
+    }
+
+    /// Takes a server connection from the pool, counting the wait.
+    async fn checkout(&mut self, shared: &Arc<Shared>) -> Result<PooledConn, CheckoutError> {
+        let tenant = shared.tenants.get(self.reg.tenant);
+        let stats = &tenant.stats;
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.reg
+            .client
+            .state
+            .store(STATE_WAITING, Ordering::Relaxed);
+        let wait_start = Instant::now();
+        let wait = shared.config.limits.query_wait_timeout.0;
+        let checkout = shared.pool.checkout(self.reg.tenant, wait).await;
+        let waited = wait_start.elapsed();
+        stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        stats
+            .wait_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        shared.metrics.tenants[self.reg.tenant as usize]
+            .wait_duration
+            .record(waited.as_secs_f64());
+        self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
+        checkout
+    }
+
+    /// Follows the client's own SET (reported by the server) and RESET: after a RESET the
+    /// client is back to its startup settings, then what it SET since applies on top.
+    fn follow_settings(&mut self, reset: bool, reported: Vec<(String, String)>) {
+        let base = if reset {
+            self.reg.settings.clone()
+        } else {
+            self.settings.clone()
+        };
+        self.settings = if reported.is_empty() {
+            base
+        } else {
+            let mut list = base.list.clone();
+            for (name, value) in reported {
+                match list.iter_mut().find(|(n, _)| *n == name) {
+                    Some(e) => e.1 = value,
+                    None => list.push((name, value)),
+                }
+            }
+            list.sort();
+            Arc::new(params::Settings::new(list))
+        };
     }
 
     /// Answers every batch the client has sent (and that will not reach a server) with

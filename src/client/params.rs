@@ -96,7 +96,113 @@ pub fn session_settings(
     if let Some((name, _)) = out.iter().find(|(k, _)| FORBIDDEN.contains(&k.as_str())) {
         return Err(PgError::forbidden_parameter(name));
     }
-    Ok(out)
+    if let Some((name, _)) = out.iter().find(|(k, _)| !valid_name(k)) {
+        return Err(PgError::fatal(
+            "42704",
+            format!("unrecognized configuration parameter \"{name}\""),
+        ));
+    }
+    // Later values win (options after the packet's own parameters), as in PostgreSQL.
+    let mut dedup: Vec<(String, String)> = Vec::with_capacity(out.len());
+    for (k, v) in out {
+        match dedup.iter_mut().find(|(n, _)| *n == k) {
+            Some(e) => e.1 = v,
+            None => dedup.push((k, v)),
+        }
+    }
+    dedup.sort();
+    Ok(dedup)
+}
+
+/// GUC names as PostgreSQL writes them: letters, digits, `_` and `.` (custom classes).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+}
+
+/// Parameters PostgreSQL reports with ParameterStatus (GUC_REPORT) that a client may change
+/// with SET and that tenantpool therefore follows (lowercase).
+pub const TRACKED_REPORTS: [&str; 6] = [
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "standard_conforming_strings",
+];
+
+/// A client's session settings, sorted by name, with the query that applies them.
+/// Clients with identical settings share one `Arc` (see [`SettingsCache`]), so "the
+/// server connection already has this client's settings" is a pointer comparison.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub list: Vec<(String, String)>,
+    /// ParameterStatus values PostgreSQL reported after applying them (normalized
+    /// spellings such as `ISO, DMY`), once known.
+    pub reported: std::sync::OnceLock<Vec<(String, String)>>,
+}
+
+impl Settings {
+    pub fn new(list: Vec<(String, String)>) -> Settings {
+        Settings {
+            list,
+            reported: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.list
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The statements that move a server connection from `from` (None: unknown, treated
+    /// as the server's defaults plus whatever was SET) to these settings: RESET what only
+    /// `from` has, SET what differs. Empty when nothing is to do.
+    pub fn transition_sql(&self, from: Option<&Settings>) -> String {
+        let mut sql = String::new();
+        if let Some(from) = from {
+            for (k, _) in &from.list {
+                if self.get(k).is_none() {
+                    sql.push_str(&format!("RESET {k};"));
+                }
+            }
+        }
+        for (k, v) in &self.list {
+            if from.and_then(|f| f.get(k)) != Some(v.as_str()) {
+                sql.push_str(&format!("SET {k} = {};", crate::protocol::quote_literal(v)));
+            }
+        }
+        sql
+    }
+}
+
+/// Interns settings so that clients with the same settings share them.
+#[derive(Debug, Default)]
+pub struct SettingsCache {
+    map: std::sync::Mutex<
+        std::collections::HashMap<Vec<(String, String)>, std::sync::Arc<Settings>>,
+    >,
+}
+
+/// Distinct settings kept; beyond this new ones are not shared (memory stays bounded).
+const MAX_INTERNED: usize = 10_000;
+
+impl SettingsCache {
+    pub fn intern(&self, list: Vec<(String, String)>) -> std::sync::Arc<Settings> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(&list) {
+            return s.clone();
+        }
+        let s = std::sync::Arc::new(Settings::new(list.clone()));
+        if map.len() < MAX_INTERNED {
+            map.insert(list, s.clone());
+        }
+        s
+    }
 }
 
 #[cfg(test)]
@@ -125,6 +231,39 @@ mod tests {
         );
         assert_eq!(parse_options("-x").unwrap_err().code, "42601");
         assert_eq!(parse_options("-c").unwrap_err().code, "42601");
+    }
+
+    #[test]
+    fn transitions_set_what_differs_and_reset_the_rest() {
+        let a = Settings::new(vec![
+            ("datestyle".into(), "SQL, DMY".into()),
+            ("timezone".into(), "UTC".into()),
+        ]);
+        let b = Settings::new(vec![("timezone".into(), "Asia/Tokyo".into())]);
+        assert_eq!(
+            b.transition_sql(Some(&a)),
+            "RESET datestyle;SET timezone = 'Asia/Tokyo';"
+        );
+        assert_eq!(a.transition_sql(Some(&a)), "");
+        assert_eq!(
+            a.transition_sql(None),
+            "SET datestyle = 'SQL, DMY';SET timezone = 'UTC';"
+        );
+        let q = Settings::new(vec![("application_name".into(), "it's".into())]);
+        assert_eq!(q.transition_sql(None), "SET application_name = 'it''s';");
+    }
+
+    #[test]
+    fn later_values_win_and_names_are_checked() {
+        let mut p = std::collections::BTreeMap::new();
+        p.insert("TimeZone".to_string(), "UTC".to_string());
+        p.insert("options".to_string(), "-c timezone=Asia/Tokyo".to_string());
+        assert_eq!(
+            session_settings(&p).unwrap(),
+            vec![("timezone".to_string(), "Asia/Tokyo".to_string())]
+        );
+        p.insert("options".to_string(), "-c x;drop=1".to_string());
+        assert_eq!(session_settings(&p).unwrap_err().code, "42704");
     }
 
     #[test]

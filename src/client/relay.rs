@@ -100,6 +100,10 @@ pub struct ServerScan {
     pub swallow_error: bool,
     /// A SET/RESET/DISCARD went through: session state may differ from the clean state.
     pub session_changed: bool,
+    /// Tracked parameters the server reported changed (a client's SET), lowercase names.
+    pub reported: Vec<(String, String)>,
+    /// A RESET went through: the client's settings go back to its startup values.
+    pub reset_seen: bool,
     /// The server sent a FATAL error (SQLSTATE, message) and is about to close; it is
     /// held back, not forwarded, so the client can be told in a way that keeps it usable.
     pub fatal: Option<(String, String)>,
@@ -111,6 +115,22 @@ impl ServerScan {
         ServerScan {
             swallow,
             ..Default::default()
+        }
+    }
+
+    /// Follows a ParameterStatus the client's own commands caused.
+    fn note_parameter(&mut self, body: &[u8]) {
+        let mut parts = body.split(|&b| b == 0);
+        let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+        if crate::client::params::TRACKED_REPORTS.contains(&name.as_str()) {
+            let value = String::from_utf8_lossy(value).into_owned();
+            match self.reported.iter_mut().find(|(n, _)| *n == name) {
+                Some(e) => e.1 = value,
+                None => self.reported.push((name, value)),
+            }
         }
     }
 
@@ -183,10 +203,22 @@ impl ServerScan {
                     if matches!(tag_text, b"SET" | b"RESET" | b"DISCARD ALL" | b"DISCARD") {
                         self.session_changed = true;
                     }
+                    if matches!(tag_text, b"RESET" | b"DISCARD ALL") {
+                        self.reset_seen = true;
+                        self.reported.clear();
+                    }
                     pos += len;
                     continue;
                 }
                 b'E' if self.swallow > 0 => self.swallow_error = true,
+                b'S' if small && self.swallow == 0 => {
+                    if !whole {
+                        break;
+                    }
+                    self.note_parameter(&buf[pos + HEADER_LEN..pos + len]);
+                    pos += len;
+                    continue;
+                }
                 b'E' if len <= MAX_INSPECTED_ERROR => {
                     if !whole {
                         break;

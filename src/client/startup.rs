@@ -227,24 +227,28 @@ pub async fn admit(
 
 /// Sends AuthenticationOk, the ParameterStatus values, the proxy-made BackendKeyData and
 /// the first ReadyForQuery.
+/// The values are the server's, as the client's own settings change them: what PostgreSQL
+/// reported when the settings were applied, else the values as the client gave them.
 pub async fn welcome(
     stream: &mut TcpStream,
     server_params: &[(String, String)],
-    settings: &[(String, String)],
+    settings: &params::Settings,
     key: (i32, i32),
 ) -> Result<(), PgError> {
     let mut out = BytesMut::with_capacity(512);
     let _ = Authentication::Ok.encode(&mut out);
-    let app_name = settings
-        .iter()
-        .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("");
+    let reported = settings.reported.get();
     for (name, value) in server_params {
-        let value = if name == "application_name" {
-            app_name
-        } else {
-            value
+        let lower = name.to_ascii_lowercase();
+        let own = reported
+            .and_then(|r| r.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))
+            .map(|(_, v)| v.as_str())
+            .or_else(|| settings.get(&lower));
+        let value = match own {
+            Some(v) => v,
+            // The pool's own application_name is not the client's.
+            None if lower == "application_name" => "",
+            None => value,
         };
         put_parameter_status(&mut out, name, value);
     }

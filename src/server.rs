@@ -93,7 +93,6 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
         [
             ("user", target.user.as_str()),
             ("database", target.database.as_str()),
-            ("application_name", "tenantpool"),
         ],
         &mut out,
     )

@@ -180,12 +180,13 @@ impl Settings {
     }
 }
 
+/// Name/value pairs, sorted by name.
+pub type SettingsList = Vec<(String, String)>;
+
 /// Interns settings so that clients with the same settings share them.
 #[derive(Debug, Default)]
 pub struct SettingsCache {
-    map: std::sync::Mutex<
-        std::collections::HashMap<Vec<(String, String)>, std::sync::Arc<Settings>>,
-    >,
+    map: std::sync::Mutex<std::collections::HashMap<SettingsList, std::sync::Arc<Settings>>>,
 }
 
 /// Distinct settings kept; beyond this new ones are not shared (memory stays bounded).

@@ -104,6 +104,8 @@ pub struct ServerScan {
     pub reported: Vec<(String, String)>,
     /// A RESET went through: the client's settings go back to its startup values.
     pub reset_seen: bool,
+    /// A RESET ran in the current query: its ParameterStatus reports are ignored.
+    reset_in_cycle: bool,
     /// The server sent a FATAL error (SQLSTATE, message) and is about to close; it is
     /// held back, not forwarded, so the client can be told in a way that keeps it usable.
     pub fatal: Option<(String, String)>,
@@ -120,6 +122,9 @@ impl ServerScan {
 
     /// Follows a ParameterStatus the client's own commands caused.
     fn note_parameter(&mut self, body: &[u8]) {
+        if self.reset_in_cycle {
+            return;
+        }
         let mut parts = body.split(|&b| b == 0);
         let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
             return;
@@ -185,6 +190,7 @@ impl ServerScan {
                     }
                     let status = buf[pos + HEADER_LEN];
                     pos += len;
+                    self.reset_in_cycle = false;
                     if self.swallow > 0 {
                         self.swallow -= 1;
                         c.drop = pos;
@@ -204,7 +210,10 @@ impl ServerScan {
                         self.session_changed = true;
                     }
                     if matches!(tag_text, b"RESET" | b"DISCARD ALL") {
+                        // PostgreSQL reports the reset values just before ReadyForQuery:
+                        // those are not the client's.
                         self.reset_seen = true;
+                        self.reset_in_cycle = true;
                         self.reported.clear();
                     }
                     pos += len;

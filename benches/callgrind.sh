@@ -3,7 +3,7 @@
 # repeatable where wall-clock CPU figures are noisy. Runs a fixed pgbench workload through
 # tenantpool once per variant and prints Ir / transaction for each.
 #
-#   benches/callgrind.sh                 # variants: plain, metrics (the cost of metrics)
+#   benches/callgrind.sh                 # variants: plain, metrics, settings (their costs)
 #   TXNS=2000 CLIENTS=4 MODE=extended benches/callgrind.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ psql -qX -h 127.0.0.1 -p "$PGPORT" -U tenantpool -d app -c "CREATE SCHEMA tenant
 PGOPTIONS="-c search_path=tenant_t1" pgbench -q -i -s 1 -h 127.0.0.1 -p "$PGPORT" -U tenantpool app >/dev/null 2>&1
 cargo build --release -q --bin tenantpool
 
-variant() { # name extra-toml
+variant() { # name extra-toml [PGOPTIONS for the clients]
   local port; port=$(freeport)
   cat > "$WORK/$1.toml" <<TOML
 [proxy]
@@ -46,7 +46,7 @@ TOML
   sleep 2
   # Start-up (config SCRAM keys, server logins) is not counted.
   callgrind_control -z "$pid" >/dev/null
-  PGPASSWORD=bench-secret pgbench -n -S -M "$MODE" -c "$CLIENTS" -j 1 -t "$TXNS" -h 127.0.0.1 -p "$port" -U bench t1 >/dev/null 2>&1
+  PGOPTIONS="${3:-}" PGPASSWORD=bench-secret pgbench -n -S -M "$MODE" -c "$CLIENTS" -j 1 -t "$TXNS" -h 127.0.0.1 -p "$port" -U bench t1 >/dev/null 2>&1
   kill -INT "$pid"; wait "$pid" || true
   local ir; ir=$( (callgrind_annotate "$WORK/cg.$1" 2>/dev/null || true) | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}')
   awk -v n="$1" -v ir="$ir" -v t=$((TXNS * CLIENTS)) 'BEGIN{printf "%-10s %12d Ir total  %8.0f Ir per transaction (client logins included)\n", n, ir, ir/t}'
@@ -54,3 +54,5 @@ TOML
 echo "callgrind: pgbench -S -M $MODE, $CLIENTS clients x $TXNS transactions"
 variant plain ""
 variant metrics "[metrics]\nlisten = \"127.0.0.1:$(freeport)\""
+# Every client with the same session settings: should cost what no settings cost.
+variant settings "" "-c statement_timeout=5s -c timezone=UTC -c datestyle=ISO,DMY"

@@ -2,7 +2,7 @@
 //!
 //! After [`startup`] admits a client, its [`Session`] waits, holding no read buffer, until
 //! the client sends something. Then it takes a server connection from the pool for the
-//! transaction (transaction mode) or for good (session mode), and the [`relay`] moves the
+//! transaction (transaction mode) or keeps it between transactions (session mode), and the [`relay`] moves the
 //! bytes until the transaction ends. Failures that leave the client usable (no server
 //! connection in time, a server connection lost) are answered here the way PostgreSQL
 //! would answer them: an ErrorResponse, then ReadyForQuery for each batch the client sent.
@@ -531,7 +531,7 @@ impl Session {
             .map_err(|e| PgError::protocol_violation(e.to_string()))
     }
 
-    /// Runs one transaction (or the whole session in session mode). Returns whether the
+    /// Runs one transaction (session mode: on the connection kept from the last one). Returns whether the
     /// client is still there.
     async fn transaction(&mut self) -> Result<bool, PgError> {
         if let Some(err) = self.lost.take() {
@@ -631,7 +631,6 @@ impl Session {
             prelude,
             sfwd: 0,
             status: b'I',
-            hold: false,
             idle_in_transaction: shared.config.limits.idle_transaction_timeout.nonzero(),
             idle_timer: None,
             counts: relay::Counts::new(tmetrics),

@@ -1,4 +1,4 @@
-//! The hot path: forwarding one transaction (or, in session mode, one session) between a
+//! The hot path: forwarding one transaction between a
 //! client socket and a server connection.
 //!
 //! Bytes move from one socket's read buffer straight to the other socket, never copied or
@@ -293,8 +293,6 @@ pub struct Relay<'a> {
     pub sfwd: usize,
     /// Transaction status from the last ReadyForQuery.
     pub status: u8,
-    /// Session mode: never release between transactions.
-    pub hold: bool,
     /// `idle_transaction_timeout`, if on.
     pub idle_in_transaction: Option<std::time::Duration>,
     /// Runs while the client sits idle inside a transaction.
@@ -387,8 +385,7 @@ impl Relay<'_> {
     }
 
     fn done(&self) -> bool {
-        !self.hold
-            && self.cscan.pending == 0
+        self.cscan.pending == 0
             && !self.cscan.unsynced
             && self.cscan.body_left == 0
             && self.status == b'I'

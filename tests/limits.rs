@@ -371,3 +371,37 @@ async fn thousand_tenants_two_thousand_clients() {
     drop(clients);
     proxy.stop();
 }
+
+/// Connections still logging in count against max_client_conn (as in PgBouncer), so a
+/// flood of half-open connections cannot grow past the cap; a refused client is told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_logging_in_count_against_max_client_conn() {
+    let db = TestDb::create("login_count", &["acme"]).await;
+    let proxy = Proxy::start(db.config(1, "[proxy]\nmax_client_conn = 1"));
+    // Connected, nothing sent yet.
+    let half_open = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let e = tokio_postgres::connect(&proxy.conn_str("acme"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("over max_client_conn");
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"));
+    drop(half_open);
+    let mut ok = false;
+    for _ in 0..100 {
+        if let Ok((c, conn)) =
+            tokio_postgres::connect(&proxy.conn_str("acme"), tokio_postgres::NoTls).await
+        {
+            tokio::spawn(conn);
+            assert_eq!(first(&c.simple_query("SELECT 1").await.unwrap()), "1");
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        ok,
+        "the slot came back when the half-open connection closed"
+    );
+    proxy.stop();
+}

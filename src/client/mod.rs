@@ -122,23 +122,29 @@ async fn admit_client(
 ) -> Option<Session> {
     let _ = stream.set_nodelay(true);
     let login_timeout = shared.config.limits.client_login_timeout.0;
-    let reg = match tokio::time::timeout(login_timeout, login(&mut stream, peer, &shared)).await {
-        Ok(Ok(Some(reg))) => reg,
-        Ok(Ok(None)) => return None,
-        Ok(Err(e)) => {
-            tracing::info!(client = %peer, error = %e, "login refused");
-            let _ = stream.write_all(&e.to_bytes()).await;
-            return None;
-        }
-        Err(_) => {
-            tracing::info!(client = %peer, "login timed out");
-            let _ = stream.write_all(&PgError::login_timeout().to_bytes()).await;
-            return None;
-        }
-    };
+    // Over max_client_conn the startup packet is still read, to name the tenant in the
+    // refusal's metric, but nothing else is done.
+    let conn_count = ConnCount::try_take(&shared);
+    let reg =
+        match tokio::time::timeout(login_timeout, login(&mut stream, peer, &shared, conn_count))
+            .await
+        {
+            Ok(Ok(Some(reg))) => reg,
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                tracing::info!(client = %peer, error = %e, "login refused");
+                let _ = stream.write_all(&e.to_bytes()).await;
+                return None;
+            }
+            Err(_) => {
+                tracing::info!(client = %peer, "login timed out");
+                let _ = stream.write_all(&PgError::login_timeout().to_bytes()).await;
+                return None;
+            }
+        };
     let reg = match reg {
         Login::Client(reg) => reg,
-        Login::Admin(user) => {
+        Login::Admin(user, _conn_count) => {
             crate::admin::serve(stream, peer, user, shared).await;
             return None;
         }
@@ -161,13 +167,14 @@ async fn admit_client(
 enum Login {
     Client(Registration),
     /// An admin user opened the admin console.
-    Admin(Arc<str>),
+    Admin(Arc<str>, ConnCount),
 }
 
 async fn login(
     stream: &mut TcpStream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
+    conn_count: Option<ConnCount>,
 ) -> Result<Option<Login>, PgError> {
     let startup = match startup::read_first_packet(stream).await? {
         FirstPacket::Cancel { pid, secret } => {
@@ -180,7 +187,9 @@ async fn login(
         FirstPacket::Startup(s) => s,
     };
     let mut buf = BytesMut::new();
-    let admitted = startup::admit(stream, &mut buf, *startup, shared).await?;
+    let admitted = startup::admit(stream, &mut buf, *startup, shared, conn_count.is_none()).await?;
+    // admit refused every client over the limit.
+    let conn_count = conn_count.ok_or_else(|| PgError::too_many_clients("max_client_conn"))?;
     if !buf.is_empty() {
         return Err(PgError::protocol_violation(
             "unexpected data after authentication",
@@ -196,11 +205,11 @@ async fn login(
                 .await
                 .map_err(|e| PgError::protocol_violation(e.to_string()))?;
             tracing::info!(client = %peer, user = %admitted.user, "admin console opened");
-            return Ok(Some(Login::Admin(admitted.user)));
+            return Ok(Some(Login::Admin(admitted.user, conn_count)));
         }
     };
     let settings = shared.settings.intern(admitted.settings);
-    let mut reg = Registration::take(shared, tenant, admitted.user.clone(), peer)?;
+    let mut reg = Registration::take(shared, tenant, admitted.user.clone(), peer, conn_count)?;
     let server_params = shared
         .pool
         .server_params()
@@ -224,10 +233,34 @@ async fn login(
     Ok(Some(Login::Client(reg)))
 }
 
+/// One of `max_client_conn`, taken when the connection is accepted (so clients still
+/// logging in count too, as in PgBouncer) and given back when it closes.
+struct ConnCount(Arc<Shared>);
+
+impl ConnCount {
+    fn try_take(shared: &Arc<Shared>) -> Option<ConnCount> {
+        let max = shared.config.proxy.max_client_conn;
+        shared
+            .clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnCount(shared.clone()))
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A client's place in the proxy: its client-cap slots and its registry entry (cancel key,
 /// what the admin console shows). Dropping it gives them back, however the session ends.
 struct Registration {
     shared: Arc<Shared>,
+    _conn_count: ConnCount,
     tenant: TenantId,
     client: Arc<ClientSlot>,
     id: u64,
@@ -241,24 +274,11 @@ impl Registration {
         tenant: TenantId,
         user: Arc<str>,
         addr: SocketAddr,
+        conn_count: ConnCount,
     ) -> Result<Registration, PgError> {
         let rejected = &shared.metrics.tenants[tenant as usize].rejected;
-        let max = shared.config.proxy.max_client_conn;
-        if shared
-            .clients
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_err()
-        {
-            rejected[0].increment(1);
-            return Err(PgError::too_many_clients(&format!(
-                "max_client_conn ({max})"
-            )));
-        }
         let t = shared.tenants.get(tenant);
         if !t.try_add_client() {
-            shared.clients.fetch_sub(1, Ordering::AcqRel);
             rejected[1].increment(1);
             return Err(PgError::too_many_clients(&format!(
                 "max_client_connections of tenant \"{}\" ({})",
@@ -267,6 +287,7 @@ impl Registration {
         }
         Ok(Registration {
             shared: shared.clone(),
+            _conn_count: conn_count,
             tenant,
             client: shared.registry.register(tenant, user, addr),
             settings: shared.no_settings.clone(),
@@ -279,7 +300,6 @@ impl Drop for Registration {
     fn drop(&mut self) {
         self.shared.registry.unregister(self.client.pid);
         self.shared.tenants.get(self.tenant).remove_client();
-        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -120,6 +120,7 @@ pub async fn admit(
     buf: &mut BytesMut,
     startup: Startup,
     shared: &Shared,
+    over_client_limit: bool,
 ) -> Result<Admitted, PgError> {
     let params: BTreeMap<String, String> = startup.parameters;
 
@@ -177,6 +178,13 @@ pub async fn admit(
             shared.metrics.tenants[t.id as usize].rejected[reason].increment(1);
         }
     };
+    if over_client_limit {
+        reject(0);
+        return Err(PgError::too_many_clients(&format!(
+            "max_client_conn ({})",
+            shared.config.proxy.max_client_conn
+        )));
+    }
     // md5 hashes with the name the client sent (`app.acme` when the tenant is in it).
     if let Err(e) = auth::authenticate(
         stream,

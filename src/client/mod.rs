@@ -585,50 +585,45 @@ impl Session {
         // What the connection needs before the client's bytes: its tenant's search_path
         // (with a full reset when it served another tenant, or another client left session
         // state), then the client's own settings where they differ from the connection's.
-        let (tenant_prelude, mut swallow, before) = match conn.tenant {
-            None => (
-                &tenant.prelude_fresh[..],
-                PRELUDE_FRESH_QUERIES,
-                Some(shared.no_settings.clone()),
-            ),
+        let reset = match conn.tenant {
+            None => Some((&tenant.prelude_fresh[..], PRELUDE_FRESH_QUERIES)),
             Some(t) if t != self.reg.tenant => {
                 shared
                     .pool
                     .stats
                     .search_path_switches
                     .fetch_add(1, Ordering::Relaxed);
-                (
-                    &tenant.prelude_reset[..],
-                    PRELUDE_RESET_QUERIES,
-                    Some(shared.no_settings.clone()),
-                )
+                Some((&tenant.prelude_reset[..], PRELUDE_RESET_QUERIES))
             }
-            Some(_) if conn.dirty && conn.last_client != client_id => (
-                &tenant.prelude_reset[..],
-                PRELUDE_RESET_QUERIES,
-                Some(shared.no_settings.clone()),
-            ),
-            Some(_) => (&[][..], 0, conn.settings.clone()),
+            Some(_) if conn.dirty && conn.last_client != client_id => {
+                Some((&tenant.prelude_reset[..], PRELUDE_RESET_QUERIES))
+            }
+            Some(_) => None,
         };
-        if swallow > 0 {
+        let (tenant_prelude, mut swallow) = reset.unwrap_or((&[][..], 0));
+        if reset.is_some() {
+            // Fresh or reset: the server's defaults, no client settings.
             conn.tenant = Some(self.reg.tenant);
             conn.dirty = false;
+            conn.settings = Some(shared.no_settings.clone());
         }
+        // The common case (same client settings as last time) is a pointer comparison.
         let mut combined = BytesMut::new();
         let mut prelude = tenant_prelude;
-        let same = before
+        let same = conn
+            .settings
             .as_ref()
             .is_some_and(|b| Arc::ptr_eq(b, &self.settings));
         if !same {
-            let sql = self.settings.transition_sql(before.as_deref());
+            let sql = self.settings.transition_sql(conn.settings.as_deref());
             if !sql.is_empty() {
                 combined.extend_from_slice(tenant_prelude);
                 crate::protocol::put_query(&mut combined, &sql);
                 swallow += 1;
                 prelude = &combined[..];
             }
+            conn.settings = Some(self.settings.clone());
         }
-        conn.settings = Some(self.settings.clone());
         conn.last_client = client_id;
         self.reg
             .client

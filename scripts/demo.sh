@@ -70,6 +70,10 @@ max_server_connections = 5
 
 [users.app]
 password = "app-secret"
+
+[users.admin]
+password = "admin-secret"
+tenants = []
 TOML
 
 cargo build --release -q
@@ -78,5 +82,6 @@ echo "PostgreSQL (throwaway) on 127.0.0.1:$PGPORT, tenantpool on 127.0.0.1:$PROX
 echo "Try:"
 echo "  PGPASSWORD=app-secret psql \"host=127.0.0.1 port=$PROXY_PORT dbname=acme user=app\" -c 'SELECT * FROM leads'"
 echo "  PGPASSWORD=app-secret psql \"host=127.0.0.1 port=$PROXY_PORT dbname=globex user=app\" -c 'SELECT * FROM leads'"
+echo "  PGPASSWORD=admin-secret psql \"host=127.0.0.1 port=$PROXY_PORT dbname=tenantpool user=admin\" -c 'SHOW POOLS'"
 echo
 TENANTPOOL_SERVER_PASSWORD=server-secret "$ROOT/target/release/tenantpool" --config "$DEMO/tenantpool.toml"

@@ -5,7 +5,8 @@
 #
 #   benches/pgbench.sh                      # 10 s per run, 10/50/200 clients, simple+extended
 #   DURATION=5 CLIENTS="10 50" MODES=simple benches/pgbench.sh
-#   IDLE=2000 benches/pgbench.sh            # also: memory per idle client connection
+#   IDLE=2000 benches/pgbench.sh            # also: memory per idle client (after the runs)
+#   CLIENTS= IDLE=2000 benches/pgbench.sh   # memory per idle client on fresh processes
 #   TENANTS=100 benches/pgbench.sh          # spread clients over 100 tenants (tenantpool only)
 #   EXTRA_TOML='[metrics]' benches/pgbench.sh   # append config to tenantpool's TOML
 #   TARGETS="tenantpool metrics" benches/pgbench.sh   # metrics off vs on, same run

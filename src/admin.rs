@@ -76,7 +76,11 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, user: Arc<str>, shar
         match tag {
             b'X' => return,
             b'Q' => {
-                let sql = String::from_utf8_lossy(&frame[HEADER_LEN..len - 1]).into_owned();
+                // The body is the query text and its NUL (an empty body is an empty query).
+                let text = frame
+                    .get(HEADER_LEN..len.saturating_sub(1))
+                    .unwrap_or_default();
+                let sql = String::from_utf8_lossy(text).into_owned();
                 tracing::info!(client = %peer, user = %user, command = %sql.trim(), "admin command");
                 let stop = run(&sql, &shared, &mut out);
                 put_ready_for_query(&mut out, b'I');

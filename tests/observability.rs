@@ -372,3 +372,39 @@ async fn admin_console_shows_and_pauses() {
     assert_eq!(sqlstate(&e).as_deref(), Some("28000"));
     proxy.stop();
 }
+
+/// Malformed input on the admin console ends that session only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_survives_bad_input() {
+    let db = TestDb::create("admin_bad", &["acme"]).await;
+    let proxy = Proxy::start(db.config(
+        1,
+        &format!(
+            "[proxy]\nauth_method = \"trust\"\n{}",
+            admin_extra(free_port())
+        ),
+    ));
+    let mut r = Raw::connect(proxy.addr).await;
+    r.send(&startup_packet(&[
+        ("user", "admin"),
+        ("database", "tenantpool"),
+    ]))
+    .await;
+    r.until_ready().await;
+    // A Query message without a body, then an empty query.
+    r.send(&[b'Q', 0, 0, 0, 4]).await;
+    r.until_ready().await;
+    r.send(&query("")).await;
+    r.until_ready().await;
+    r.send(&query("SHOW VERSION")).await;
+    assert!(first_column(&r.until_ready().await)[0].starts_with("tenantpool"));
+    r.send(&[b'Q', 0x7f, 0xff, 0xff, 0xff]).await;
+    let msgs = r.until_eof().await;
+    assert_eq!(msgs[0].field(b'C').as_deref(), Some("08P01"));
+    let console = admin(&proxy, "tenantpool").await;
+    assert_eq!(
+        rows(&console.simple_query("SHOW POOLS").await.unwrap()).len(),
+        1
+    );
+    proxy.stop();
+}

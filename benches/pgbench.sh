@@ -19,7 +19,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 DURATION=${DURATION:-10}
-CLIENTS=${CLIENTS:-"10 50 200"}
+CLIENTS=${CLIENTS-"10 50 200"}
 MODES=${MODES:-"simple extended"}
 TARGETS=${TARGETS:-"direct tenantpool pgbouncer"}
 POOL=${POOL:-20}

@@ -687,10 +687,6 @@ impl PooledConn {
     pub fn set_clean(&mut self, clean: bool) {
         self.clean = clean;
     }
-
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
-    }
 }
 
 impl std::ops::Deref for PooledConn {

@@ -106,12 +106,4 @@ impl ClientRegistry {
     pub fn all(&self) -> Vec<Arc<ClientSlot>> {
         self.slots.iter().map(|e| e.value().clone()).collect()
     }
-
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
 }

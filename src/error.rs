@@ -171,6 +171,40 @@ impl PgError {
         PgError::fatal("57P05", "terminating connection due to client_idle_timeout")
     }
 
+    // ---- named prepared statements (the proxy keeps them, so it answers as PostgreSQL) ----
+
+    /// Parse of a name the client already has: ERROR 42P05, as PostgreSQL.
+    pub fn duplicate_statement(name: &str) -> PgError {
+        PgError::error(
+            "42P05",
+            format!("prepared statement \"{name}\" already exists"),
+        )
+    }
+
+    /// Use of a name the client has not prepared: ERROR 26000, as PostgreSQL.
+    pub fn unknown_statement(name: &str) -> PgError {
+        PgError::error(
+            "26000",
+            format!("prepared statement \"{name}\" does not exist"),
+        )
+    }
+
+    /// A client went over its share of prepared statements: ERROR 53400.
+    pub fn too_many_statements(detail: &str) -> PgError {
+        PgError::error(
+            "53400",
+            format!("too many prepared statements for this client connection: {detail}"),
+        )
+    }
+
+    /// A command the proxy answers itself, sent inside a failed transaction: ERROR 25P02.
+    pub fn in_failed_transaction() -> PgError {
+        PgError::error(
+            "25P02",
+            "current transaction is aborted, commands ignored until end of transaction block",
+        )
+    }
+
     /// Login took longer than `client_login_timeout`: FATAL 08P01.
     pub fn login_timeout() -> PgError {
         PgError::fatal("08P01", "client_login_timeout: login took too long")

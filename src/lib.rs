@@ -12,9 +12,11 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
 pub mod registry;
 pub mod server;
+pub mod splice;
 pub mod tenant;
 
 use std::io;
@@ -46,6 +48,8 @@ pub struct Shared {
     pub settings: client::params::SettingsCache,
     /// No settings: what a fresh or reset server connection has.
     pub no_settings: Arc<client::params::Settings>,
+    /// Named prepared statements of all clients, interned per tenant.
+    pub statements: Arc<prepared::StatementCache>,
     /// Starts a graceful shutdown (signals, the admin console's SHUTDOWN).
     pub shutdown_tx: watch::Sender<bool>,
     /// Client connections admitted now (for `max_client_conn`).
@@ -127,6 +131,7 @@ impl Proxy {
             pool,
             registry: ClientRegistry::default(),
             no_settings: settings.intern(Vec::new()),
+            statements: Default::default(),
             settings,
             metrics,
             shutdown_tx: shutdown_tx.clone(),

@@ -54,6 +54,11 @@ pub struct ServerConn {
     /// The client settings applied on it: `Some(empty)` for the server's defaults (fresh or
     /// just reset), `None` when unknown (a client ran RESET).
     pub settings: Option<std::sync::Arc<crate::client::params::Settings>>,
+    /// Named statements prepared on it under the proxy's names.
+    pub stmts: crate::prepared::ServerStatements,
+    /// A client ran SQL PREPARE: statements the proxy does not know are on it, so the next
+    /// reset is a full DISCARD ALL.
+    pub sql_prepared: bool,
 }
 
 /// Size of the read buffer of a server connection.
@@ -200,6 +205,8 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
                         dirty: false,
                         last_client: 0,
                         settings: None,
+                        stmts: Default::default(),
+                        sql_prepared: false,
                     },
                     params,
                 });

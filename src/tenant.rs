@@ -31,6 +31,9 @@ pub struct Tenant {
     /// Query messages that wipe a used server connection's session state (whatever tenant
     /// or client left it) and set this tenant's search_path.
     pub prelude_reset: Bytes,
+    /// The same, but keeping the prepared statements the proxy tracks: everything
+    /// DISCARD ALL does except DEALLOCATE ALL and DISCARD PLANS.
+    pub prelude_keep: Bytes,
     /// Client connections open now.
     pub clients: AtomicU32,
     /// Running totals and current counts, for metrics and the admin console.
@@ -56,7 +59,12 @@ pub struct TenantStats {
 
 /// The number of Query messages in [`Tenant::prelude_fresh`].
 pub const PRELUDE_FRESH_QUERIES: u8 = 1;
-/// The number of Query messages in [`Tenant::prelude_reset`].
+/// DISCARD ALL without its DEALLOCATE ALL and DISCARD PLANS (PostgreSQL documents DISCARD ALL
+/// as this sequence).
+const RESET_KEEPING_STATEMENTS: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
+     UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
+/// The number of Query messages in [`Tenant::prelude_reset`] and [`Tenant::prelude_keep`].
 pub const PRELUDE_RESET_QUERIES: u8 = 2;
 
 /// All configured tenants.
@@ -84,6 +92,9 @@ impl Tenants {
             // transaction block), hence two Query messages.
             put_query(&mut reset, "DISCARD ALL");
             put_query(&mut reset, &set);
+            let mut keep = BytesMut::new();
+            put_query(&mut keep, RESET_KEEPING_STATEMENTS);
+            put_query(&mut keep, &set);
             list.push(Tenant {
                 id,
                 name: name.clone(),
@@ -93,6 +104,7 @@ impl Tenants {
                 search_path,
                 prelude_fresh: fresh.freeze(),
                 prelude_reset: reset.freeze(),
+                prelude_keep: keep.freeze(),
                 clients: AtomicU32::new(0),
                 stats: TenantStats::default(),
             });

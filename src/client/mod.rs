@@ -32,6 +32,7 @@ use crate::protocol::{header, put_ready_for_query};
 use crate::registry::{ClientSlot, STATE_ACTIVE, STATE_IDLE, STATE_WAITING};
 use crate::tenant::{PRELUDE_FRESH_QUERIES, PRELUDE_RESET_QUERIES, TenantId};
 
+use crate::prepared::{ClientStatements, Tracker};
 use relay::{CLIENT_BUF, ClientScan, Relay, RelayEnd, ServerScan};
 use startup::FirstPacket;
 
@@ -64,6 +65,23 @@ async fn rollback(conn: &mut crate::pool::PooledConn) -> bool {
     conn.run_queries(&out, 1).await.is_ok() && conn.buf.is_empty()
 }
 
+/// The queries that wipe a used connection's session state for `tenant`: DISCARD ALL, or,
+/// with prepared statement tracking on, all of it but the statements the proxy tracks
+/// (unless an SQL PREPARE left statements on it that the proxy does not know).
+fn reset_prelude<'t>(
+    shared: &Shared,
+    tenant: &'t crate::tenant::Tenant,
+    conn: &mut crate::server::ServerConn,
+) -> &'t [u8] {
+    if shared.config.proxy.max_prepared_statements > 0 && !conn.sql_prepared {
+        &tenant.prelude_keep
+    } else {
+        conn.stmts.clear();
+        conn.sql_prepared = false;
+        &tenant.prelude_reset
+    }
+}
+
 /// Applies a client's settings on a server connection at login, so that bad names or values
 /// are refused there as PostgreSQL would refuse them, and learns how PostgreSQL reports them
 /// (for the client's ParameterStatus). Done once per distinct set of settings.
@@ -85,7 +103,7 @@ async fn validate_settings(
             CheckoutError::Unavailable(m) => PgError::server_unavailable(&m, true),
         })?;
     let t = shared.tenants.get(tenant);
-    let mut out = BytesMut::from(&t.prelude_reset[..]);
+    let mut out = BytesMut::from(reset_prelude(shared, t, &mut conn));
     crate::protocol::put_query(&mut out, &settings.transition_sql(None));
     let result = conn
         .run_queries(&out, u32::from(PRELUDE_RESET_QUERIES) + 1)
@@ -159,6 +177,7 @@ async fn admit_client(
         lost: None,
         settings: reg.settings.clone(),
         held: None,
+        statements: ClientStatements::default(),
         reg,
     })
 }
@@ -325,6 +344,8 @@ struct Session {
     settings: Arc<params::Settings>,
     /// Session mode: the server connection kept between transactions.
     held: Option<Box<crate::pool::PooledConn>>,
+    /// The client's named prepared statements (when tracking is on).
+    statements: ClientStatements,
 }
 
 /// What woke an idle session.
@@ -593,10 +614,10 @@ impl Session {
                     .stats
                     .search_path_switches
                     .fetch_add(1, Ordering::Relaxed);
-                Some((&tenant.prelude_reset[..], PRELUDE_RESET_QUERIES))
+                Some((reset_prelude(&shared, tenant, &mut conn), PRELUDE_RESET_QUERIES))
             }
             Some(_) if conn.dirty && conn.last_client != client_id => {
-                Some((&tenant.prelude_reset[..], PRELUDE_RESET_QUERIES))
+                Some((reset_prelude(&shared, tenant, &mut conn), PRELUDE_RESET_QUERIES))
             }
             Some(_) => None,
         };
@@ -629,12 +650,26 @@ impl Session {
             .client
             .attach(conn.backend_pid, conn.backend_secret);
 
+        let mut cout = crate::splice::Out::default();
+        cout.own(prelude);
+        drop(combined);
         let server: &mut crate::server::ServerConn = &mut conn;
         let crate::server::ServerConn {
             stream: sstream,
             buf: sbuf,
+            stmts,
             ..
         } = server;
+        let max_statements = shared.config.proxy.max_prepared_statements as usize;
+        let track = (max_statements > 0).then(|| {
+            Tracker::new(
+                &mut self.statements,
+                stmts,
+                &shared.statements,
+                self.reg.tenant,
+                max_statements,
+            )
+        });
         let mut relay = Relay {
             client: &mut self.stream,
             cbuf: &mut self.buf,
@@ -643,9 +678,10 @@ impl Session {
             server: sstream,
             sbuf,
             sscan: ServerScan::new(swallow),
-            prelude,
-            sfwd: 0,
-            status: b'I',
+            cout,
+            cpos: 0,
+            sout: crate::splice::Out::default(),
+            track,
             idle_in_transaction: shared.config.limits.idle_transaction_timeout.nonzero(),
             idle_timer: None,
             counts: relay::Counts::new(tmetrics),
@@ -660,8 +696,21 @@ impl Session {
         let server_fatal = relay.sscan.fatal.take();
         let reported = std::mem::take(&mut relay.sscan.reported);
         let reset_seen = relay.sscan.reset_seen;
-        let mid_message = relay.sscan.mid_message() || relay.sfwd > 0;
-        let status = relay.status;
+        let sql_prepared = relay.sscan.sql_prepared;
+        let mid_message = relay.sscan.mid_message() || !relay.sout.is_empty();
+        let status = relay.sscan.status;
+        // The statement tracker must have heard every reply; if not (the server went away,
+        // or replies and requests disagreed), undo what the missing replies would have
+        // undone and stop trusting the connection's statement set.
+        let statements_known = match relay.track.as_mut() {
+            Some(t) if t.expecting() > 0 || t.desync => {
+                t.abandon();
+                false
+            }
+            _ => true,
+        };
+        drop(relay);
+        conn.sql_prepared |= sql_prepared;
         self.reg.client.detach();
         if reset_seen || !reported.is_empty() {
             self.follow_settings(reset_seen, reported);
@@ -669,10 +718,13 @@ impl Session {
             conn.settings = (!reset_seen).then(|| self.settings.clone());
         }
 
+        if !statements_known && end == RelayEnd::Released {
+            tracing::warn!(client = %self.reg.client.addr, "prepared statement replies out of step; server connection closed");
+        }
         match end {
             RelayEnd::Released => {
                 conn.dirty |= session_changed || session_mode;
-                conn.set_clean(true);
+                conn.set_clean(statements_known);
                 if session_mode {
                     // The connection stays with the client; transactions are still
                     // delimited so that settings can be put right between them.
@@ -688,7 +740,7 @@ impl Session {
                     && self.cfwd == 0
                     && !mid_message;
                 conn.dirty |= session_changed || session_mode;
-                conn.set_clean(idle);
+                conn.set_clean(idle && statements_known);
                 Ok(false)
             }
             RelayEnd::ServerLost(why) => {

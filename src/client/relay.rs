@@ -9,16 +9,17 @@
 //! outside a transaction, the connection goes back to the pool.
 
 use std::future::Future;
-use std::io::IoSlice;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite};
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::error::PgError;
+use crate::prepared::Tracker;
 use crate::protocol::{HEADER_LEN, MAX_CLIENT_MESSAGE_LEN, header, is_frontend_tag};
+use crate::splice::Out;
 
 /// Read buffer size of a client with data in flight.
 pub const CLIENT_BUF: usize = 8 * 1024;
@@ -88,18 +89,25 @@ impl ClientScan {
 }
 
 /// Walks the server's messages: swallows the replies to injected queries, counts
-/// ReadyForQuery and notes commands that change session state.
-#[derive(Debug, Default)]
+/// ReadyForQuery and notes commands that change session state. What it passes on (and
+/// what the statement [`Tracker`] adds) goes into an [`Out`] for the client.
+#[derive(Debug)]
 pub struct ServerScan {
     body_left: usize,
-    /// The current partial message is being swallowed.
+    /// The current partial message is being dropped.
     dropping: bool,
+    /// The tag of the current partial message, when the tracker must hear of its end.
+    streamed: Option<u8>,
     /// ReadyForQuery messages of injected queries still to swallow.
     pub swallow: u8,
     /// An injected query failed.
     pub swallow_error: bool,
-    /// A SET/RESET/DISCARD went through: session state may differ from the clean state.
+    /// Transaction status from the last ReadyForQuery.
+    pub status: u8,
+    /// A SET/RESET/DISCARD/PREPARE went through: session state may differ from the clean state.
     pub session_changed: bool,
+    /// An SQL PREPARE went through: the connection holds statements the proxy does not know.
+    pub sql_prepared: bool,
     /// Tracked parameters the server reported changed (a client's SET), lowercase names.
     pub reported: Vec<(String, String)>,
     /// A RESET went through: the client's settings go back to its startup values.
@@ -111,12 +119,28 @@ pub struct ServerScan {
     pub fatal: Option<(String, String)>,
 }
 
+impl Default for ServerScan {
+    fn default() -> ServerScan {
+        ServerScan::new(0)
+    }
+}
+
 impl ServerScan {
     /// A scanner that first swallows the replies of `swallow` injected queries.
     pub fn new(swallow: u8) -> ServerScan {
         ServerScan {
+            body_left: 0,
+            dropping: false,
+            streamed: None,
             swallow,
-            ..Default::default()
+            swallow_error: false,
+            status: b'I',
+            session_changed: false,
+            sql_prepared: false,
+            reported: Vec::new(),
+            reset_seen: false,
+            reset_in_cycle: false,
+            fatal: None,
         }
     }
 
@@ -143,34 +167,74 @@ impl ServerScan {
     pub fn mid_message(&self) -> bool {
         self.body_left > 0
     }
-}
 
-/// What one scan found.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct ServerChunk {
-    /// Bytes at the front to drop (replies to injected queries).
-    pub drop: usize,
-    /// End of the bytes to forward (from `drop`).
-    pub end: usize,
-    /// ReadyForQuery messages forwarded, and the last one's status.
-    pub ready: u32,
-    pub status: Option<u8>,
-    /// How many of those said "idle": transactions that ended.
-    pub idle: u32,
-}
+    /// Notes a command tag.
+    fn command(&mut self, tag: &[u8], track: Option<&mut Tracker<'_>>) {
+        if matches!(
+            tag,
+            b"SET" | b"RESET" | b"DISCARD ALL" | b"DISCARD" | b"PREPARE"
+        ) {
+            self.session_changed = true;
+        }
+        if tag == b"PREPARE" {
+            self.sql_prepared = true;
+        }
+        if matches!(tag, b"RESET" | b"DISCARD ALL") {
+            // PostgreSQL reports the reset values just before ReadyForQuery:
+            // those are not the client's.
+            self.reset_seen = true;
+            self.reset_in_cycle = true;
+            self.reported.clear();
+        }
+        if let Some(t) = track
+            && matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL")
+        {
+            t.all_gone();
+        }
+    }
 
-impl ServerScan {
+    /// Tells the tracker a message ended, and counts the ReadyForQuery messages it answers.
     #[inline]
-    pub fn scan(&mut self, buf: &[u8]) -> Result<ServerChunk, String> {
+    fn ended(
+        &self,
+        track: Option<&mut Tracker<'_>>,
+        tag: u8,
+        code: Option<&str>,
+        out: &mut Out,
+        c: &mut ServerChunk,
+    ) {
+        if let Some(t) = track {
+            let a = t.reply(tag, code, self.status, out);
+            c.ready += a.ready;
+            c.idle += a.idle;
+        }
+    }
+
+    /// Scans `buf` (bytes not yet scanned; a partial header stays for the next read),
+    /// queueing what the client gets into `out`.
+    #[inline]
+    pub fn scan(
+        &mut self,
+        buf: &[u8],
+        out: &mut Out,
+        mut track: Option<&mut Tracker<'_>>,
+    ) -> Result<ServerChunk, String> {
         let mut c = ServerChunk::default();
         let mut pos = 0;
         while pos < buf.len() {
             if self.body_left > 0 {
                 let take = self.body_left.min(buf.len() - pos);
+                if self.dropping {
+                    out.skip(take);
+                } else {
+                    out.buf(take);
+                }
                 pos += take;
                 self.body_left -= take;
-                if self.dropping {
-                    c.drop = pos;
+                if self.body_left == 0
+                    && let Some(tag) = self.streamed.take()
+                {
+                    self.ended(track.as_deref_mut(), tag, None, out, &mut c);
                 }
                 continue;
             }
@@ -178,53 +242,66 @@ impl ServerScan {
                 break;
             };
             let len = len.map_err(|l| format!("server sent a message with length {l}"))?;
-            let whole = buf.len() - pos >= len;
+            let avail = buf.len() - pos;
+            let whole = avail >= len;
+            if tag == b'Z' && len != 6 {
+                return Err("server sent a malformed ReadyForQuery".into());
+            }
+            if self.swallow > 0 {
+                // Replies to the injected queries: dropped, an error noted.
+                if tag == b'Z' {
+                    if !whole {
+                        break;
+                    }
+                    self.swallow -= 1;
+                    self.reset_in_cycle = false;
+                    out.skip(len);
+                    pos += len;
+                    continue;
+                }
+                if tag == b'E' {
+                    self.swallow_error = true;
+                }
+                self.dropping = true;
+                self.streamed = None;
+                let n = len.min(avail);
+                out.skip(n);
+                pos += n;
+                self.body_left = len - n;
+                continue;
+            }
             let small = len <= MAX_INSPECTED;
             match tag {
                 b'Z' => {
-                    if len != 6 {
-                        return Err("server sent a malformed ReadyForQuery".into());
-                    }
                     if !whole {
                         break;
                     }
                     let status = buf[pos + HEADER_LEN];
+                    out.buf(len);
                     pos += len;
                     self.reset_in_cycle = false;
-                    if self.swallow > 0 {
-                        self.swallow -= 1;
-                        c.drop = pos;
-                    } else {
-                        c.ready += 1;
-                        c.status = Some(status);
-                        c.idle += u32::from(status == b'I');
-                    }
+                    self.status = status;
+                    c.ready += 1;
+                    c.idle += u32::from(status == b'I');
+                    self.ended(track.as_deref_mut(), tag, None, out, &mut c);
                     continue;
                 }
-                b'C' if small && len > HEADER_LEN && self.swallow == 0 => {
+                b'C' if small && len > HEADER_LEN => {
                     if !whole {
                         break;
                     }
-                    let tag_text = &buf[pos + HEADER_LEN..pos + len - 1];
-                    if matches!(tag_text, b"SET" | b"RESET" | b"DISCARD ALL" | b"DISCARD") {
-                        self.session_changed = true;
-                    }
-                    if matches!(tag_text, b"RESET" | b"DISCARD ALL") {
-                        // PostgreSQL reports the reset values just before ReadyForQuery:
-                        // those are not the client's.
-                        self.reset_seen = true;
-                        self.reset_in_cycle = true;
-                        self.reported.clear();
-                    }
+                    self.command(&buf[pos + HEADER_LEN..pos + len - 1], track.as_deref_mut());
+                    out.buf(len);
                     pos += len;
+                    self.ended(track.as_deref_mut(), tag, None, out, &mut c);
                     continue;
                 }
-                b'E' if self.swallow > 0 => self.swallow_error = true,
-                b'S' if small && self.swallow == 0 => {
+                b'S' if small => {
                     if !whole {
                         break;
                     }
                     self.note_parameter(&buf[pos + HEADER_LEN..pos + len]);
+                    out.buf(len);
                     pos += len;
                     continue;
                 }
@@ -245,21 +322,41 @@ impl ServerScan {
                         // Nothing after a FATAL matters: stop before it.
                         break;
                     }
+                    let code = crate::protocol::error_field(body, b'C');
+                    out.buf(len);
                     pos += len;
+                    self.ended(track.as_deref_mut(), tag, code, out, &mut c);
                     continue;
                 }
                 _ => {}
             }
-            self.dropping = self.swallow > 0;
-            pos += HEADER_LEN;
-            self.body_left = len - HEADER_LEN;
+            // Streamed through (or dropped: a reply to a message the proxy injected).
+            self.dropping = track.as_deref().is_some_and(|t| t.drops(tag));
+            let n = len.min(avail);
             if self.dropping {
-                c.drop = pos;
+                out.skip(n);
+            } else {
+                out.buf(n);
+            }
+            pos += n;
+            self.body_left = len - n;
+            if self.body_left == 0 {
+                self.ended(track.as_deref_mut(), tag, None, out, &mut c);
+            } else if track.is_some() {
+                self.streamed = Some(tag);
             }
         }
-        c.end = pos;
         Ok(c)
     }
+}
+
+/// What one scan found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ServerChunk {
+    /// ReadyForQuery messages the client gets (the server's and the proxy's).
+    pub ready: u32,
+    /// How many of those said "idle": transactions that ended.
+    pub idle: u32,
 }
 
 /// How a relay ended.
@@ -281,18 +378,20 @@ pub enum RelayEnd {
 pub struct Relay<'a> {
     pub client: &'a mut TcpStream,
     pub cbuf: &'a mut BytesMut,
-    /// Bytes at the front of `cbuf` already scanned and ready to go to the server.
+    /// Bytes at the front of `cbuf` the client scanner has checked.
     pub cfwd: &'a mut usize,
     pub cscan: &'a mut ClientScan,
     pub server: &'a mut TcpStream,
     pub sbuf: &'a mut BytesMut,
     pub sscan: ServerScan,
-    /// Injected messages still to write before the client's bytes.
-    pub prelude: &'a [u8],
-    /// Bytes at the front of `sbuf` ready to go to the client.
-    pub sfwd: usize,
-    /// Transaction status from the last ReadyForQuery.
-    pub status: u8,
+    /// What goes to the server: injected queries first, then the client's bytes.
+    pub cout: Out,
+    /// Bytes at the front of `cbuf` that `cout` covers (at most `cfwd`).
+    pub cpos: usize,
+    /// What goes to the client.
+    pub sout: Out,
+    /// Named prepared statements, when `max_prepared_statements` is on.
+    pub track: Option<Tracker<'a>>,
     /// `idle_transaction_timeout`, if on.
     pub idle_in_transaction: Option<std::time::Duration>,
     /// Runs while the client sits idle inside a transaction.
@@ -388,10 +487,41 @@ impl Relay<'_> {
         self.cscan.pending == 0
             && !self.cscan.unsynced
             && self.cscan.body_left == 0
-            && self.status == b'I'
+            && self.sscan.status == b'I'
             && *self.cfwd == 0
-            && self.prelude.is_empty()
-            && self.sfwd == 0
+            && self.cout.is_empty()
+            && self.sout.is_empty()
+    }
+
+    /// Counts ReadyForQuery messages on their way to the client.
+    fn answered(&mut self, ready: u32, idle: u32) {
+        if ready > 0 {
+            self.cscan.pending = self.cscan.pending.saturating_sub(ready);
+            self.counts
+                .finished(ready, idle, self.cscan.pending > 0);
+        }
+    }
+
+    /// Queues the client's checked bytes for the server: as they are, or with statement
+    /// names rewritten.
+    fn queue_client_bytes(&mut self) -> Result<(), PgError> {
+        if self.cpos == *self.cfwd {
+            return Ok(());
+        }
+        match &mut self.track {
+            None => {
+                self.cout.buf(*self.cfwd - self.cpos);
+                self.cpos = *self.cfwd;
+            }
+            Some(t) => {
+                t.rewrite(self.cbuf, &mut self.cpos, *self.cfwd, &mut self.cout)?;
+                if !self.sscan.mid_message() {
+                    let a = t.answer(self.sscan.status, &mut self.sout);
+                    self.answered(a.ready, a.idle);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
@@ -399,14 +529,10 @@ impl Relay<'_> {
             let mut progress = false;
 
             // Server -> client.
-            if self.sfwd > 0 {
-                match Pin::new(&mut *self.client).poll_write(cx, &self.sbuf[..self.sfwd]) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                        return Poll::Ready(RelayEnd::ClientGone);
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        self.sbuf.advance(n);
-                        self.sfwd -= n;
+            if !self.sout.is_empty() {
+                match self.sout.poll_write(self.client, self.sbuf, cx) {
+                    Poll::Ready(Err(_)) => return Poll::Ready(RelayEnd::ClientGone),
+                    Poll::Ready(Ok((_, n))) => {
                         self.counts.bytes_out += n as u64;
                         progress = true;
                     }
@@ -415,24 +541,20 @@ impl Relay<'_> {
             }
 
             // Client -> server, injected messages first, in one write.
-            if !self.prelude.is_empty() || *self.cfwd > 0 {
-                let bufs = [
-                    IoSlice::new(self.prelude),
-                    IoSlice::new(&self.cbuf[..*self.cfwd]),
-                ];
-                match Pin::new(&mut *self.server).poll_write_vectored(cx, &bufs) {
-                    Poll::Ready(Ok(0)) => {
+            if let Err(e) = self.queue_client_bytes() {
+                return Poll::Ready(RelayEnd::Violation(e));
+            }
+            if !self.cout.is_empty() {
+                match self.cout.poll_write(self.server, self.cbuf, cx) {
+                    Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::WriteZero => {
                         return Poll::Ready(RelayEnd::ServerLost(
                             "server closed the connection".into(),
                         ));
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerLost(e.to_string())),
-                    Poll::Ready(Ok(mut n)) => {
-                        let p = n.min(self.prelude.len());
-                        self.prelude = &self.prelude[p..];
-                        n -= p;
-                        self.cbuf.advance(n);
+                    Poll::Ready(Ok((n, _))) => {
                         *self.cfwd -= n;
+                        self.cpos -= n;
                         if n > 0 {
                             self.counts.sent(n);
                         }
@@ -442,7 +564,7 @@ impl Relay<'_> {
                 }
             }
 
-            if self.sfwd == 0 && self.sscan.fatal.is_some() {
+            if self.sout.is_empty() && self.sscan.fatal.is_some() {
                 return Poll::Ready(RelayEnd::ServerLost(
                     "the server ended the connection".into(),
                 ));
@@ -459,14 +581,14 @@ impl Relay<'_> {
             if self.cscan.terminated
                 && self.cscan.pending == 0
                 && *self.cfwd == 0
-                && self.sfwd == 0
-                && self.prelude.is_empty()
+                && self.cout.is_empty()
+                && self.sout.is_empty()
             {
                 return Poll::Ready(RelayEnd::ClientGone);
             }
 
             // Read from the server once everything it sent before has gone out.
-            if self.sfwd == 0 && self.sscan.fatal.is_none() {
+            if self.sout.is_empty() && self.sscan.fatal.is_none() {
                 match poll_read_some(self.server, self.sbuf, cx) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(RelayEnd::ServerLost(
@@ -475,23 +597,11 @@ impl Relay<'_> {
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerLost(e.to_string())),
                     Poll::Ready(Ok(_)) => {
-                        match self.sscan.scan(self.sbuf) {
-                            Ok(chunk) => {
-                                self.sbuf.advance(chunk.drop);
-                                self.sfwd = chunk.end - chunk.drop;
-                                if chunk.ready > 0 {
-                                    self.cscan.pending =
-                                        self.cscan.pending.saturating_sub(chunk.ready);
-                                    self.counts.finished(
-                                        chunk.ready,
-                                        chunk.idle,
-                                        self.cscan.pending > 0,
-                                    );
-                                }
-                                if let Some(s) = chunk.status {
-                                    self.status = s;
-                                }
-                            }
+                        match self
+                            .sscan
+                            .scan(self.sbuf, &mut self.sout, self.track.as_mut())
+                        {
+                            Ok(chunk) => self.answered(chunk.ready, chunk.idle),
                             Err(e) => return Poll::Ready(RelayEnd::ServerLost(e)),
                         }
                         progress = true;
@@ -500,14 +610,18 @@ impl Relay<'_> {
                 }
             }
 
-            // Read from the client once its earlier bytes have gone to the server.
-            if *self.cfwd == 0 && self.prelude.is_empty() && !self.cscan.terminated {
+            // Read from the client once its earlier bytes have gone to the server (and the
+            // statement tracker is not waiting on a DISCARD ALL).
+            if self.cout.is_empty()
+                && !self.cscan.terminated
+                && !self.track.as_ref().is_some_and(|t| t.blocked())
+            {
                 match poll_read_some(self.client, self.cbuf, cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         return Poll::Ready(RelayEnd::ClientGone);
                     }
                     Poll::Ready(Ok(_)) => {
-                        match self.cscan.scan(self.cbuf, 0) {
+                        match self.cscan.scan(self.cbuf, *self.cfwd) {
                             Ok(end) => *self.cfwd = end,
                             Err(e) => return Poll::Ready(RelayEnd::Violation(e)),
                         }
@@ -520,11 +634,12 @@ impl Relay<'_> {
             if !progress {
                 if let Some(limit) = self.idle_in_transaction {
                     // Idle inside a transaction: the server waits on the client.
-                    let idle = self.status != b'I'
+                    let idle = self.sscan.status != b'I'
                         && self.cscan.pending == 0
                         && self.cscan.body_left == 0
                         && *self.cfwd == 0
-                        && self.sfwd == 0;
+                        && self.cout.is_empty()
+                        && self.sout.is_empty();
                     if idle {
                         let timer = self
                             .idle_timer
@@ -602,10 +717,7 @@ mod tests {
 
     #[test]
     fn server_scan_swallows_injected_replies() {
-        let mut s = ServerScan {
-            swallow: 2,
-            ..Default::default()
-        };
+        let mut s = ServerScan::new(2);
         let mut b = Vec::new();
         b.extend_from_slice(b"C\0\0\0\x10DISCARD ALL\0");
         b.extend_from_slice(b"Z\0\0\0\x05I");
@@ -614,11 +726,12 @@ mod tests {
         let injected = b.len();
         b.extend_from_slice(b"D\0\0\0\x06\0\0");
         b.extend_from_slice(b"Z\0\0\0\x05T");
-        let c = s.scan(&b).unwrap();
-        assert_eq!(c.drop, injected);
-        assert_eq!(c.end, b.len());
+        let mut out = Out::default();
+        let c = s.scan(&b, &mut out, None).unwrap();
+        assert_eq!(out.flatten(&b), &b[injected..]);
+        assert_eq!(out.buf_len(), b.len());
         assert_eq!(c.ready, 1);
-        assert_eq!(c.status, Some(b'T'));
+        assert_eq!(s.status, b'T');
         assert!(!s.swallow_error);
         assert!(!s.session_changed);
     }
@@ -629,8 +742,9 @@ mod tests {
         let mut b = Vec::new();
         b.extend_from_slice(b"C\0\0\0\x08SET\0");
         b.extend_from_slice(b"Z\0\0\0\x05");
-        let c = s.scan(&b).unwrap();
-        assert_eq!(c.end, 9);
+        let mut out = Out::default();
+        let c = s.scan(&b, &mut out, None).unwrap();
+        assert_eq!(out.buf_len(), 9);
         assert_eq!(c.ready, 0);
         assert!(s.session_changed);
     }
@@ -640,12 +754,14 @@ mod tests {
         let mut s = ServerScan::default();
         let mut b = vec![b'D', 0, 0, 0x10, 0x04];
         b.extend_from_slice(&[7u8; 100]);
-        let c = s.scan(&b).unwrap();
-        assert_eq!(c.end, b.len());
+        let mut out = Out::default();
+        s.scan(&b, &mut out, None).unwrap();
+        assert_eq!(out.buf_len(), b.len());
         let rest = vec![7u8; 0x1000 - 100];
-        let c = s.scan(&rest).unwrap();
-        assert_eq!(c.end, rest.len());
-        let c = s.scan(b"Z\0\0\0\x05I").unwrap();
+        let mut out = Out::default();
+        s.scan(&rest, &mut out, None).unwrap();
+        assert_eq!(out.buf_len(), rest.len());
+        let c = s.scan(b"Z\0\0\0\x05I", &mut out, None).unwrap();
         assert_eq!(c.ready, 1);
     }
 }

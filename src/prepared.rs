@@ -1,0 +1,1217 @@
+//! Named prepared statements in transaction mode, safe across tenants.
+//!
+//! A client's named statements live on whichever server connection it used when it
+//! prepared them; its next transaction may land elsewhere. So the proxy keeps them:
+//!
+//! - A [`StatementCache`] interns every statement by (tenant, query text, parameter types)
+//!   and gives it a proxy-owned server name `_tp<id>`. Clients of one tenant sending the
+//!   same statement share it; two tenants never do (their `search_path` differs, and a
+//!   shared plan would be re-analysed on every switch or fail when their tables differ).
+//! - [`ClientStatements`] maps a client's own names to interned statements (bounded).
+//! - [`ServerStatements`] is what one server connection has prepared: at most
+//!   `max_prepared_statements`, least recently used evicted with a Close.
+//! - A [`Tracker`] runs inside the relay. On the way to the server it renames statements
+//!   in Parse, Bind, Describe and Close by splicing frames (header and name are rewritten,
+//!   the rest is forwarded from the client's buffer), prepares a statement the server
+//!   connection lacks by injecting a Parse, and answers what the server need not see (a
+//!   Parse of a statement the connection has, a Close, DEALLOCATE) itself. It queues one
+//!   [`Expect`] per message the server will answer, so that on the way back it can drop
+//!   replies to injected messages and put its own answers in their place in the stream.
+//!   An error skips the rest of the batch, exactly as the server does, and undoes what
+//!   the skipped messages would have done.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use dashmap::DashMap;
+
+use crate::error::PgError;
+use crate::protocol::{HEADER_LEN, header, put_command_complete, put_ready_for_query};
+use crate::splice::Out;
+use crate::tenant::TenantId;
+
+/// Server-side names are this prefix and a number.
+pub const PREFIX: &[u8] = b"_tp";
+/// Statements one client may hold at once.
+pub const MAX_CLIENT_STATEMENTS: usize = 10_000;
+/// Bytes of statement text (and names) one client may hold at once.
+pub const MAX_CLIENT_STATEMENT_BYTES: usize = 16 << 20;
+/// Longest statement or portal name the proxy reads.
+const MAX_NAME: usize = 1024;
+/// Query messages up to this size are read whole to spot DEALLOCATE and DISCARD ALL.
+const MAX_INSPECTED_QUERY: usize = 512;
+
+/// One interned statement: a query text with parameter types, for one tenant.
+pub struct Stmt {
+    pub id: u64,
+    /// The Parse message under the server-side name.
+    parse: Bytes,
+    /// End of the name (with its NUL) in `parse`.
+    name_end: usize,
+    /// The cache key: tenant id then the Parse body after the name.
+    key: Bytes,
+    cache: Arc<StatementCache>,
+}
+
+impl Stmt {
+    /// The server-side name with its terminating NUL.
+    pub fn name(&self) -> &[u8] {
+        &self.parse[HEADER_LEN..self.name_end]
+    }
+
+    /// The whole Parse message under the server-side name.
+    pub fn parse_message(&self) -> &[u8] {
+        &self.parse
+    }
+
+    /// Bytes this statement accounts for.
+    fn cost(&self) -> usize {
+        self.parse.len() + 64
+    }
+}
+
+impl std::fmt::Debug for Stmt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stmt({})", self.id)
+    }
+}
+
+impl Drop for Stmt {
+    fn drop(&mut self) {
+        // Nothing holds the statement any more: forget it (unless it was interned again
+        // meanwhile, which left a live entry under the key).
+        self.cache
+            .map
+            .remove_if(&self.key, |_, w| w.strong_count() == 0);
+    }
+}
+
+/// Every statement some client or server connection holds, interned.
+#[derive(Default)]
+pub struct StatementCache {
+    map: DashMap<Bytes, Weak<Stmt>>,
+    next_id: AtomicU64,
+}
+
+impl StatementCache {
+    /// The statement for `tail` (a Parse body after the name) in `tenant`'s namespace.
+    pub fn intern(self: &Arc<Self>, tenant: TenantId, tail: &[u8]) -> Arc<Stmt> {
+        let mut key = BytesMut::with_capacity(4 + tail.len());
+        key.put_u32(tenant);
+        key.extend_from_slice(tail);
+        let key = key.freeze();
+        if let Some(s) = self.map.get(&key).and_then(|w| w.upgrade()) {
+            return s;
+        }
+        let entry = self.map.entry(key.clone());
+        match entry {
+            dashmap::Entry::Occupied(mut o) => {
+                if let Some(s) = o.get().upgrade() {
+                    return s;
+                }
+                let s = self.make(key, tail);
+                o.insert(Arc::downgrade(&s));
+                s
+            }
+            dashmap::Entry::Vacant(v) => {
+                let s = self.make(key, tail);
+                v.insert(Arc::downgrade(&s));
+                s
+            }
+        }
+    }
+
+    fn make(self: &Arc<Self>, key: Bytes, tail: &[u8]) -> Arc<Stmt> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut name = PREFIX.to_vec();
+        name.extend_from_slice(id.to_string().as_bytes());
+        name.push(0);
+        let len = 4 + name.len() + tail.len();
+        let mut parse = BytesMut::with_capacity(1 + len);
+        parse.put_u8(b'P');
+        parse.put_u32(len as u32);
+        parse.extend_from_slice(&name);
+        parse.extend_from_slice(tail);
+        Arc::new(Stmt {
+            id,
+            parse: parse.freeze(),
+            name_end: HEADER_LEN + name.len(),
+            key,
+            cache: self.clone(),
+        })
+    }
+
+    /// Statements alive now.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A client's statements, by the names it gave them.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    map: HashMap<Box<[u8]>, Arc<Stmt>>,
+    bytes: usize,
+}
+
+impl ClientStatements {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&Arc<Stmt>> {
+        self.map.get(name)
+    }
+
+    /// Would one more statement of `cost` bytes stay within the client's bounds?
+    fn check(&self, cost: usize) -> Result<(), PgError> {
+        if self.map.len() >= MAX_CLIENT_STATEMENTS {
+            return Err(PgError::too_many_statements(&format!(
+                "at most {MAX_CLIENT_STATEMENTS} (close some)"
+            )));
+        }
+        if self.bytes + cost > MAX_CLIENT_STATEMENT_BYTES {
+            return Err(PgError::too_many_statements(&format!(
+                "at most {} MiB of statement text (close some)",
+                MAX_CLIENT_STATEMENT_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, name: Box<[u8]>, stmt: Arc<Stmt>) {
+        self.bytes += name.len() + stmt.cost();
+        if let Some(old) = self.map.insert(name, stmt) {
+            self.bytes -= old.cost();
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
+        let (k, s) = self.map.remove_entry(name)?;
+        self.bytes -= k.len() + s.cost();
+        Some(s)
+    }
+}
+
+/// What one server connection has prepared under proxy names, with use ticks for LRU.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    map: HashMap<u64, (Arc<Stmt>, u64)>,
+    tick: u64,
+}
+
+impl ServerStatements {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Is the statement there? Marks it used.
+    fn touch(&mut self, id: u64) -> bool {
+        self.tick += 1;
+        match self.map.get_mut(&id) {
+            Some(e) => {
+                e.1 = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds a statement; returns the one evicted to stay within `max`.
+    fn insert(&mut self, stmt: Arc<Stmt>, max: usize) -> Option<Arc<Stmt>> {
+        let evicted = if self.map.len() >= max {
+            let oldest = self.map.iter().min_by_key(|(_, (_, t))| *t).map(|(id, _)| *id);
+            oldest.and_then(|id| self.map.remove(&id)).map(|(s, _)| s)
+        } else {
+            None
+        };
+        self.tick += 1;
+        self.map.insert(stmt.id, (stmt, self.tick));
+        evicted
+    }
+
+    /// Puts back a statement whose Close did not happen.
+    fn restore(&mut self, stmt: Arc<Stmt>) {
+        self.map.entry(stmt.id).or_insert((stmt, 0));
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.map.remove(&id);
+    }
+
+    /// The server dropped everything (DISCARD ALL, DEALLOCATE ALL).
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// How the server's answer to one message ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A single message with this tag (ParseComplete, BindComplete, CloseComplete).
+    One(u8),
+    /// ParameterDescription, then RowDescription or NoData.
+    Describe,
+    /// Rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    /// Sync: ReadyForQuery.
+    Sync,
+    /// Query or FunctionCall: anything, then ReadyForQuery (an error does not skip).
+    Query,
+}
+
+impl Kind {
+    fn ends_with(self, tag: u8) -> bool {
+        match self {
+            Kind::One(t) => tag == t,
+            Kind::Describe => matches!(tag, b'T' | b'n'),
+            Kind::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Kind::Sync | Kind::Query => tag == b'Z',
+        }
+    }
+
+    fn ready(self) -> bool {
+        matches!(self, Kind::Sync | Kind::Query)
+    }
+}
+
+/// What the proxy does when a reply comes (or is skipped).
+#[derive(Debug)]
+enum Act {
+    /// Passed on as it is.
+    Forward,
+    /// A message that uses the proxy's statement `id`: "does not exist" means the server
+    /// lost it behind the proxy's back.
+    Uses(u64),
+    /// A Parse of statement `id` (the client's own, renamed, or injected, whose
+    /// ParseComplete is dropped). If it fails the server does not have it, nor the client
+    /// the name it gave.
+    Parse {
+        id: u64,
+        injected: bool,
+        client_name: Option<Box<[u8]>>,
+    },
+    /// An injected Close (its CloseComplete dropped); if it does not happen the server
+    /// keeps the evicted statement.
+    Close { evicted: Option<Arc<Stmt>> },
+    /// A DISCARD ALL: nothing else is rewritten until it is answered.
+    Barrier,
+    /// Answered by the proxy in its turn; never sent to the server.
+    Answer(Answer),
+}
+
+#[derive(Debug)]
+enum Answer {
+    /// ParseComplete for a statement the server connection already had.
+    Parsed { name: Box<[u8]> },
+    /// CloseComplete for a client's Close of one of its statements.
+    Closed {
+        name: Box<[u8]>,
+        stmt: Option<Arc<Stmt>>,
+    },
+    /// An error for an extended-protocol message; the batch was skipped to Sync.
+    Error(PgError),
+    /// A DEALLOCATE query; undone if the transaction had failed.
+    Deallocate {
+        tag: &'static str,
+        undo: Vec<(Box<[u8]>, Arc<Stmt>)>,
+    },
+    /// An error for a query, then ReadyForQuery.
+    QueryError(PgError),
+}
+
+/// One message the server will answer (or the proxy will), in stream order.
+#[derive(Debug)]
+pub struct Expect {
+    kind: Kind,
+    act: Act,
+}
+
+/// ReadyForQuery messages the proxy sent itself: (count, how many said idle).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    pub ready: u32,
+    pub idle: u32,
+}
+
+/// The relay's statement tracking for one transaction: borrows the client's and the server
+/// connection's statements.
+pub struct Tracker<'a> {
+    pub client: &'a mut ClientStatements,
+    pub server: &'a mut ServerStatements,
+    pub cache: &'a Arc<StatementCache>,
+    pub tenant: TenantId,
+    /// `max_prepared_statements`.
+    pub max: usize,
+    /// Body bytes of a message being passed through that are still to come.
+    stream_left: usize,
+    /// Body bytes of a message being dropped that are still to come.
+    drop_left: usize,
+    /// The proxy answered an extended-protocol message with an error: drop messages up to
+    /// the next Sync, as the server would.
+    skip_to_sync: bool,
+    /// A DISCARD ALL is on its way: wait for it before rewriting more.
+    barrier: bool,
+    expect: VecDeque<Expect>,
+    /// Replies and the queue disagreed: the connection's statement set is not trusted.
+    pub desync: bool,
+}
+
+/// A C string at the front of `b`: (bytes before the NUL, length with the NUL).
+fn cstr(b: &[u8]) -> Option<(&[u8], usize)> {
+    let end = b.iter().position(|&c| c == 0)?;
+    Some((&b[..end], end + 1))
+}
+
+fn show(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}
+
+impl<'a> Tracker<'a> {
+    pub fn new(
+        client: &'a mut ClientStatements,
+        server: &'a mut ServerStatements,
+        cache: &'a Arc<StatementCache>,
+        tenant: TenantId,
+        max: usize,
+    ) -> Tracker<'a> {
+        Tracker {
+            client,
+            server,
+            cache,
+            tenant,
+            max,
+            stream_left: 0,
+            drop_left: 0,
+            skip_to_sync: false,
+            barrier: false,
+            expect: VecDeque::new(),
+            desync: false,
+        }
+    }
+
+    /// Waiting on a DISCARD ALL (more client bytes would not be rewritten yet).
+    pub fn blocked(&self) -> bool {
+        self.barrier
+    }
+
+    /// Replies still expected.
+    pub fn expecting(&self) -> usize {
+        self.expect.len()
+    }
+
+    fn expect(&mut self, kind: Kind, act: Act) {
+        self.expect.push_back(Expect { kind, act });
+    }
+
+    // ---- client -> server ----
+
+    /// Turns the client's bytes `buf[*pos..scanned]` (headers already checked by the
+    /// client scanner) into segments for the server, as far as whole names allow.
+    pub fn rewrite(
+        &mut self,
+        buf: &[u8],
+        pos: &mut usize,
+        scanned: usize,
+        out: &mut Out,
+    ) -> Result<(), PgError> {
+        loop {
+            let avail = scanned - *pos;
+            if self.stream_left > 0 {
+                let n = self.stream_left.min(avail);
+                out.buf(n);
+                *pos += n;
+                self.stream_left -= n;
+                if self.stream_left > 0 {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.drop_left > 0 {
+                let n = self.drop_left.min(avail);
+                out.skip(n);
+                *pos += n;
+                self.drop_left -= n;
+                if self.drop_left > 0 {
+                    return Ok(());
+                }
+                continue;
+            }
+            if avail == 0 || self.barrier {
+                return Ok(());
+            }
+            let Some((tag, Ok(len))) = header(&buf[*pos..scanned]) else {
+                return Ok(());
+            };
+            let have = avail.min(len);
+            let msg = &buf[*pos..*pos + have];
+            let body = &msg[HEADER_LEN..];
+            let whole = have == len;
+            if self.skip_to_sync && tag != b'S' {
+                self.drop_message(out, pos, len, have);
+                continue;
+            }
+            match tag {
+                b'P' => {
+                    if body.first() == Some(&0) {
+                        self.pass(out, pos, len, have, Some((Kind::One(b'1'), Act::Forward)));
+                    } else if body.is_empty() {
+                        return Ok(());
+                    } else if len - HEADER_LEN > MAX_CLIENT_STATEMENT_BYTES {
+                        let e = PgError::too_many_statements("the statement is too long");
+                        self.fail(e, out, pos, len, have);
+                    } else if !whole {
+                        if cstr(body).is_none() && body.len() > MAX_NAME {
+                            return Err(PgError::protocol_violation(
+                                "statement name too long",
+                            ));
+                        }
+                        return Ok(());
+                    } else {
+                        self.parse(msg, out, pos)?;
+                    }
+                }
+                b'B' => {
+                    let names = cstr(body).and_then(|(portal, p)| {
+                        cstr(&body[p..]).map(|(stmt, s)| (portal.len(), stmt, p + s))
+                    });
+                    let Some((portal_len, stmt, names_len)) = names else {
+                        if whole || body.len() > 2 * MAX_NAME {
+                            return Err(PgError::protocol_violation("malformed Bind message"));
+                        }
+                        return Ok(());
+                    };
+                    if stmt.is_empty() {
+                        self.pass(out, pos, len, have, Some((Kind::One(b'2'), Act::Forward)));
+                    } else {
+                        self.bind(stmt, portal_len, names_len, out, pos, len, have);
+                    }
+                }
+                b'D' | b'C' => {
+                    if !whole {
+                        if len > HEADER_LEN + 2 + MAX_NAME {
+                            return Err(PgError::protocol_violation("name too long"));
+                        }
+                        return Ok(());
+                    }
+                    let Some((&what, rest)) = body.split_first() else {
+                        return Err(PgError::protocol_violation("malformed message"));
+                    };
+                    let name = cstr(rest).map(|(n, _)| n).unwrap_or(rest);
+                    match (tag, what) {
+                        (b'D', b'S') if !name.is_empty() => {
+                            self.describe(name, out, pos, len);
+                        }
+                        (b'D', b'S') => {
+                            self.pass(out, pos, len, have, Some((Kind::Describe, Act::Forward)))
+                        }
+                        (b'D', _) => self.pass(
+                            out,
+                            pos,
+                            len,
+                            have,
+                            // A portal: RowDescription or NoData.
+                            Some((Kind::Describe, Act::Forward)),
+                        ),
+                        (b'C', b'S') if !name.is_empty() => {
+                            let name: Box<[u8]> = name.into();
+                            let stmt = self.client.remove(&name);
+                            out.skip(len);
+                            *pos += len;
+                            self.expect(
+                                Kind::One(b'3'),
+                                Act::Answer(Answer::Closed { name, stmt }),
+                            );
+                        }
+                        _ => {
+                            self.pass(out, pos, len, have, Some((Kind::One(b'3'), Act::Forward)))
+                        }
+                    }
+                }
+                b'Q' => {
+                    if len > HEADER_LEN + MAX_INSPECTED_QUERY {
+                        self.pass(out, pos, len, have, Some((Kind::Query, Act::Forward)));
+                    } else if !whole {
+                        return Ok(());
+                    } else {
+                        let text = body.strip_suffix(&[0]).unwrap_or(body);
+                        self.query(text, out, pos, len);
+                    }
+                }
+                b'S' => {
+                    self.skip_to_sync = false;
+                    self.pass(out, pos, len, have, Some((Kind::Sync, Act::Forward)));
+                }
+                b'E' => self.pass(out, pos, len, have, Some((Kind::Execute, Act::Forward))),
+                b'F' => self.pass(out, pos, len, have, Some((Kind::Query, Act::Forward))),
+                _ => self.pass(out, pos, len, have, None),
+            }
+        }
+    }
+
+    /// Passes a message through unchanged (streaming its body).
+    fn pass(
+        &mut self,
+        out: &mut Out,
+        pos: &mut usize,
+        len: usize,
+        have: usize,
+        expect: Option<(Kind, Act)>,
+    ) {
+        if let Some((kind, act)) = expect {
+            self.expect(kind, act);
+        }
+        out.buf(have);
+        *pos += have;
+        self.stream_left = len - have;
+    }
+
+    fn drop_message(&mut self, out: &mut Out, pos: &mut usize, len: usize, have: usize) {
+        out.skip(have);
+        *pos += have;
+        self.drop_left = len - have;
+    }
+
+    /// Answers the current extended-protocol message with an error and skips to Sync.
+    fn fail(&mut self, e: PgError, out: &mut Out, pos: &mut usize, len: usize, have: usize) {
+        self.expect(Kind::One(0), Act::Answer(Answer::Error(e)));
+        self.skip_to_sync = true;
+        self.drop_message(out, pos, len, have);
+    }
+
+    /// Queues what makes the server connection have `stmt`: a Close of any stale copy
+    /// (and of the statement evicted to make room), then the Parse.
+    fn prepare_on_server(
+        &mut self,
+        stmt: &Arc<Stmt>,
+        out: &mut Out,
+        injected: bool,
+        client_name: Option<Box<[u8]>>,
+    ) {
+        if let Some(old) = self.server.insert(stmt.clone(), self.max) {
+            put_close(out, old.name());
+            self.expect(Kind::One(b'3'), Act::Close { evicted: Some(old) });
+        }
+        // The connection should not have it; if some DEALLOCATE the proxy did not see
+        // left it half-known, this makes the Parse safe anyway.
+        put_close(out, stmt.name());
+        self.expect(Kind::One(b'3'), Act::Close { evicted: None });
+        out.own(stmt.parse_message());
+        self.expect(
+            Kind::One(b'1'),
+            Act::Parse {
+                id: stmt.id,
+                injected,
+                client_name,
+            },
+        );
+    }
+
+    /// A named Parse, whole in `msg`.
+    fn parse(&mut self, msg: &[u8], out: &mut Out, pos: &mut usize) -> Result<(), PgError> {
+        let len = msg.len();
+        let body = &msg[HEADER_LEN..];
+        let Some((name, n)) = cstr(body) else {
+            return Err(PgError::protocol_violation("malformed Parse message"));
+        };
+        if name.len() > MAX_NAME {
+            return Err(PgError::protocol_violation("statement name too long"));
+        }
+        if self.client.get(name).is_some() {
+            let e = PgError::duplicate_statement(&show(name));
+            self.fail(e, out, pos, len, len);
+            return Ok(());
+        }
+        let tail = &body[n..];
+        if let Err(e) = self.client.check(len + name.len() + 64) {
+            self.fail(e, out, pos, len, len);
+            return Ok(());
+        }
+        let stmt = self.cache.intern(self.tenant, tail);
+        let name: Box<[u8]> = name.into();
+        self.client.insert(name.clone(), stmt.clone());
+        out.skip(len);
+        *pos += len;
+        if self.server.touch(stmt.id) {
+            self.expect(Kind::One(b'1'), Act::Answer(Answer::Parsed { name }));
+        } else {
+            self.prepare_on_server(&stmt, out, false, Some(name));
+        }
+        Ok(())
+    }
+
+    /// The statement a Bind or Describe names, made ready on the server; `None` when the
+    /// client has no such statement.
+    fn resolve(&mut self, name: &[u8], out: &mut Out) -> Option<Arc<Stmt>> {
+        let stmt = self.client.get(name)?.clone();
+        if !self.server.touch(stmt.id) {
+            self.prepare_on_server(&stmt, out, true, None);
+        }
+        Some(stmt)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bind(
+        &mut self,
+        name: &[u8],
+        portal_len: usize,
+        names_len: usize,
+        out: &mut Out,
+        pos: &mut usize,
+        len: usize,
+        have: usize,
+    ) {
+        let Some(stmt) = self.resolve(name, out) else {
+            return self.unknown(name, Kind::One(b'2'), out, pos, len, have);
+        };
+        let new_name = stmt.name();
+        let new_len = len - (name.len() + 1) + new_name.len();
+        out.own_with(|b| {
+            b.put_u8(b'B');
+            b.put_u32((new_len - 1) as u32);
+        });
+        out.skip(HEADER_LEN);
+        out.buf(portal_len + 1);
+        out.skip(name.len() + 1);
+        out.own(new_name);
+        let done = HEADER_LEN + names_len;
+        *pos += done;
+        self.expect(Kind::One(b'2'), Act::Uses(stmt.id));
+        self.stream_left = len - done;
+        let n = self.stream_left.min(have - done);
+        out.buf(n);
+        *pos += n;
+        self.stream_left -= n;
+    }
+
+    fn describe(&mut self, name: &[u8], out: &mut Out, pos: &mut usize, len: usize) {
+        let Some(stmt) = self.resolve(name, out) else {
+            return self.unknown(name, Kind::Describe, out, pos, len, len);
+        };
+        out.skip(len);
+        *pos += len;
+        let new_name = stmt.name();
+        out.own_with(|b| {
+            b.put_u8(b'D');
+            b.put_u32((4 + 1 + new_name.len()) as u32);
+            b.put_u8(b'S');
+            b.extend_from_slice(new_name);
+        });
+        self.expect(Kind::Describe, Act::Uses(stmt.id));
+    }
+
+    /// A name the client never prepared: the server gives its own error, unless the name
+    /// looks like one of the proxy's (the proxy answers; the server must not run it).
+    fn unknown(
+        &mut self,
+        name: &[u8],
+        kind: Kind,
+        out: &mut Out,
+        pos: &mut usize,
+        len: usize,
+        have: usize,
+    ) {
+        if name.starts_with(PREFIX) {
+            self.fail(PgError::unknown_statement(&show(name)), out, pos, len, have);
+        } else {
+            self.pass(out, pos, len, have, Some((kind, Act::Forward)));
+        }
+    }
+
+    /// A small Query: DEALLOCATE of the client's statements is answered here, DISCARD ALL
+    /// is a barrier; the rest passes.
+    fn query(&mut self, text: &[u8], out: &mut Out, pos: &mut usize, len: usize) {
+        let answer = match sql_command(text) {
+            SqlCommand::DeallocateAll => {
+                let undo: Vec<_> = std::mem::take(&mut self.client.map).into_iter().collect();
+                self.client.bytes = 0;
+                Some(Answer::Deallocate {
+                    tag: "DEALLOCATE ALL",
+                    undo,
+                })
+            }
+            SqlCommand::Deallocate(name) => match self.client.remove(&name) {
+                Some(stmt) => Some(Answer::Deallocate {
+                    tag: "DEALLOCATE",
+                    undo: vec![(name.into(), stmt)],
+                }),
+                None if name.starts_with(PREFIX) => {
+                    Some(Answer::QueryError(PgError::unknown_statement(&show(&name))))
+                }
+                None => None,
+            },
+            SqlCommand::DiscardAll => {
+                self.barrier = true;
+                self.pass(out, pos, len, len, Some((Kind::Query, Act::Barrier)));
+                return;
+            }
+            SqlCommand::Other => None,
+        };
+        match answer {
+            Some(a) => {
+                out.skip(len);
+                *pos += len;
+                self.expect(Kind::Query, Act::Answer(a));
+            }
+            None => self.pass(out, pos, len, len, Some((Kind::Query, Act::Forward))),
+        }
+    }
+
+    // ---- server -> client ----
+
+    /// Is the server message starting now with `tag` a reply the client must not see?
+    #[inline]
+    pub fn drops(&self, tag: u8) -> bool {
+        match self.expect.front() {
+            Some(Expect {
+                kind,
+                act: Act::Parse { injected: true, .. } | Act::Close { .. },
+            }) => kind.ends_with(tag),
+            _ => false,
+        }
+    }
+
+    /// A server message ended. `code` is an ErrorResponse's SQLSTATE. Answers the proxy
+    /// owes from here on go to `out`; returns the ReadyForQuery messages among them.
+    pub fn reply(&mut self, tag: u8, code: Option<&str>, status: u8, out: &mut Out) -> Answered {
+        match tag {
+            b'N' | b'A' | b'S' => {}
+            b'E' => self.server_error(code),
+            b'Z' => {
+                // Pops through the Sync/Query this answers; anything before it did not get
+                // its reply (should not happen): treated as skipped.
+                loop {
+                    let Some(e) = self.expect.pop_front() else {
+                        self.desync = true;
+                        break;
+                    };
+                    if e.kind.ready() {
+                        if matches!(e.act, Act::Barrier) {
+                            self.barrier = false;
+                        }
+                        break;
+                    }
+                    self.desync = true;
+                    self.skipped(e);
+                }
+            }
+            _ => {
+                if self.expect.front().is_some_and(|e| e.kind.ends_with(tag)) {
+                    self.expect.pop_front();
+                }
+            }
+        }
+        self.answer(status, out)
+    }
+
+    /// The server answered the front message with an error: it skips to Sync.
+    fn server_error(&mut self, code: Option<&str>) {
+        let Some(front) = self.expect.front() else {
+            return;
+        };
+        if front.kind.ready() {
+            // A query's error, or one at Sync: ReadyForQuery follows.
+            return;
+        }
+        if let Some(e) = self.expect.pop_front() {
+            if let Act::Uses(id) = e.act
+                && code == Some("26000")
+            {
+                self.server.remove(id);
+            }
+            self.skipped(e);
+        }
+        while self.expect.front().is_some_and(|e| e.kind != Kind::Sync) {
+            let e = self.expect.pop_front().expect("front exists");
+            self.skipped(e);
+        }
+    }
+
+    /// Undoes what a message that failed or never ran would have done.
+    fn skipped(&mut self, e: Expect) {
+        match e.act {
+            Act::Parse {
+                id, client_name, ..
+            } => {
+                self.server.remove(id);
+                if let Some(n) = client_name {
+                    self.client.remove(&n);
+                }
+            }
+            Act::Close { evicted: Some(s) } => self.server.restore(s),
+            Act::Barrier => self.barrier = false,
+            Act::Answer(Answer::Parsed { name }) => {
+                self.client.remove(&name);
+            }
+            Act::Answer(Answer::Closed {
+                name,
+                stmt: Some(s),
+            }) => self.client.insert(name, s),
+            Act::Answer(Answer::Deallocate { undo, .. }) => {
+                for (n, s) in undo {
+                    self.client.insert(n, s);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends the answers at the front of the queue (their turn has come).
+    pub fn answer(&mut self, status: u8, out: &mut Out) -> Answered {
+        let mut a = Answered::default();
+        while matches!(
+            self.expect.front(),
+            Some(Expect {
+                act: Act::Answer(_),
+                ..
+            })
+        ) {
+            let Some(Expect {
+                act: Act::Answer(answer),
+                ..
+            }) = self.expect.pop_front()
+            else {
+                unreachable!()
+            };
+            match answer {
+                Answer::Parsed { .. } => out.own(b"1\0\0\0\x04"),
+                Answer::Closed { .. } => out.own(b"3\0\0\0\x04"),
+                Answer::Error(e) => out.own_with(|b| e.encode(b)),
+                Answer::Deallocate { tag, undo } => {
+                    if status == b'E' {
+                        for (n, s) in undo {
+                            self.client.insert(n, s);
+                        }
+                        out.own_with(|b| PgError::in_failed_transaction().encode(b));
+                    } else {
+                        out.own_with(|b| put_command_complete(b, tag));
+                    }
+                    out.own_with(|b| put_ready_for_query(b, status));
+                    a.ready += 1;
+                    a.idle += u32::from(status == b'I');
+                }
+                Answer::QueryError(e) => {
+                    out.own_with(|b| {
+                        e.encode(b);
+                        put_ready_for_query(b, status);
+                    });
+                    a.ready += 1;
+                    a.idle += u32::from(status == b'I');
+                }
+            }
+        }
+        a
+    }
+
+    /// The server dropped all its prepared statements (a client's DISCARD ALL or
+    /// DEALLOCATE ALL it ran): so did the client.
+    pub fn all_gone(&mut self) {
+        self.server.clear();
+        self.client.map.clear();
+        self.client.bytes = 0;
+    }
+
+    /// The relay ends without the replies (server lost): undo what they would have undone.
+    pub fn abandon(&mut self) {
+        while let Some(e) = self.expect.pop_front() {
+            self.skipped(e);
+        }
+    }
+}
+
+/// Appends a Close of the statement `name` (with its NUL).
+fn put_close(out: &mut Out, name: &[u8]) {
+    out.own_with(|b| {
+        b.put_u8(b'C');
+        b.put_u32((4 + 1 + name.len()) as u32);
+        b.put_u8(b'S');
+        b.extend_from_slice(name);
+    });
+}
+
+/// The few SQL commands about prepared statements the proxy must see.
+#[derive(Debug, PartialEq, Eq)]
+enum SqlCommand {
+    DeallocateAll,
+    Deallocate(Vec<u8>),
+    DiscardAll,
+    Other,
+}
+
+/// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` as a whole query string
+/// (one statement, an optional `;`, no comments).
+fn sql_command(text: &[u8]) -> SqlCommand {
+    let mut words = SqlWords { s: text };
+    let Some(first) = words.next() else {
+        return SqlCommand::Other;
+    };
+    let cmd = if first.eq_ignore_ascii_case(b"discard") {
+        match words.next() {
+            Some(w) if w.eq_ignore_ascii_case(b"all") => SqlCommand::DiscardAll,
+            _ => return SqlCommand::Other,
+        }
+    } else if first.eq_ignore_ascii_case(b"deallocate") {
+        let mut w = words.next();
+        if w.as_deref()
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"prepare"))
+        {
+            w = words.next();
+        }
+        match w {
+            Some(w) if w.eq_ignore_ascii_case(b"all") => SqlCommand::DeallocateAll,
+            Some(name) => SqlCommand::Deallocate(name),
+            None => return SqlCommand::Other,
+        }
+    } else {
+        return SqlCommand::Other;
+    };
+    match words.next() {
+        None => cmd,
+        Some(_) => SqlCommand::Other,
+    }
+}
+
+/// Words of a simple SQL command: identifiers (unquoted ones lower-cased, as PostgreSQL
+/// folds them), quoted identifiers, and a trailing `;`. Anything else ends the command
+/// as "not recognised" (an empty word).
+struct SqlWords<'a> {
+    s: &'a [u8],
+}
+
+impl Iterator for SqlWords<'_> {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        let s = self.s.trim_ascii_start();
+        let s = match s.strip_prefix(b";") {
+            Some(rest) if rest.trim_ascii().is_empty() => &[][..],
+            _ => s,
+        };
+        if s.is_empty() {
+            self.s = s;
+            return None;
+        }
+        if s[0] == b'"' {
+            let mut word = Vec::new();
+            let mut i = 1;
+            while i < s.len() {
+                if s[i] == b'"' {
+                    if s.get(i + 1) == Some(&b'"') {
+                        word.push(b'"');
+                        i += 2;
+                        continue;
+                    }
+                    self.s = &s[i + 1..];
+                    return Some(word);
+                }
+                word.push(s[i]);
+                i += 1;
+            }
+            self.s = &[];
+            return Some(Vec::new());
+        }
+        let end = s
+            .iter()
+            .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80))
+            .unwrap_or(s.len());
+        if end == 0 {
+            // Not a word: the command is something else.
+            self.s = &[];
+            return Some(Vec::new());
+        }
+        self.s = &s[end..];
+        Some(s[..end].to_ascii_lowercase())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_statement_commands() {
+        assert_eq!(sql_command(b"DEALLOCATE ALL"), SqlCommand::DeallocateAll);
+        assert_eq!(
+            sql_command(b"  deallocate prepare ALL ; "),
+            SqlCommand::DeallocateAll
+        );
+        assert_eq!(
+            sql_command(b"DEALLOCATE Foo"),
+            SqlCommand::Deallocate(b"foo".to_vec())
+        );
+        assert_eq!(
+            sql_command(b"DEALLOCATE \"Foo\"\"x\";"),
+            SqlCommand::Deallocate(b"Foo\"x".to_vec())
+        );
+        assert_eq!(sql_command(b"discard all"), SqlCommand::DiscardAll);
+        assert_eq!(sql_command(b"DISCARD TEMP"), SqlCommand::Other);
+        assert_eq!(sql_command(b"DEALLOCATE a; SELECT 1"), SqlCommand::Other);
+        assert_eq!(sql_command(b"/* x */ DEALLOCATE a"), SqlCommand::Other);
+        assert_eq!(sql_command(b"SELECT 1"), SqlCommand::Other);
+        assert_eq!(sql_command(b""), SqlCommand::Other);
+    }
+
+    #[test]
+    fn cache_interns_per_tenant_and_forgets_unused() {
+        let cache = Arc::new(StatementCache::default());
+        let a = cache.intern(1, b"SELECT 1\0\0\0");
+        let b = cache.intern(1, b"SELECT 1\0\0\0");
+        let c = cache.intern(2, b"SELECT 1\0\0\0");
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        assert_eq!(cache.len(), 2);
+        assert!(a.name().starts_with(PREFIX) && a.name().ends_with(&[0]));
+        assert_eq!(&a.parse_message()[a.name_end..], b"SELECT 1\0\0\0");
+        drop((a, b));
+        assert_eq!(cache.len(), 1);
+        drop(c);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn server_statements_evict_least_recently_used() {
+        let cache = Arc::new(StatementCache::default());
+        let s: Vec<_> = (0..3)
+            .map(|i| cache.intern(1, format!("SELECT {i}\0\0\0").as_bytes()))
+            .collect();
+        let mut set = ServerStatements::default();
+        assert!(set.insert(s[0].clone(), 2).is_none());
+        assert!(set.insert(s[1].clone(), 2).is_none());
+        assert!(set.touch(s[0].id));
+        let evicted = set.insert(s[2].clone(), 2).unwrap();
+        assert_eq!(evicted.id, s[1].id);
+        assert_eq!(set.len(), 2);
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Runs the rewriter over `input`, returning what the server would get.
+    fn rewrite_all(t: &mut Tracker<'_>, input: &[u8]) -> Vec<u8> {
+        let mut out = Out::default();
+        let mut pos = 0;
+        t.rewrite(input, &mut pos, input.len(), &mut out).unwrap();
+        assert_eq!(pos, input.len());
+        out.flatten(input)
+    }
+
+    #[test]
+    fn renames_and_prepares_once_per_connection() {
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        let mut input = msg(b'P', b"s1\0SELECT $1\0\0\0");
+        input.extend(msg(b'B', b"\0s1\0\0\0\0\x01\0\0\0\x011\0\0"));
+        input.extend(msg(b'S', b""));
+        let sent = rewrite_all(&mut t, &input);
+        let parse = cache.intern(0, b"SELECT $1\0\0\0");
+        let name = parse.name().to_vec();
+        let mut want = Vec::new();
+        let mut close = vec![b'S'];
+        close.extend(&name);
+        want.extend(msg(b'C', &close));
+        want.extend(parse.parse_message());
+        let mut bind = vec![0];
+        bind.extend(&name);
+        bind.extend(b"\0\0\0\x01\0\0\0\x011\0\0");
+        want.extend(msg(b'B', &bind));
+        want.extend(msg(b'S', b""));
+        assert_eq!(sent, want);
+        // Replies: the Close's CloseComplete is dropped, the rest passes.
+        assert!(t.drops(b'3'));
+        let mut back = Out::default();
+        t.reply(b'3', None, b'I', &mut back);
+        assert!(!t.drops(b'1'));
+        t.reply(b'1', None, b'I', &mut back);
+        t.reply(b'2', None, b'I', &mut back);
+        t.reply(b'Z', None, b'I', &mut back);
+        assert_eq!(t.expecting(), 0);
+        assert!(!t.desync);
+
+        // Same name again: 42P05 from the proxy, the batch skipped to Sync.
+        let mut input = msg(b'P', b"s1\0SELECT $1\0\0\0");
+        input.extend(msg(b'E', b"\0\0\0\0\0"));
+        input.extend(msg(b'S', b""));
+        let sent = rewrite_all(&mut t, &input);
+        assert_eq!(sent, msg(b'S', b""));
+        let mut back = Out::default();
+        t.answer(b'I', &mut back);
+        let answered = back.flatten(&[]);
+        assert_eq!(answered[0], b'E');
+        assert!(String::from_utf8_lossy(&answered).contains("42P05"));
+        t.reply(b'Z', None, b'I', &mut back);
+        assert_eq!(t.expecting(), 0);
+
+        // Another client of the tenant: its Parse is answered by the proxy.
+        drop(t);
+        let mut other = ClientStatements::default();
+        let mut t = Tracker::new(&mut other, &mut server, &cache, 0, 10);
+        let mut input = msg(b'P', b"x\0SELECT $1\0\0\0");
+        input.extend(msg(b'S', b""));
+        let sent = rewrite_all(&mut t, &input);
+        assert_eq!(sent, msg(b'S', b""));
+        let mut back = Out::default();
+        t.answer(b'I', &mut back);
+        assert_eq!(back.flatten(&[]), b"1\0\0\0\x04");
+    }
+
+    #[test]
+    fn failed_injected_parse_undoes_and_skips() {
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let stmt = cache.intern(0, b"SELECT nope\0\0\0");
+        client.insert((*b"s").into(), stmt.clone());
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        let mut input = msg(b'B', b"\0s\0\0\0\0\0\0\0");
+        input.extend(msg(b'E', b"\0\0\0\0\0"));
+        input.extend(msg(b'S', b""));
+        rewrite_all(&mut t, &input);
+        assert_eq!(t.expecting(), 5); // Close, Parse, Bind, Execute, Sync
+        let mut back = Out::default();
+        t.reply(b'3', None, b'I', &mut back);
+        assert!(!t.drops(b'E'));
+        t.reply(b'E', Some("42P01"), b'I', &mut back);
+        assert_eq!(t.expecting(), 1);
+        t.reply(b'Z', None, b'I', &mut back);
+        assert_eq!(t.expecting(), 0);
+        assert!(!t.server.touch(stmt.id));
+        assert!(t.client.get(b"s").is_some());
+    }
+
+    #[test]
+    fn deallocate_is_answered_and_undone_in_failed_transaction() {
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        client.insert((*b"s").into(), cache.intern(0, b"SELECT 1\0\0\0"));
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        let q = msg(b'Q', b"DEALLOCATE s\0");
+        assert!(rewrite_all(&mut t, &q).is_empty());
+        assert!(t.client.is_empty());
+        let mut back = Out::default();
+        let a = t.answer(b'E', &mut back);
+        assert_eq!(a, Answered { ready: 1, idle: 0 });
+        assert!(String::from_utf8_lossy(&back.flatten(&[])).contains("25P02"));
+        assert_eq!(t.client.len(), 1);
+    }
+}

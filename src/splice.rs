@@ -1,0 +1,267 @@
+//! Outgoing byte streams spliced from a read buffer and a few bytes the proxy makes.
+//!
+//! The relay forwards what it read without copying it: an [`Out`] is a queue of segments
+//! that say "the next n bytes of the read buffer" (sent or dropped) or "the next n bytes the
+//! proxy wrote" (a renamed statement, an injected Parse, a reply the proxy answers itself).
+//! One vectored write sends as many segments as the socket takes.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+/// One piece of an outgoing stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seg {
+    /// The next n bytes of the read buffer, sent.
+    Buf(usize),
+    /// The next n bytes of the read buffer, dropped.
+    Skip(usize),
+    /// The next n bytes of [`Out::own`], sent.
+    Own(usize),
+}
+
+/// Segments waiting to be written, in order.
+#[derive(Debug, Default)]
+pub struct Out {
+    segs: VecDeque<Seg>,
+    /// Bytes made by the proxy; consumed from the front as `Own` segments are written.
+    own: BytesMut,
+}
+
+/// Most slices handed to one vectored write.
+const MAX_SLICES: usize = 32;
+
+impl Out {
+    pub fn is_empty(&self) -> bool {
+        self.segs.is_empty()
+    }
+
+    /// Bytes of the read buffer the queue covers (sent or dropped).
+    pub fn buf_len(&self) -> usize {
+        self.segs
+            .iter()
+            .map(|s| match s {
+                Seg::Buf(n) | Seg::Skip(n) => *n,
+                Seg::Own(_) => 0,
+            })
+            .sum()
+    }
+
+    fn push(&mut self, seg: Seg) {
+        match (self.segs.back_mut(), seg) {
+            (Some(Seg::Buf(a)), Seg::Buf(b))
+            | (Some(Seg::Skip(a)), Seg::Skip(b))
+            | (Some(Seg::Own(a)), Seg::Own(b)) => *a += b,
+            _ => self.segs.push_back(seg),
+        }
+    }
+
+    /// Sends the next `n` bytes of the read buffer.
+    #[inline]
+    pub fn buf(&mut self, n: usize) {
+        if n > 0 {
+            self.push(Seg::Buf(n));
+        }
+    }
+
+    /// Drops the next `n` bytes of the read buffer.
+    pub fn skip(&mut self, n: usize) {
+        if n > 0 {
+            self.push(Seg::Skip(n));
+        }
+    }
+
+    /// Sends bytes the proxy made.
+    pub fn own(&mut self, bytes: &[u8]) {
+        self.own_with(|b| b.extend_from_slice(bytes));
+    }
+
+    /// Sends bytes the proxy writes with `f`.
+    pub fn own_with(&mut self, f: impl FnOnce(&mut BytesMut)) {
+        let before = self.own.len();
+        f(&mut self.own);
+        let n = self.own.len() - before;
+        if n > 0 {
+            self.push(Seg::Own(n));
+        }
+    }
+
+    /// Forgets everything queued; returns how many read-buffer bytes it covered (the
+    /// caller drops them from its buffer).
+    pub fn clear(&mut self) -> usize {
+        let n = self.buf_len();
+        self.segs.clear();
+        self.own.clear();
+        n
+    }
+
+    /// Drops leading `Skip` segments from `buf`; returns the bytes dropped.
+    fn drop_skips(&mut self, buf: &mut BytesMut) -> usize {
+        let mut dropped = 0;
+        while let Some(Seg::Skip(n)) = self.segs.front() {
+            buf.advance(*n);
+            dropped += *n;
+            self.segs.pop_front();
+        }
+        dropped
+    }
+
+    /// Writes what the socket takes. Returns (bytes of `buf` consumed, bytes written); `buf`
+    /// is advanced past what was consumed.
+    pub fn poll_write(
+        &mut self,
+        stream: &mut TcpStream,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<(usize, usize)>> {
+        let mut consumed = self.drop_skips(buf);
+        if self.segs.is_empty() {
+            return Poll::Ready(Ok((consumed, 0)));
+        }
+        let written = {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            let (mut at_buf, mut at_own) = (0, 0);
+            for seg in &self.segs {
+                if count == MAX_SLICES {
+                    break;
+                }
+                match *seg {
+                    Seg::Buf(n) => {
+                        slices[count] = IoSlice::new(&buf[at_buf..at_buf + n]);
+                        count += 1;
+                        at_buf += n;
+                    }
+                    Seg::Skip(n) => at_buf += n,
+                    Seg::Own(n) => {
+                        slices[count] = IoSlice::new(&self.own[at_own..at_own + n]);
+                        count += 1;
+                        at_own += n;
+                    }
+                }
+            }
+            let r = if count == 1 {
+                Pin::new(&mut *stream).poll_write(cx, &slices[0])
+            } else {
+                Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..count])
+            };
+            match r {
+                Poll::Pending if consumed > 0 => return Poll::Ready(Ok((consumed, 0))),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => n,
+            }
+        };
+        let mut left = written;
+        while left > 0 {
+            let Some(seg) = self.segs.front_mut() else {
+                break;
+            };
+            match seg {
+                Seg::Buf(n) => {
+                    let take = (*n).min(left);
+                    buf.advance(take);
+                    consumed += take;
+                    left -= take;
+                    *n -= take;
+                    if *n == 0 {
+                        self.segs.pop_front();
+                    }
+                }
+                Seg::Own(n) => {
+                    let take = (*n).min(left);
+                    self.own.advance(take);
+                    left -= take;
+                    *n -= take;
+                    if *n == 0 {
+                        self.segs.pop_front();
+                    }
+                }
+                Seg::Skip(_) => unreachable!("skips are dropped before and after writing"),
+            }
+            consumed += self.drop_skips(buf);
+        }
+        if self.segs.is_empty() {
+            // Lets the arena reuse its space from the start.
+            self.own.clear();
+        }
+        Poll::Ready(Ok((consumed, written)))
+    }
+}
+
+#[cfg(test)]
+impl Out {
+    /// The bytes the queue would send, given the read buffer it covers.
+    pub fn flatten(&self, buf: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        let (mut at_buf, mut at_own) = (0, 0);
+        for seg in &self.segs {
+            match *seg {
+                Seg::Buf(n) => {
+                    v.extend_from_slice(&buf[at_buf..at_buf + n]);
+                    at_buf += n;
+                }
+                Seg::Skip(n) => at_buf += n,
+                Seg::Own(n) => {
+                    v.extend_from_slice(&self.own[at_own..at_own + n]);
+                    at_own += n;
+                }
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_merge_and_count() {
+        let mut o = Out::default();
+        o.buf(3);
+        o.buf(2);
+        o.skip(4);
+        o.own(b"xy");
+        o.own(b"z");
+        o.buf(1);
+        assert_eq!(
+            o.segs.iter().copied().collect::<Vec<_>>(),
+            vec![Seg::Buf(5), Seg::Skip(4), Seg::Own(3), Seg::Buf(1)]
+        );
+        assert_eq!(o.buf_len(), 10);
+        assert_eq!(o.clear(), 10);
+        assert!(o.is_empty());
+    }
+
+    #[tokio::test]
+    async fn writes_spliced_stream() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        let (mut b, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::from(&b"hello, cruel world!"[..]);
+        let mut o = Out::default();
+        o.buf(7);
+        o.skip(6);
+        o.own(b"big ");
+        o.buf(6);
+        let (consumed, written) = std::future::poll_fn(|cx| o.poll_write(&mut a, &mut buf, cx))
+            .await
+            .unwrap();
+        assert_eq!((consumed, written), (19, 17));
+        assert!(o.is_empty() && buf.is_empty());
+        let mut got = vec![0u8; 17];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello, big world!");
+    }
+}

@@ -143,6 +143,15 @@ impl StatementCache {
         })
     }
 
+    /// The statement for `tail` in `tenant`'s namespace, if some client or server
+    /// connection holds it now.
+    fn get(&self, tenant: TenantId, tail: &[u8]) -> Option<Arc<Stmt>> {
+        let mut key = BytesMut::with_capacity(4 + tail.len());
+        key.put_u32(tenant);
+        key.extend_from_slice(tail);
+        self.map.get(&key[..]).and_then(|w| w.upgrade())
+    }
+
     /// Statements alive now.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -208,6 +217,9 @@ impl ClientStatements {
 pub struct ServerStatements {
     map: HashMap<u64, (Arc<Stmt>, u64)>,
     tick: u64,
+    /// The replies the connection owes, in order (empty between transactions; kept here so
+    /// its memory is reused rather than allocated per transaction).
+    expect: VecDeque<Expect>,
 }
 
 impl ServerStatements {
@@ -234,7 +246,11 @@ impl ServerStatements {
     /// Adds a statement; returns the one evicted to stay within `max`.
     fn insert(&mut self, stmt: Arc<Stmt>, max: usize) -> Option<Arc<Stmt>> {
         let evicted = if self.map.len() >= max {
-            let oldest = self.map.iter().min_by_key(|(_, (_, t))| *t).map(|(id, _)| *id);
+            let oldest = self
+                .map
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(id, _)| *id);
             oldest.and_then(|id| self.map.remove(&id)).map(|(s, _)| s)
         } else {
             None
@@ -366,7 +382,6 @@ pub struct Tracker<'a> {
     skip_to_sync: bool,
     /// A DISCARD ALL is on its way: wait for it before rewriting more.
     barrier: bool,
-    expect: VecDeque<Expect>,
     /// Replies and the queue disagreed: the connection's statement set is not trusted.
     pub desync: bool,
 }
@@ -399,7 +414,6 @@ impl<'a> Tracker<'a> {
             drop_left: 0,
             skip_to_sync: false,
             barrier: false,
-            expect: VecDeque::new(),
             desync: false,
         }
     }
@@ -411,11 +425,11 @@ impl<'a> Tracker<'a> {
 
     /// Replies still expected.
     pub fn expecting(&self) -> usize {
-        self.expect.len()
+        self.server.expect.len()
     }
 
     fn expect(&mut self, kind: Kind, act: Act) {
-        self.expect.push_back(Expect { kind, act });
+        self.server.expect.push_back(Expect { kind, act });
     }
 
     // ---- client -> server ----
@@ -476,9 +490,7 @@ impl<'a> Tracker<'a> {
                         self.fail(e, out, pos, len, have);
                     } else if !whole {
                         if cstr(body).is_none() && body.len() > MAX_NAME {
-                            return Err(PgError::protocol_violation(
-                                "statement name too long",
-                            ));
+                            return Err(PgError::protocol_violation("statement name too long"));
                         }
                         return Ok(());
                     } else {
@@ -537,9 +549,7 @@ impl<'a> Tracker<'a> {
                                 Act::Answer(Answer::Closed { name, stmt }),
                             );
                         }
-                        _ => {
-                            self.pass(out, pos, len, have, Some((Kind::One(b'3'), Act::Forward)))
-                        }
+                        _ => self.pass(out, pos, len, have, Some((Kind::One(b'3'), Act::Forward))),
                     }
                 }
                 b'Q' => {
@@ -776,7 +786,7 @@ impl<'a> Tracker<'a> {
     /// Is the server message starting now with `tag` a reply the client must not see?
     #[inline]
     pub fn drops(&self, tag: u8) -> bool {
-        match self.expect.front() {
+        match self.server.expect.front() {
             Some(Expect {
                 kind,
                 act: Act::Parse { injected: true, .. } | Act::Close { .. },
@@ -795,7 +805,7 @@ impl<'a> Tracker<'a> {
                 // Pops through the Sync/Query this answers; anything before it did not get
                 // its reply (should not happen): treated as skipped.
                 loop {
-                    let Some(e) = self.expect.pop_front() else {
+                    let Some(e) = self.server.expect.pop_front() else {
                         self.desync = true;
                         break;
                     };
@@ -810,8 +820,13 @@ impl<'a> Tracker<'a> {
                 }
             }
             _ => {
-                if self.expect.front().is_some_and(|e| e.kind.ends_with(tag)) {
-                    self.expect.pop_front();
+                if self
+                    .server
+                    .expect
+                    .front()
+                    .is_some_and(|e| e.kind.ends_with(tag))
+                {
+                    self.server.expect.pop_front();
                 }
             }
         }
@@ -820,14 +835,14 @@ impl<'a> Tracker<'a> {
 
     /// The server answered the front message with an error: it skips to Sync.
     fn server_error(&mut self, code: Option<&str>) {
-        let Some(front) = self.expect.front() else {
+        let Some(front) = self.server.expect.front() else {
             return;
         };
         if front.kind.ready() {
             // A query's error, or one at Sync: ReadyForQuery follows.
             return;
         }
-        if let Some(e) = self.expect.pop_front() {
+        if let Some(e) = self.server.expect.pop_front() {
             if let Act::Uses(id) = e.act
                 && code == Some("26000")
             {
@@ -835,8 +850,13 @@ impl<'a> Tracker<'a> {
             }
             self.skipped(e);
         }
-        while self.expect.front().is_some_and(|e| e.kind != Kind::Sync) {
-            let e = self.expect.pop_front().expect("front exists");
+        while self
+            .server
+            .expect
+            .front()
+            .is_some_and(|e| e.kind != Kind::Sync)
+        {
+            let e = self.server.expect.pop_front().expect("front exists");
             self.skipped(e);
         }
     }
@@ -874,7 +894,7 @@ impl<'a> Tracker<'a> {
     pub fn answer(&mut self, status: u8, out: &mut Out) -> Answered {
         let mut a = Answered::default();
         while matches!(
-            self.expect.front(),
+            self.server.expect.front(),
             Some(Expect {
                 act: Act::Answer(_),
                 ..
@@ -883,7 +903,7 @@ impl<'a> Tracker<'a> {
             let Some(Expect {
                 act: Act::Answer(answer),
                 ..
-            }) = self.expect.pop_front()
+            }) = self.server.expect.pop_front()
             else {
                 unreachable!()
             };
@@ -927,10 +947,100 @@ impl<'a> Tracker<'a> {
 
     /// The relay ends without the replies (server lost): undo what they would have undone.
     pub fn abandon(&mut self) {
-        while let Some(e) = self.expect.pop_front() {
+        while let Some(e) = self.server.expect.pop_front() {
             self.skipped(e);
         }
     }
+}
+
+/// Answers, without a server connection, a batch that needs none: Parses of statements
+/// the tenant already has and Closes, then Sync (what libpq's `PQprepare` sends). The
+/// client is between transactions, so it gets ReadyForQuery "idle". Returns `None` when
+/// the batch needs a server (anything else, or anything unusual).
+///
+/// Beyond saving a round trip, this keeps a client that prepares synchronously while the
+/// pool is busy (pgbench -M prepared, one thread for many clients) from waiting on a
+/// connection held by a client that waits on it.
+pub fn answer_alone(
+    client: &mut ClientStatements,
+    cache: &StatementCache,
+    tenant: TenantId,
+    batch: &[u8],
+) -> Option<BytesMut> {
+    enum Step<'b> {
+        Parse(&'b [u8], Arc<Stmt>),
+        Close(&'b [u8]),
+    }
+    let mut steps = Vec::new();
+    let mut pos = 0;
+    let mut synced = false;
+    while pos < batch.len() {
+        let (tag, Ok(len)) = header(&batch[pos..])? else {
+            return None;
+        };
+        if synced || pos + len > batch.len() {
+            return None;
+        }
+        let body = &batch[pos + HEADER_LEN..pos + len];
+        let name_used = |steps: &[Step<'_>], name: &[u8]| {
+            steps.iter().any(|s| match s {
+                Step::Parse(n, _) | Step::Close(n) => *n == name,
+            })
+        };
+        match tag {
+            b'P' => {
+                let (name, n) = cstr(body)?;
+                if name.is_empty()
+                    || name.len() > MAX_NAME
+                    || client.get(name).is_some()
+                    || name_used(&steps, name)
+                {
+                    return None;
+                }
+                let stmt = cache.get(tenant, &body[n..])?;
+                steps.push(Step::Parse(name, stmt));
+            }
+            b'C' if body.first() == Some(&b'S') => {
+                let (name, _) = cstr(&body[1..])?;
+                if name.is_empty() || name_used(&steps, name) {
+                    return None;
+                }
+                steps.push(Step::Close(name));
+            }
+            b'S' => synced = true,
+            _ => return None,
+        }
+        pos += len;
+    }
+    if !synced {
+        return None;
+    }
+    let mut cost = 0;
+    for s in &steps {
+        if let Step::Parse(name, stmt) = s {
+            cost += name.len() + stmt.cost();
+        }
+    }
+    if client.map.len() + steps.len() > MAX_CLIENT_STATEMENTS
+        || client.bytes + cost > MAX_CLIENT_STATEMENT_BYTES
+    {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(5 * steps.len() + 6);
+    for s in steps {
+        match s {
+            Step::Parse(name, stmt) => {
+                client.insert(name.into(), stmt);
+                out.extend_from_slice(b"1\0\0\0\x04");
+            }
+            Step::Close(name) => {
+                client.remove(name);
+                out.extend_from_slice(b"3\0\0\0\x04");
+            }
+        }
+    }
+    put_ready_for_query(&mut out, b'I');
+    Some(out)
 }
 
 /// Appends a Close of the statement `name` (with its NUL).
@@ -1162,7 +1272,6 @@ mod tests {
         assert_eq!(t.expecting(), 0);
 
         // Another client of the tenant: its Parse is answered by the proxy.
-        drop(t);
         let mut other = ClientStatements::default();
         let mut t = Tracker::new(&mut other, &mut server, &cache, 0, 10);
         let mut input = msg(b'P', b"x\0SELECT $1\0\0\0");
@@ -1172,6 +1281,38 @@ mod tests {
         let mut back = Out::default();
         t.answer(b'I', &mut back);
         assert_eq!(back.flatten(&[]), b"1\0\0\0\x04");
+    }
+
+    #[test]
+    fn known_statements_are_prepared_without_a_server() {
+        let cache = Arc::new(StatementCache::default());
+        let held = cache.intern(3, b"SELECT 1\0\0\0");
+        let mut client = ClientStatements::default();
+        let mut batch = msg(b'P', b"a\0SELECT 1\0\0\0");
+        batch.extend(msg(b'C', b"Sold\0"));
+        batch.extend(msg(b'S', b""));
+        let reply = answer_alone(&mut client, &cache, 3, &batch).unwrap();
+        assert_eq!(&reply[..], b"1\0\0\0\x043\0\0\0\x04Z\0\0\0\x05I");
+        assert_eq!(client.get(b"a").unwrap().id, held.id);
+        // Unknown text, another tenant, a duplicate name, no Sync: the server is needed.
+        for (tenant, batch) in [
+            (
+                3,
+                [msg(b'P', b"b\0SELECT 2\0\0\0"), msg(b'S', b"")].concat(),
+            ),
+            (
+                4,
+                [msg(b'P', b"b\0SELECT 1\0\0\0"), msg(b'S', b"")].concat(),
+            ),
+            (
+                3,
+                [msg(b'P', b"a\0SELECT 1\0\0\0"), msg(b'S', b"")].concat(),
+            ),
+            (3, msg(b'P', b"b\0SELECT 1\0\0\0")),
+        ] {
+            assert!(answer_alone(&mut client, &cache, tenant, &batch).is_none());
+        }
+        assert_eq!(client.len(), 1);
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct ServerConn {
     pub settings: Option<std::sync::Arc<crate::client::params::Settings>>,
     /// Named statements prepared on it under the proxy's names.
     pub stmts: crate::prepared::ServerStatements,
+    /// What a relay sends to this connection and to the client it serves: empty between
+    /// transactions, kept so their memory is reused rather than allocated per transaction.
+    pub to_server: crate::splice::Out,
+    pub to_client: crate::splice::Out,
     /// A client ran SQL PREPARE: statements the proxy does not know are on it, so the next
     /// reset is a full DISCARD ALL.
     pub sql_prepared: bool,
@@ -206,6 +210,8 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
                         last_client: 0,
                         settings: None,
                         stmts: Default::default(),
+                        to_server: Default::default(),
+                        to_client: Default::default(),
                         sql_prepared: false,
                     },
                     params,

@@ -580,6 +580,25 @@ impl Session {
             return Ok(true);
         }
         let shared = self.reg.shared.clone();
+        if self.held.is_none()
+            && shared.config.proxy.max_prepared_statements > 0
+            && self.cscan.pending == 1
+            && !self.cscan.unsynced
+            && self.cscan.body_left == 0
+            && let Some(reply) = crate::prepared::answer_alone(
+                &mut self.statements,
+                &shared.statements,
+                self.reg.tenant,
+                &self.buf[..self.cfwd],
+            )
+        {
+            // Prepared statements the tenant already has: no server connection needed.
+            self.buf.advance(self.cfwd);
+            self.cfwd = 0;
+            self.cscan.pending = 0;
+            self.write_client(&reply).await?;
+            return Ok(true);
+        }
         let tenant = shared.tenants.get(self.reg.tenant);
         let tmetrics = &shared.metrics.tenants[self.reg.tenant as usize];
         let stats = &tenant.stats;
@@ -614,11 +633,15 @@ impl Session {
                     .stats
                     .search_path_switches
                     .fetch_add(1, Ordering::Relaxed);
-                Some((reset_prelude(&shared, tenant, &mut conn), PRELUDE_RESET_QUERIES))
+                Some((
+                    reset_prelude(&shared, tenant, &mut conn),
+                    PRELUDE_RESET_QUERIES,
+                ))
             }
-            Some(_) if conn.dirty && conn.last_client != client_id => {
-                Some((reset_prelude(&shared, tenant, &mut conn), PRELUDE_RESET_QUERIES))
-            }
+            Some(_) if conn.dirty && conn.last_client != client_id => Some((
+                reset_prelude(&shared, tenant, &mut conn),
+                PRELUDE_RESET_QUERIES,
+            )),
             Some(_) => None,
         };
         let (tenant_prelude, mut swallow) = reset.unwrap_or((&[][..], 0));
@@ -650,16 +673,19 @@ impl Session {
             .client
             .attach(conn.backend_pid, conn.backend_secret);
 
-        let mut cout = crate::splice::Out::default();
-        cout.own(prelude);
-        drop(combined);
         let server: &mut crate::server::ServerConn = &mut conn;
         let crate::server::ServerConn {
             stream: sstream,
             buf: sbuf,
             stmts,
+            to_server: cout,
+            to_client: sout,
             ..
         } = server;
+        cout.clear();
+        sout.clear();
+        cout.own(prelude);
+        drop(combined);
         let max_statements = shared.config.proxy.max_prepared_statements as usize;
         let track = (max_statements > 0).then(|| {
             Tracker::new(
@@ -680,7 +706,7 @@ impl Session {
             sscan: ServerScan::new(swallow),
             cout,
             cpos: 0,
-            sout: crate::splice::Out::default(),
+            sout,
             track,
             idle_in_transaction: shared.config.limits.idle_transaction_timeout.nonzero(),
             idle_timer: None,
@@ -698,6 +724,7 @@ impl Session {
         let reset_seen = relay.sscan.reset_seen;
         let sql_prepared = relay.sscan.sql_prepared;
         let mid_message = relay.sscan.mid_message() || !relay.sout.is_empty();
+        let unsent = !relay.cout.is_empty();
         let status = relay.sscan.status;
         // The statement tracker must have heard every reply; if not (the server went away,
         // or replies and requests disagreed), undo what the missing replies would have
@@ -738,6 +765,7 @@ impl Session {
                     && !self.cscan.unsynced
                     && self.cscan.body_left == 0
                     && self.cfwd == 0
+                    && !unsent
                     && !mid_message;
                 conn.dirty |= session_changed || session_mode;
                 conn.set_clean(idle && statements_known);

@@ -385,11 +385,11 @@ pub struct Relay<'a> {
     pub sbuf: &'a mut BytesMut,
     pub sscan: ServerScan,
     /// What goes to the server: injected queries first, then the client's bytes.
-    pub cout: Out,
+    pub cout: &'a mut Out,
     /// Bytes at the front of `cbuf` that `cout` covers (at most `cfwd`).
     pub cpos: usize,
     /// What goes to the client.
-    pub sout: Out,
+    pub sout: &'a mut Out,
     /// Named prepared statements, when `max_prepared_statements` is on.
     pub track: Option<Tracker<'a>>,
     /// `idle_transaction_timeout`, if on.
@@ -497,8 +497,7 @@ impl Relay<'_> {
     fn answered(&mut self, ready: u32, idle: u32) {
         if ready > 0 {
             self.cscan.pending = self.cscan.pending.saturating_sub(ready);
-            self.counts
-                .finished(ready, idle, self.cscan.pending > 0);
+            self.counts.finished(ready, idle, self.cscan.pending > 0);
         }
     }
 
@@ -514,9 +513,9 @@ impl Relay<'_> {
                 self.cpos = *self.cfwd;
             }
             Some(t) => {
-                t.rewrite(self.cbuf, &mut self.cpos, *self.cfwd, &mut self.cout)?;
+                t.rewrite(self.cbuf, &mut self.cpos, *self.cfwd, self.cout)?;
                 if !self.sscan.mid_message() {
-                    let a = t.answer(self.sscan.status, &mut self.sout);
+                    let a = t.answer(self.sscan.status, self.sout);
                     self.answered(a.ready, a.idle);
                 }
             }
@@ -597,10 +596,7 @@ impl Relay<'_> {
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerLost(e.to_string())),
                     Poll::Ready(Ok(_)) => {
-                        match self
-                            .sscan
-                            .scan(self.sbuf, &mut self.sout, self.track.as_mut())
-                        {
+                        match self.sscan.scan(self.sbuf, self.sout, self.track.as_mut()) {
                             Ok(chunk) => self.answered(chunk.ready, chunk.idle),
                             Err(e) => return Poll::Ready(RelayEnd::ServerLost(e)),
                         }

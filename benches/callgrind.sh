@@ -5,12 +5,18 @@
 #
 #   benches/callgrind.sh                 # variants: plain, metrics, settings (their costs)
 #   TXNS=2000 CLIENTS=4 MODE=extended benches/callgrind.sh
+#   MODE=prepared VARIANTS="plain untracked" benches/callgrind.sh
+#   CG_OUT=/tmp/cg benches/callgrind.sh  # keeps /tmp/cg.<variant> for callgrind_annotate
+#
+# Variants: plain (defaults: prepared statements tracked), untracked
+# (max_prepared_statements = 0), metrics (exporter on), settings (3 startup settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 TXNS=${TXNS:-1000}
 CLIENTS=${CLIENTS:-4}
 MODE=${MODE:-simple}
+VARIANTS=${VARIANTS:-plain metrics settings}
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)"; exit 1; }
 source benches/lib.sh
 start_pg
@@ -19,11 +25,12 @@ psql -qX -h 127.0.0.1 -p "$PGPORT" -U tenantpool -d app -c "CREATE SCHEMA tenant
 PGOPTIONS="-c search_path=tenant_t1" pgbench -q -i -s 1 -h 127.0.0.1 -p "$PGPORT" -U tenantpool app >/dev/null 2>&1
 cargo build --release -q --bin tenantpool
 
-variant() { # name extra-toml [PGOPTIONS for the clients]
+variant() { # name extra-toml [PGOPTIONS for the clients] [extra [proxy] keys]
   local port; port=$(freeport)
   cat > "$WORK/$1.toml" <<TOML
 [proxy]
 listen = "127.0.0.1:$port"
+${4:-}
 [server]
 port = $PGPORT
 database = "app"
@@ -48,11 +55,18 @@ TOML
   callgrind_control -z "$pid" >/dev/null
   PGOPTIONS="${3:-}" PGPASSWORD=bench-secret pgbench -n -S -M "$MODE" -c "$CLIENTS" -j 1 -t "$TXNS" -h 127.0.0.1 -p "$port" -U bench t1 >/dev/null 2>&1
   kill -INT "$pid"; wait "$pid" || true
+  [ -n "${CG_OUT:-}" ] && cp "$WORK/cg.$1" "$CG_OUT.$1"
   local ir; ir=$( (callgrind_annotate "$WORK/cg.$1" 2>/dev/null || true) | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}')
   awk -v n="$1" -v ir="$ir" -v t=$((TXNS * CLIENTS)) 'BEGIN{printf "%-10s %12d Ir total  %8.0f Ir per transaction (client logins included)\n", n, ir, ir/t}'
 }
 echo "callgrind: pgbench -S -M $MODE, $CLIENTS clients x $TXNS transactions"
-variant plain ""
-variant metrics "[metrics]\nlisten = \"127.0.0.1:$(freeport)\""
-# Every client with the same session settings: should cost what no settings cost.
-variant settings "" "-c statement_timeout=5s -c timezone=UTC -c datestyle=ISO,DMY"
+for v in $VARIANTS; do
+  case $v in
+    plain) variant plain "" ;;
+    untracked) variant untracked "" "" "max_prepared_statements = 0" ;;
+    metrics) variant metrics "[metrics]\nlisten = \"127.0.0.1:$(freeport)\"" ;;
+    # Every client with the same session settings: should cost what no settings cost.
+    settings) variant settings "" "-c statement_timeout=5s -c timezone=UTC -c datestyle=ISO,DMY" ;;
+    *) echo "unknown variant $v"; exit 1 ;;
+  esac
+done

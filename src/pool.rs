@@ -50,9 +50,7 @@ pub struct PoolStats {
     pub connects_failed: AtomicU64,
 }
 
-/// What a waiter is handed. (A connection is moved whole, a few hundred bytes, once per
-/// checkout: cheaper than an allocation.)
-#[allow(clippy::large_enum_variant)]
+/// What a waiter is handed.
 enum Grant {
     /// An idle connection, already counted against the waiter's tenant.
     Conn(ServerConn),
@@ -63,7 +61,6 @@ enum Grant {
 }
 
 /// What a checkout does next.
-#[allow(clippy::large_enum_variant)]
 enum Take {
     Conn(ServerConn),
     Connect,

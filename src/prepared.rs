@@ -219,7 +219,61 @@ pub struct ServerStatements {
     tick: u64,
     /// The replies the connection owes, in order (empty between transactions; kept here so
     /// its memory is reused rather than allocated per transaction).
-    expect: VecDeque<Expect>,
+    expect: Replies,
+}
+
+/// The replies owed, in order: a byte-sized entry per message, and the actions of the few
+/// that have one in a queue of their own (most messages are passed through as they are).
+#[derive(Debug, Default)]
+struct Replies {
+    kinds: VecDeque<(Kind, bool)>,
+    acts: VecDeque<Act>,
+}
+
+impl Replies {
+    fn push(&mut self, e: Expect) {
+        let has_act = !matches!(e.act, Act::Forward);
+        self.kinds.push_back((e.kind, has_act));
+        if has_act {
+            self.acts.push_back(e.act);
+        }
+    }
+
+    #[inline]
+    fn front_kind(&self) -> Option<Kind> {
+        self.kinds.front().map(|&(k, _)| k)
+    }
+
+    /// The front entry's action (`None` for a plain pass-through, or when empty).
+    #[inline]
+    fn front_act(&self) -> Option<&Act> {
+        match self.kinds.front() {
+            Some((_, true)) => self.acts.front(),
+            _ => None,
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Expect> {
+        let (kind, has_act) = self.kinds.pop_front()?;
+        let act = if has_act {
+            self.acts.pop_front().unwrap_or(Act::Forward)
+        } else {
+            Act::Forward
+        };
+        Some(Expect { kind, act })
+    }
+
+    /// Drops the front entry (its reply came and it has nothing to do).
+    #[inline]
+    fn discard_front(&mut self) {
+        if let Some((_, true)) = self.kinds.pop_front() {
+            self.acts.pop_front();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.kinds.len()
+    }
 }
 
 impl ServerStatements {
@@ -428,8 +482,9 @@ impl<'a> Tracker<'a> {
         self.server.expect.len()
     }
 
+    #[inline]
     fn expect(&mut self, kind: Kind, act: Act) {
-        self.server.expect.push_back(Expect { kind, act });
+        self.server.expect.push(Expect { kind, act });
     }
 
     // ---- client -> server ----
@@ -482,7 +537,7 @@ impl<'a> Tracker<'a> {
             match tag {
                 b'P' => {
                     if body.first() == Some(&0) {
-                        self.pass(out, pos, len, have, Some((Kind::One(b'1'), Act::Forward)));
+                        self.pass(out, pos, len, have, Some(Kind::One(b'1')));
                     } else if body.is_empty() {
                         return Ok(());
                     } else if len - HEADER_LEN > MAX_CLIENT_STATEMENT_BYTES {
@@ -508,7 +563,7 @@ impl<'a> Tracker<'a> {
                         return Ok(());
                     };
                     if stmt.is_empty() {
-                        self.pass(out, pos, len, have, Some((Kind::One(b'2'), Act::Forward)));
+                        self.pass(out, pos, len, have, Some(Kind::One(b'2')));
                     } else {
                         self.bind(stmt, portal_len, names_len, out, pos, len, have);
                     }
@@ -528,16 +583,14 @@ impl<'a> Tracker<'a> {
                         (b'D', b'S') if !name.is_empty() => {
                             self.describe(name, out, pos, len);
                         }
-                        (b'D', b'S') => {
-                            self.pass(out, pos, len, have, Some((Kind::Describe, Act::Forward)))
-                        }
+                        (b'D', b'S') => self.pass(out, pos, len, have, Some(Kind::Describe)),
                         (b'D', _) => self.pass(
                             out,
                             pos,
                             len,
                             have,
                             // A portal: RowDescription or NoData.
-                            Some((Kind::Describe, Act::Forward)),
+                            Some(Kind::Describe),
                         ),
                         (b'C', b'S') if !name.is_empty() => {
                             let name: Box<[u8]> = name.into();
@@ -549,12 +602,12 @@ impl<'a> Tracker<'a> {
                                 Act::Answer(Answer::Closed { name, stmt }),
                             );
                         }
-                        _ => self.pass(out, pos, len, have, Some((Kind::One(b'3'), Act::Forward))),
+                        _ => self.pass(out, pos, len, have, Some(Kind::One(b'3'))),
                     }
                 }
                 b'Q' => {
                     if len > HEADER_LEN + MAX_INSPECTED_QUERY {
-                        self.pass(out, pos, len, have, Some((Kind::Query, Act::Forward)));
+                        self.pass(out, pos, len, have, Some(Kind::Query));
                     } else if !whole {
                         return Ok(());
                     } else {
@@ -564,10 +617,10 @@ impl<'a> Tracker<'a> {
                 }
                 b'S' => {
                     self.skip_to_sync = false;
-                    self.pass(out, pos, len, have, Some((Kind::Sync, Act::Forward)));
+                    self.pass(out, pos, len, have, Some(Kind::Sync));
                 }
-                b'E' => self.pass(out, pos, len, have, Some((Kind::Execute, Act::Forward))),
-                b'F' => self.pass(out, pos, len, have, Some((Kind::Query, Act::Forward))),
+                b'E' => self.pass(out, pos, len, have, Some(Kind::Execute)),
+                b'F' => self.pass(out, pos, len, have, Some(Kind::Query)),
                 _ => self.pass(out, pos, len, have, None),
             }
         }
@@ -580,10 +633,10 @@ impl<'a> Tracker<'a> {
         pos: &mut usize,
         len: usize,
         have: usize,
-        expect: Option<(Kind, Act)>,
+        kind: Option<Kind>,
     ) {
-        if let Some((kind, act)) = expect {
-            self.expect(kind, act);
+        if let Some(kind) = kind {
+            self.server.expect.kinds.push_back((kind, false));
         }
         out.buf(have);
         *pos += have;
@@ -738,7 +791,7 @@ impl<'a> Tracker<'a> {
         if name.starts_with(PREFIX) {
             self.fail(PgError::unknown_statement(&show(name)), out, pos, len, have);
         } else {
-            self.pass(out, pos, len, have, Some((kind, Act::Forward)));
+            self.pass(out, pos, len, have, Some(kind));
         }
     }
 
@@ -766,7 +819,8 @@ impl<'a> Tracker<'a> {
             },
             SqlCommand::DiscardAll => {
                 self.barrier = true;
-                self.pass(out, pos, len, len, Some((Kind::Query, Act::Barrier)));
+                self.expect(Kind::Query, Act::Barrier);
+                self.pass(out, pos, len, len, None);
                 return;
             }
             SqlCommand::Other => None,
@@ -777,7 +831,7 @@ impl<'a> Tracker<'a> {
                 *pos += len;
                 self.expect(Kind::Query, Act::Answer(a));
             }
-            None => self.pass(out, pos, len, len, Some((Kind::Query, Act::Forward))),
+            None => self.pass(out, pos, len, len, Some(Kind::Query)),
         }
     }
 
@@ -786,21 +840,25 @@ impl<'a> Tracker<'a> {
     /// Is the server message starting now with `tag` a reply the client must not see?
     #[inline]
     pub fn drops(&self, tag: u8) -> bool {
-        match self.server.expect.front() {
-            Some(Expect {
-                kind,
-                act: Act::Parse { injected: true, .. } | Act::Close { .. },
-            }) => kind.ends_with(tag),
+        match self.server.expect.front_act() {
+            Some(Act::Parse { injected: true, .. } | Act::Close { .. }) => self
+                .server
+                .expect
+                .front_kind()
+                .is_some_and(|k| k.ends_with(tag)),
             _ => false,
         }
     }
 
-    /// A server message ended. `code` is an ErrorResponse's SQLSTATE. Answers the proxy
-    /// owes from here on go to `out`; returns the ReadyForQuery messages among them.
-    pub fn reply(&mut self, tag: u8, code: Option<&str>, status: u8, out: &mut Out) -> Answered {
+    /// A server message ended. `code` is an ErrorResponse's SQLSTATE. Returns whether
+    /// answers of the proxy are now due (then [`Tracker::answer`] sends them).
+    pub fn reply(&mut self, tag: u8, code: Option<&str>) -> bool {
         match tag {
-            b'N' | b'A' | b'S' => {}
+            b'N' | b'A' | b'S' => return false,
             b'E' => self.server_error(code),
+            b'Z' if matches!(self.server.expect.kinds.front(), Some((k, false)) if k.ready()) => {
+                self.server.expect.discard_front();
+            }
             b'Z' => {
                 // Pops through the Sync/Query this answers; anything before it did not get
                 // its reply (should not happen): treated as skipped.
@@ -823,22 +881,25 @@ impl<'a> Tracker<'a> {
                 if self
                     .server
                     .expect
-                    .front()
-                    .is_some_and(|e| e.kind.ends_with(tag))
+                    .front_kind()
+                    .is_some_and(|k| k.ends_with(tag))
                 {
-                    self.server.expect.pop_front();
+                    self.server.expect.discard_front();
+                } else {
+                    // Nothing ended: no answer's turn came.
+                    return false;
                 }
             }
         }
-        self.answer(status, out)
+        matches!(self.server.expect.front_act(), Some(Act::Answer(_)))
     }
 
     /// The server answered the front message with an error: it skips to Sync.
     fn server_error(&mut self, code: Option<&str>) {
-        let Some(front) = self.server.expect.front() else {
+        let Some(front) = self.server.expect.front_kind() else {
             return;
         };
-        if front.kind.ready() {
+        if front.ready() {
             // A query's error, or one at Sync: ReadyForQuery follows.
             return;
         }
@@ -853,8 +914,8 @@ impl<'a> Tracker<'a> {
         while self
             .server
             .expect
-            .front()
-            .is_some_and(|e| e.kind != Kind::Sync)
+            .front_kind()
+            .is_some_and(|k| k != Kind::Sync)
         {
             let e = self.server.expect.pop_front().expect("front exists");
             self.skipped(e);
@@ -893,13 +954,7 @@ impl<'a> Tracker<'a> {
     /// Sends the answers at the front of the queue (their turn has come).
     pub fn answer(&mut self, status: u8, out: &mut Out) -> Answered {
         let mut a = Answered::default();
-        while matches!(
-            self.server.expect.front(),
-            Some(Expect {
-                act: Act::Answer(_),
-                ..
-            })
-        ) {
+        while matches!(self.server.expect.front_act(), Some(Act::Answer(_))) {
             let Some(Expect {
                 act: Act::Answer(answer),
                 ..
@@ -1065,6 +1120,10 @@ enum SqlCommand {
 /// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` as a whole query string
 /// (one statement, an optional `;`, no comments).
 fn sql_command(text: &[u8]) -> SqlCommand {
+    // Most queries: not a D word.
+    if !matches!(text.trim_ascii_start().first(), Some(b'd' | b'D')) {
+        return SqlCommand::Other;
+    }
     let mut words = SqlWords { s: text };
     let Some(first) = words.next() else {
         return SqlCommand::Other;
@@ -1248,12 +1307,11 @@ mod tests {
         assert_eq!(sent, want);
         // Replies: the Close's CloseComplete is dropped, the rest passes.
         assert!(t.drops(b'3'));
-        let mut back = Out::default();
-        t.reply(b'3', None, b'I', &mut back);
+        assert!(!t.reply(b'3', None));
         assert!(!t.drops(b'1'));
-        t.reply(b'1', None, b'I', &mut back);
-        t.reply(b'2', None, b'I', &mut back);
-        t.reply(b'Z', None, b'I', &mut back);
+        t.reply(b'1', None);
+        t.reply(b'2', None);
+        t.reply(b'Z', None);
         assert_eq!(t.expecting(), 0);
         assert!(!t.desync);
 
@@ -1268,7 +1326,7 @@ mod tests {
         let answered = back.flatten(&[]);
         assert_eq!(answered[0], b'E');
         assert!(String::from_utf8_lossy(&answered).contains("42P05"));
-        t.reply(b'Z', None, b'I', &mut back);
+        t.reply(b'Z', None);
         assert_eq!(t.expecting(), 0);
 
         // Another client of the tenant: its Parse is answered by the proxy.
@@ -1328,12 +1386,11 @@ mod tests {
         input.extend(msg(b'S', b""));
         rewrite_all(&mut t, &input);
         assert_eq!(t.expecting(), 5); // Close, Parse, Bind, Execute, Sync
-        let mut back = Out::default();
-        t.reply(b'3', None, b'I', &mut back);
+        t.reply(b'3', None);
         assert!(!t.drops(b'E'));
-        t.reply(b'E', Some("42P01"), b'I', &mut back);
+        t.reply(b'E', Some("42P01"));
         assert_eq!(t.expecting(), 1);
-        t.reply(b'Z', None, b'I', &mut back);
+        t.reply(b'Z', None);
         assert_eq!(t.expecting(), 0);
         assert!(!t.server.touch(stmt.id));
         assert!(t.client.get(b"s").is_some());

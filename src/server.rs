@@ -54,15 +54,22 @@ pub struct ServerConn {
     /// The client settings applied on it: `Some(empty)` for the server's defaults (fresh or
     /// just reset), `None` when unknown (a client ran RESET).
     pub settings: Option<std::sync::Arc<crate::client::params::Settings>>,
+    /// Statements and relay queues, boxed: a connection is moved a few times per checkout.
+    pub work: Box<ConnWork>,
+    /// A client ran SQL PREPARE: statements the proxy does not know are on it, so the next
+    /// reset is a full DISCARD ALL.
+    pub sql_prepared: bool,
+}
+
+/// What a server connection keeps for the relays that use it.
+#[derive(Debug, Default)]
+pub struct ConnWork {
     /// Named statements prepared on it under the proxy's names.
     pub stmts: crate::prepared::ServerStatements,
     /// What a relay sends to this connection and to the client it serves: empty between
     /// transactions, kept so their memory is reused rather than allocated per transaction.
     pub to_server: crate::splice::Out,
     pub to_client: crate::splice::Out,
-    /// A client ran SQL PREPARE: statements the proxy does not know are on it, so the next
-    /// reset is a full DISCARD ALL.
-    pub sql_prepared: bool,
 }
 
 /// Size of the read buffer of a server connection.
@@ -209,9 +216,7 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
                         dirty: false,
                         last_client: 0,
                         settings: None,
-                        stmts: Default::default(),
-                        to_server: Default::default(),
-                        to_client: Default::default(),
+                        work: Default::default(),
                         sql_prepared: false,
                     },
                     params,

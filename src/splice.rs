@@ -34,7 +34,7 @@ pub struct Out {
 }
 
 /// Most slices handed to one vectored write.
-const MAX_SLICES: usize = 32;
+const MAX_SLICES: usize = 16;
 
 impl Out {
     pub fn is_empty(&self) -> bool {
@@ -111,6 +111,47 @@ impl Out {
         dropped
     }
 
+    /// One write of the queued segments (the first is not a `Skip`).
+    #[inline]
+    fn write_slices(
+        &self,
+        stream: &mut TcpStream,
+        buf: &BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        if self.segs.len() == 1 {
+            // The common case: one run of forwarded bytes (or of the proxy's own).
+            let bytes = match self.segs[0] {
+                Seg::Buf(n) => &buf[..n],
+                Seg::Own(n) => &self.own[..n],
+                Seg::Skip(_) => &[][..],
+            };
+            return Pin::new(&mut *stream).poll_write(cx, bytes);
+        }
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut count = 0;
+        let (mut at_buf, mut at_own) = (0, 0);
+        for seg in &self.segs {
+            if count == MAX_SLICES {
+                break;
+            }
+            match *seg {
+                Seg::Buf(n) => {
+                    slices[count] = IoSlice::new(&buf[at_buf..at_buf + n]);
+                    count += 1;
+                    at_buf += n;
+                }
+                Seg::Skip(n) => at_buf += n,
+                Seg::Own(n) => {
+                    slices[count] = IoSlice::new(&self.own[at_own..at_own + n]);
+                    count += 1;
+                    at_own += n;
+                }
+            }
+        }
+        Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..count])
+    }
+
     /// Writes what the socket takes. Returns (bytes of `buf` consumed, bytes written); `buf`
     /// is advanced past what was consumed.
     pub fn poll_write(
@@ -119,46 +160,34 @@ impl Out {
         buf: &mut BytesMut,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<(usize, usize)>> {
+        if let (1, Some(&Seg::Buf(n))) = (self.segs.len(), self.segs.front()) {
+            // The common case: one run of forwarded bytes.
+            let w = match Pin::new(&mut *stream).poll_write(cx, &buf[..n]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(w)) => w,
+                other => return other.map_ok(|_| (0, 0)),
+            };
+            buf.advance(w);
+            if w == n {
+                self.segs.clear();
+                self.own.clear();
+            } else {
+                self.segs[0] = Seg::Buf(n - w);
+            }
+            return Poll::Ready(Ok((w, w)));
+        }
         let mut consumed = self.drop_skips(buf);
         if self.segs.is_empty() {
             return Poll::Ready(Ok((consumed, 0)));
         }
-        let written = {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut count = 0;
-            let (mut at_buf, mut at_own) = (0, 0);
-            for seg in &self.segs {
-                if count == MAX_SLICES {
-                    break;
-                }
-                match *seg {
-                    Seg::Buf(n) => {
-                        slices[count] = IoSlice::new(&buf[at_buf..at_buf + n]);
-                        count += 1;
-                        at_buf += n;
-                    }
-                    Seg::Skip(n) => at_buf += n,
-                    Seg::Own(n) => {
-                        slices[count] = IoSlice::new(&self.own[at_own..at_own + n]);
-                        count += 1;
-                        at_own += n;
-                    }
-                }
-            }
-            let r = if count == 1 {
-                Pin::new(&mut *stream).poll_write(cx, &slices[0])
-            } else {
-                Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..count])
-            };
-            match r {
-                Poll::Pending if consumed > 0 => return Poll::Ready(Ok((consumed, 0))),
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-                }
-                Poll::Ready(Ok(n)) => n,
-            }
+        let written = match self.write_slices(stream, buf, cx) {
+            Poll::Pending if consumed > 0 => return Poll::Ready(Ok((consumed, 0))),
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => n,
         };
         let mut left = written;
         while left > 0 {

@@ -76,7 +76,7 @@ fn reset_prelude<'t>(
     if shared.config.proxy.max_prepared_statements > 0 && !conn.sql_prepared {
         &tenant.prelude_keep
     } else {
-        conn.stmts.clear();
+        conn.work.stmts.clear();
         conn.sql_prepared = false;
         &tenant.prelude_reset
     }
@@ -581,6 +581,7 @@ impl Session {
         }
         let shared = self.reg.shared.clone();
         if self.held.is_none()
+            && matches!(self.buf.first(), Some(b'P' | b'C'))
             && shared.config.proxy.max_prepared_statements > 0
             && self.cscan.pending == 1
             && !self.cscan.unsynced
@@ -677,11 +678,14 @@ impl Session {
         let crate::server::ServerConn {
             stream: sstream,
             buf: sbuf,
+            work,
+            ..
+        } = server;
+        let crate::server::ConnWork {
             stmts,
             to_server: cout,
             to_client: sout,
-            ..
-        } = server;
+        } = &mut **work;
         cout.clear();
         sout.clear();
         cout.own(prelude);

@@ -193,7 +193,8 @@ impl ServerScan {
         }
     }
 
-    /// Tells the tracker a message ended, and counts the ReadyForQuery messages it answers.
+    /// Tells the tracker a message ended; when that makes answers of the proxy due, they
+    /// go out after the forwarded bytes so far, and their ReadyForQuery messages count.
     #[inline]
     fn ended(
         &self,
@@ -201,10 +202,14 @@ impl ServerScan {
         tag: u8,
         code: Option<&str>,
         out: &mut Out,
+        fwd: &mut usize,
         c: &mut ServerChunk,
     ) {
-        if let Some(t) = track {
-            let a = t.reply(tag, code, self.status, out);
+        if let Some(t) = track
+            && t.reply(tag, code)
+        {
+            flush(out, fwd);
+            let a = t.answer(self.status, out);
             c.ready += a.ready;
             c.idle += a.idle;
         }
@@ -221,20 +226,23 @@ impl ServerScan {
     ) -> Result<ServerChunk, String> {
         let mut c = ServerChunk::default();
         let mut pos = 0;
+        // Forwarded bytes not yet queued: one queue entry per run, not per message.
+        let mut fwd = 0;
         while pos < buf.len() {
             if self.body_left > 0 {
                 let take = self.body_left.min(buf.len() - pos);
                 if self.dropping {
+                    flush(out, &mut fwd);
                     out.skip(take);
                 } else {
-                    out.buf(take);
+                    fwd += take;
                 }
                 pos += take;
                 self.body_left -= take;
                 if self.body_left == 0
                     && let Some(tag) = self.streamed.take()
                 {
-                    self.ended(track.as_deref_mut(), tag, None, out, &mut c);
+                    self.ended(track.as_deref_mut(), tag, None, out, &mut fwd, &mut c);
                 }
                 continue;
             }
@@ -255,6 +263,7 @@ impl ServerScan {
                     }
                     self.swallow -= 1;
                     self.reset_in_cycle = false;
+                    flush(out, &mut fwd);
                     out.skip(len);
                     pos += len;
                     continue;
@@ -265,6 +274,7 @@ impl ServerScan {
                 self.dropping = true;
                 self.streamed = None;
                 let n = len.min(avail);
+                flush(out, &mut fwd);
                 out.skip(n);
                 pos += n;
                 self.body_left = len - n;
@@ -277,13 +287,13 @@ impl ServerScan {
                         break;
                     }
                     let status = buf[pos + HEADER_LEN];
-                    out.buf(len);
+                    fwd += len;
                     pos += len;
                     self.reset_in_cycle = false;
                     self.status = status;
                     c.ready += 1;
                     c.idle += u32::from(status == b'I');
-                    self.ended(track.as_deref_mut(), tag, None, out, &mut c);
+                    self.ended(track.as_deref_mut(), tag, None, out, &mut fwd, &mut c);
                     continue;
                 }
                 b'C' if small && len > HEADER_LEN => {
@@ -291,9 +301,9 @@ impl ServerScan {
                         break;
                     }
                     self.command(&buf[pos + HEADER_LEN..pos + len - 1], track.as_deref_mut());
-                    out.buf(len);
+                    fwd += len;
                     pos += len;
-                    self.ended(track.as_deref_mut(), tag, None, out, &mut c);
+                    self.ended(track.as_deref_mut(), tag, None, out, &mut fwd, &mut c);
                     continue;
                 }
                 b'S' if small => {
@@ -301,7 +311,7 @@ impl ServerScan {
                         break;
                     }
                     self.note_parameter(&buf[pos + HEADER_LEN..pos + len]);
-                    out.buf(len);
+                    fwd += len;
                     pos += len;
                     continue;
                 }
@@ -323,9 +333,9 @@ impl ServerScan {
                         break;
                     }
                     let code = crate::protocol::error_field(body, b'C');
-                    out.buf(len);
+                    fwd += len;
                     pos += len;
-                    self.ended(track.as_deref_mut(), tag, code, out, &mut c);
+                    self.ended(track.as_deref_mut(), tag, code, out, &mut fwd, &mut c);
                     continue;
                 }
                 _ => {}
@@ -334,20 +344,28 @@ impl ServerScan {
             self.dropping = track.as_deref().is_some_and(|t| t.drops(tag));
             let n = len.min(avail);
             if self.dropping {
+                flush(out, &mut fwd);
                 out.skip(n);
             } else {
-                out.buf(n);
+                fwd += n;
             }
             pos += n;
             self.body_left = len - n;
             if self.body_left == 0 {
-                self.ended(track.as_deref_mut(), tag, None, out, &mut c);
+                self.ended(track.as_deref_mut(), tag, None, out, &mut fwd, &mut c);
             } else if track.is_some() {
                 self.streamed = Some(tag);
             }
         }
+        flush(out, &mut fwd);
         Ok(c)
     }
+}
+
+/// Queues a run of forwarded bytes.
+#[inline]
+fn flush(out: &mut Out, fwd: &mut usize) {
+    out.buf(std::mem::take(fwd));
 }
 
 /// What one scan found.

@@ -10,6 +10,10 @@
 #   TENANTS=100 benches/pgbench.sh          # spread clients over 100 tenants (tenantpool only)
 #   EXTRA_TOML='[metrics]' benches/pgbench.sh   # append config to tenantpool's TOML
 #   TARGETS="tenantpool metrics" benches/pgbench.sh   # metrics off vs on, same run
+#   MODES="extended prepared" TARGETS="tenantpool untracked pgbouncer" benches/pgbench.sh
+#       # named prepared statements: tracked (default), untracked (max_prepared_statements = 0,
+#       # extended only: prepared fails in transaction mode), PgBouncer (prepared only from
+#       # 1.21, with max_prepared_statements = 200)
 #   PERF_OUT=/tmp/perf.data benches/pgbench.sh   # perf-record tenantpool during its runs
 #   STRACE_DIR=/tmp/st benches/pgbench.sh        # count each pooler's syscalls per run
 #
@@ -76,12 +80,25 @@ if [[ " $TARGETS " == *" metrics "* ]]; then
   TPM_PID=$!; PIDS+=("$TPM_PID")
 fi
 
+# Target "untracked": a second tenantpool with max_prepared_statements = 0.
+TPU_PID=""
+if [[ " $TARGETS " == *" untracked "* ]]; then
+  TPUPORT=$(freeport)
+  sed -e "s/^listen = \"127.0.0.1:$TPPORT\"/listen = \"127.0.0.1:$TPUPORT\"\nmax_prepared_statements = 0/" "$WORK/tenantpool.toml" > "$WORK/tenantpool-untracked.toml"
+  RUST_LOG=warn "$ROOT/target/release/tenantpool" --config "$WORK/tenantpool-untracked.toml" ${WORKERS:+--workers "$WORKERS"} >"$WORK/tenantpool-untracked.log" 2>&1 &
+  TPU_PID=$!; PIDS+=("$TPU_PID")
+fi
+
 # PgBouncer, one pool in transaction mode with the same size, search_path set on connect.
 PB_PID=""
 if command -v pgbouncer >/dev/null && [[ " $TARGETS " == *" pgbouncer "* ]]; then
+  PB_VERSION=$(pgbouncer --version | awk '/PgBouncer/{print $2; exit}')
+  # Named prepared statements in transaction mode: PgBouncer 1.21 and later.
+  PB_PREPARED=$(printf '%s\n1.21\n' "$PB_VERSION" | sort -V | head -1 | grep -qx 1.21 && echo yes || echo no)
   start_pgbouncer "[databases]
 t1 = host=127.0.0.1 port=$PGPORT dbname=app user=tenantpool password=server-secret pool_size=$POOL connect_query='SET search_path TO tenant_t1, public'" "default_pool_size = $POOL
-min_pool_size = $POOL"
+min_pool_size = $POOL
+$( [ "$PB_PREPARED" = yes ] && echo 'max_prepared_statements = 200')"
   PBPORT=$PB_PORT
 fi
 sleep 1
@@ -94,6 +111,7 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
     direct) port=$PGPORT; user=tenantpool; export PGPASSWORD=server-secret; export PGOPTIONS="-c search_path=tenant_t1";;
     tenantpool) port=$TPPORT; pid=$TP_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
     metrics) port=$TPMPORT; pid=$TPM_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
+    untracked) port=$TPUPORT; pid=$TPU_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
     pgbouncer) port=$PBPORT; pid=$PB_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
   esac
   local before=0 after=0 out perf_pid=""
@@ -135,20 +153,23 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
 
 printf "pgbench %s, %ss per run, pool %s, tenants %s, %s cores\n" "$SCRIPT" "$DURATION" "$POOL" "$TENANTS" "$(nproc)"
 COLS=()
-for target in direct tenantpool metrics pgbouncer; do
+for target in direct tenantpool metrics untracked pgbouncer; do
   [[ " $TARGETS " == *" $target "* ]] || continue
   [ "$target" = pgbouncer ] && [ -z "$PB_PID" ] && continue
   COLS+=("$target")
 done
 header=$(printf "%-9s %-8s" mode clients)
 for t in "${COLS[@]}"; do
-  case $t in direct) header+=$(printf " | %-20s" "direct tps");; metrics) header+=$(printf " | %-20s" "tenantpool+metrics");; *) header+=$(printf " | %-20s" "$t tps us/tx");; esac
+  case $t in direct) header+=$(printf " | %-20s" "direct tps");; metrics) header+=$(printf " | %-20s" "tenantpool+metrics");; untracked) header+=$(printf " | %-20s" "tp untracked");; pgbouncer) header+=$(printf " | %-20s" "pgbouncer $PB_VERSION");; *) header+=$(printf " | %-20s" "$t tps us/tx");; esac
 done
 echo "$header"
 for mode in $MODES; do
   for c in $CLIENTS; do
     line=$(printf "%-9s %-8s" "$mode" "$c")
     for target in "${COLS[@]}"; do
+      if [ "$mode" = prepared ] && { [ "$target" = untracked ] || { [ "$target" = pgbouncer ] && [ "$PB_PREPARED" = no ]; }; }; then
+        line+=$(printf " | %-20s" "n/a"); continue
+      fi
       read -r tps txns us < <(run "$target" "$mode" "$c")
       if [ "$target" = direct ]; then line+=$(printf " | %-20s" "$tps"); else line+=$(printf " | %-20s" "$tps $us"); fi
     done

@@ -43,6 +43,52 @@ const MAX_NAME: usize = 1024;
 /// Query messages up to this size are read whole to spot DEALLOCATE and DISCARD ALL.
 const MAX_INSPECTED_QUERY: usize = 512;
 
+/// A fast, non-cryptographic hasher for the maps the relay looks up on every Bind (statement
+/// ids the proxy makes; a client's own statement names, which can only slow that client's
+/// own map).
+#[derive(Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl std::hash::Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut last = [0u8; 8];
+            last[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(last));
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    #[inline]
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+
 /// One interned statement: a query text with parameter types, for one tenant.
 pub struct Stmt {
     pub id: u64,
@@ -165,7 +211,7 @@ impl StatementCache {
 /// A client's statements, by the names it gave them.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
-    map: HashMap<Box<[u8]>, Arc<Stmt>>,
+    map: FastMap<Box<[u8]>, Arc<Stmt>>,
     bytes: usize,
 }
 
@@ -215,7 +261,7 @@ impl ClientStatements {
 /// What one server connection has prepared under proxy names, with use ticks for LRU.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    map: HashMap<u64, (Arc<Stmt>, u64)>,
+    map: FastMap<u64, (Arc<Stmt>, u64)>,
     tick: u64,
     /// The replies the connection owes, in order (empty between transactions; kept here so
     /// its memory is reused rather than allocated per transaction).
@@ -565,7 +611,7 @@ impl<'a> Tracker<'a> {
                     if stmt.is_empty() {
                         self.pass(out, pos, len, have, Some(Kind::One(b'2')));
                     } else {
-                        self.bind(stmt, portal_len, names_len, out, pos, len, have);
+                        self.bind(msg, stmt, portal_len, names_len, out, pos, len, have);
                     }
                 }
                 b'D' | b'C' => {
@@ -730,6 +776,7 @@ impl<'a> Tracker<'a> {
     #[allow(clippy::too_many_arguments)]
     fn bind(
         &mut self,
+        msg_prefix: &[u8],
         name: &[u8],
         portal_len: usize,
         names_len: usize,
@@ -741,16 +788,18 @@ impl<'a> Tracker<'a> {
         let Some(stmt) = self.resolve(name, out) else {
             return self.unknown(name, Kind::One(b'2'), out, pos, len, have);
         };
+        // Header, portal name and statement name are written anew (a few bytes); the
+        // parameters that follow are forwarded from the client's buffer.
         let new_name = stmt.name();
         let new_len = len - (name.len() + 1) + new_name.len();
+        let portal = &msg_prefix[HEADER_LEN..HEADER_LEN + portal_len + 1];
         out.own_with(|b| {
             b.put_u8(b'B');
             b.put_u32((new_len - 1) as u32);
+            b.extend_from_slice(portal);
+            b.extend_from_slice(new_name);
         });
-        out.skip(HEADER_LEN);
-        out.buf(portal_len + 1);
-        out.skip(name.len() + 1);
-        out.own(new_name);
+        out.skip(HEADER_LEN + names_len);
         let done = HEADER_LEN + names_len;
         *pos += done;
         self.expect(Kind::One(b'2'), Act::Uses(stmt.id));

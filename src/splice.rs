@@ -190,37 +190,40 @@ impl Out {
             Poll::Ready(Ok(n)) => n,
         };
         let mut left = written;
-        while left > 0 {
-            let Some(seg) = self.segs.front_mut() else {
-                break;
-            };
-            match seg {
-                Seg::Buf(n) => {
+        let (mut buf_done, mut own_done) = (0, 0);
+        loop {
+            match self.segs.front_mut() {
+                Some(Seg::Skip(n)) => buf_done += *n,
+                Some(Seg::Buf(n)) if left > 0 => {
                     let take = (*n).min(left);
-                    buf.advance(take);
-                    consumed += take;
+                    buf_done += take;
                     left -= take;
                     *n -= take;
-                    if *n == 0 {
-                        self.segs.pop_front();
+                    if *n > 0 {
+                        break;
                     }
                 }
-                Seg::Own(n) => {
+                Some(Seg::Own(n)) if left > 0 => {
                     let take = (*n).min(left);
-                    self.own.advance(take);
+                    own_done += take;
                     left -= take;
                     *n -= take;
-                    if *n == 0 {
-                        self.segs.pop_front();
+                    if *n > 0 {
+                        break;
                     }
                 }
-                Seg::Skip(_) => unreachable!("skips are dropped before and after writing"),
+                _ => break,
             }
-            consumed += self.drop_skips(buf);
+            self.segs.pop_front();
         }
+        // Read-buffer bytes (sent, and the skips between them) are advanced once.
+        buf.advance(buf_done);
+        consumed += buf_done;
         if self.segs.is_empty() {
             // Lets the arena reuse its space from the start.
             self.own.clear();
+        } else {
+            self.own.advance(own_done);
         }
         Poll::Ready(Ok((consumed, written)))
     }

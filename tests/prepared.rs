@@ -417,6 +417,27 @@ async fn close_deallocate_and_discard_behave_as_on_postgres() {
     r.send(&run("c")).await;
     assert_eq!(first_column(&r.until_ready().await), ["c"]);
 
+    // A Close skipped after an error (as PostgreSQL skips to Sync) did not happen.
+    let mut m = bind("nope");
+    m.extend(close("c"));
+    m.extend(sync());
+    r.send(&m).await;
+    assert_eq!(tags(&r.until_ready().await), "EZ");
+    r.send(&run("c")).await;
+    assert_eq!(first_column(&r.until_ready().await), ["c"]);
+
+    // A DISCARD ALL that fails (inside a transaction block) drops nothing.
+    for (sql, code) in [
+        ("BEGIN", None),
+        ("DISCARD ALL", Some("25001")),
+        ("ROLLBACK", None),
+    ] {
+        r.send(&query(sql)).await;
+        assert_eq!(error_code(&r.until_ready().await).as_deref(), code, "{sql}");
+    }
+    r.send(&run("c")).await;
+    assert_eq!(first_column(&r.until_ready().await), ["c"]);
+
     // DISCARD ALL: the client's statements are gone, and so are the server's (the proxy
     // prepares again what it needs).
     r.send(&query("DISCARD ALL")).await;

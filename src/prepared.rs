@@ -900,10 +900,12 @@ impl<'a> Tracker<'a> {
     }
 
     /// A server message ended. `code` is an ErrorResponse's SQLSTATE. Returns whether
-    /// answers of the proxy are now due (then [`Tracker::answer`] sends them).
+    /// answers of the proxy are now due (then [`Tracker::answer`] sends them): their turn
+    /// came, or it came while this message was passing (the answers wait for its end).
     pub fn reply(&mut self, tag: u8, code: Option<&str>) -> bool {
         match tag {
-            b'N' | b'A' | b'S' => return false,
+            // Asynchronous: NoticeResponse, NotificationResponse, ParameterStatus.
+            b'N' | b'A' | b'S' => {}
             b'E' => self.server_error(code),
             b'Z' if matches!(self.server.expect.kinds.front(), Some((k, false)) if k.ready()) => {
                 self.server.expect.discard_front();
@@ -934,9 +936,6 @@ impl<'a> Tracker<'a> {
                     .is_some_and(|k| k.ends_with(tag))
                 {
                     self.server.expect.discard_front();
-                } else {
-                    // Nothing ended: no answer's turn came.
-                    return false;
                 }
             }
         }
@@ -1420,6 +1419,28 @@ mod tests {
             assert!(answer_alone(&mut client, &cache, tenant, &batch).is_none());
         }
         assert_eq!(client.len(), 1);
+    }
+
+    #[test]
+    fn an_answer_deferred_by_a_passing_notice_goes_out_at_its_end() {
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let stmt = cache.intern(0, b"SELECT 1\0\0\0");
+        server.insert(stmt.clone(), 10);
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        // The Parse is answered by the proxy; suppose a NoticeResponse was passing then.
+        let mut input = msg(b'P', b"a\0SELECT 1\0\0\0");
+        input.extend(msg(b'S', b""));
+        assert_eq!(rewrite_all(&mut t, &input), msg(b'S', b""));
+        // The notice ends: the ParseComplete is due, before the Sync's ReadyForQuery.
+        assert!(t.reply(b'N', None));
+        let mut back = Out::default();
+        t.answer(b'I', &mut back);
+        assert_eq!(back.flatten(&[]), b"1\0\0\0\x04");
+        assert!(!t.reply(b'Z', None));
+        assert_eq!(t.expecting(), 0);
+        assert!(!t.desync);
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub struct Out {
     own: BytesMut,
 }
 
+/// An arena that grew past this (many statements prepared in one batch) is freed once
+/// empty rather than kept for the connection's life.
+const MAX_KEPT_OWN: usize = 64 * 1024;
+
 /// Most slices handed to one vectored write.
 const MAX_SLICES: usize = 16;
 
@@ -91,12 +95,21 @@ impl Out {
         }
     }
 
+    /// Empties the arena: its space is reused from the start, or freed if it grew large.
+    fn reset_own(&mut self) {
+        if self.own.capacity() > MAX_KEPT_OWN {
+            self.own = BytesMut::new();
+        } else {
+            self.own.clear();
+        }
+    }
+
     /// Forgets everything queued; returns how many read-buffer bytes it covered (the
     /// caller drops them from its buffer).
     pub fn clear(&mut self) -> usize {
         let n = self.buf_len();
         self.segs.clear();
-        self.own.clear();
+        self.reset_own();
         n
     }
 
@@ -220,8 +233,7 @@ impl Out {
         buf.advance(buf_done);
         consumed += buf_done;
         if self.segs.is_empty() {
-            // Lets the arena reuse its space from the start.
-            self.own.clear();
+            self.reset_own();
         } else {
             self.own.advance(own_done);
         }

@@ -581,7 +581,12 @@ impl Session {
         }
         let shared = self.reg.shared.clone();
         if self.held.is_none()
-            && matches!(self.buf.first(), Some(b'P' | b'C'))
+            // Only a named Parse or a Close can start a batch answered without a server.
+            && match self.buf.first() {
+                Some(b'P') => self.buf.get(5).is_some_and(|&b| b != 0),
+                Some(b'C') => true,
+                _ => false,
+            }
             && shared.config.proxy.max_prepared_statements > 0
             && self.cscan.pending == 1
             && !self.cscan.unsynced

@@ -76,56 +76,6 @@ async fn server_statements(r: &mut Raw) -> Vec<String> {
     first_column(&msgs)
 }
 
-/// pgbench -M prepared (named statements, prepared once per client connection) with 50
-/// clients on 5 server connections in transaction mode: every transaction succeeds. (Its
-/// threads prepare synchronously while their other clients hold connections: this only
-/// works because a Parse of a statement the tenant already has needs no connection.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_prepared_50_clients_on_5() {
-    let db = TestDb::create("pgbench_prepared", &["acme"]).await;
-    let proxy = Proxy::start(db.config(5, ""));
-    let conn = proxy.conn_str("acme");
-    let c2 = conn.clone();
-    let init = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("pgbench")
-            .args(["-i", "-s", "1", "-q"])
-            .arg(&c2)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("pgbench")
-            .args(["-c", "50", "-j", "2", "-t", "40", "-M", "prepared", "-n"])
-            .arg(&conn)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("number of transactions actually processed: 2000/2000"),
-        "{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains("number of failed transactions: 0"),
-        "{stdout}"
-    );
-    assert!(!stderr.contains("does not exist"), "{stderr}");
-    let su = pg().superuser("postgres").await;
-    assert!(db.backends(&su).await <= 5);
-    proxy.stop();
-}
-
 /// tokio-postgres always prepares named statements. 12 clients over 3 tenants on 2 server
 /// connections, each with statements prepared once and reused over many transactions
 /// (some pipelined), plus one-off statements it closes: every row is the client's

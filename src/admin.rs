@@ -396,6 +396,7 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
                             .map(|(pid, _)| pid.to_string())
                             .unwrap_or_default(),
                         c.pid.to_string(),
+                        c.prepared.load(Ordering::Relaxed).to_string(),
                     ]
                 })
                 .collect();
@@ -411,6 +412,7 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
                     "connect_time",
                     "remote_pid",
                     "cancel_pid",
+                    "prepared_statements",
                 ],
                 &rows,
             );
@@ -430,10 +432,11 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
                         port.clone(),
                         pid.to_string(),
                         String::new(),
+                        c.server_prepared.load(Ordering::Relaxed).to_string(),
                     ]);
                 }
             }
-            for (pid, tenant, age) in &snap.idle_servers {
+            for (pid, tenant, age, prepared) in &snap.idle_servers {
                 rows.push(vec![
                     "S".into(),
                     server_user.to_string(),
@@ -445,6 +448,7 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
                     port.clone(),
                     pid.to_string(),
                     secs(*age),
+                    prepared.to_string(),
                 ]);
             }
             table(
@@ -458,6 +462,7 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
                     "port",
                     "remote_pid",
                     "age",
+                    "prepared_statements",
                 ],
                 &rows,
             );

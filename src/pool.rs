@@ -130,7 +130,8 @@ pub struct PoolSnapshot {
     pub max_wait: Vec<Duration>,
     pub paused: Vec<bool>,
     /// Idle connections: (server pid, tenant, age).
-    pub idle_servers: Vec<(i32, Option<TenantId>, Duration)>,
+    /// Idle server connections: backend pid, tenant, age, named statements prepared.
+    pub idle_servers: Vec<(i32, Option<TenantId>, Duration, usize)>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -502,7 +503,7 @@ impl Pool {
             idle_servers: st
                 .idle
                 .iter()
-                .map(|c| (c.backend_pid, c.tenant, now - c.created))
+                .map(|c| (c.backend_pid, c.tenant, now - c.created, c.work.stmts.len()))
                 .collect(),
         }
     }

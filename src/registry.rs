@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
@@ -34,6 +34,10 @@ pub struct ClientSlot {
     pub state: AtomicU8,
     /// Set by the admin console's KILL: the session ends at its next idle moment.
     pub killed: AtomicBool,
+    /// Named prepared statements the client holds, and those on the server connection it
+    /// uses (as of its last transaction), for SHOW CLIENTS/SERVERS.
+    pub prepared: AtomicU32,
+    pub server_prepared: AtomicU32,
 }
 
 impl ClientSlot {
@@ -82,6 +86,8 @@ impl ClientRegistry {
                     connected_at: SystemTime::now(),
                     state: AtomicU8::new(STATE_IDLE),
                     killed: AtomicBool::new(false),
+                    prepared: AtomicU32::new(0),
+                    server_prepared: AtomicU32::new(0),
                 });
                 v.insert(slot.clone());
                 return slot;

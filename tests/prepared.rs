@@ -53,6 +53,24 @@ fn run(stmt: &str) -> Vec<u8> {
     m
 }
 
+/// The fields of a DataRow, as text.
+fn data_row(body: &[u8]) -> Vec<String> {
+    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut at = 2;
+    let mut fields = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body[at..at + 4].try_into().unwrap());
+        at += 4;
+        if len < 0 {
+            fields.push(String::new());
+        } else {
+            fields.push(String::from_utf8_lossy(&body[at..at + len as usize]).into_owned());
+            at += len as usize;
+        }
+    }
+    fields
+}
+
 fn tags(msgs: &[Msg]) -> String {
     msgs.iter().map(|m| m.tag as char).collect()
 }
@@ -240,7 +258,7 @@ async fn same_sql_different_types_per_tenant_on_one_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_statement_per_connection_for_all_clients_of_a_tenant() {
     let db = TestDb::create("prep_shared", &["acme", "globex"]).await;
-    let proxy = Proxy::start(db.config(1, TRUST));
+    let proxy = Proxy::start(db.config(1, &format!("{TRUST}admin_users = [\"{APP_USER}\"]\n")));
     let mut clients = Vec::new();
     for (i, t) in ["acme", "acme", "acme", "globex"].iter().enumerate() {
         let mut r = Raw::login(proxy.addr, t).await;
@@ -256,6 +274,22 @@ async fn one_statement_per_connection_for_all_clients_of_a_tenant() {
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names.iter().all(|n| n.starts_with("_tp")), "{names:?}");
     assert_eq!(proxy.shared.statements.len(), 2);
+
+    // The admin console shows them, as PgBouncer's prepared_statements columns.
+    let mut console = Raw::login(proxy.addr, "tenantpool").await;
+    for (cmd, want) in [
+        ("SHOW CLIENTS", vec!["1", "1", "1", "1"]),
+        ("SHOW SERVERS", vec!["2"]),
+    ] {
+        console.send(&query(cmd)).await;
+        let msgs = console.until_ready().await;
+        let last: Vec<String> = msgs
+            .iter()
+            .filter(|m| m.tag == b'D')
+            .map(|m| data_row(&m.body).pop().unwrap())
+            .collect();
+        assert_eq!(last, want, "{cmd}");
+    }
     proxy.stop();
 }
 

@@ -602,6 +602,10 @@ impl Session {
             self.buf.advance(self.cfwd);
             self.cfwd = 0;
             self.cscan.pending = 0;
+            self.reg
+                .client
+                .prepared
+                .store(self.statements.len() as u32, Ordering::Relaxed);
             self.write_client(&reply).await?;
             return Ok(true);
         }
@@ -678,6 +682,10 @@ impl Session {
         self.reg
             .client
             .attach(conn.backend_pid, conn.backend_secret);
+        self.reg
+            .client
+            .server_prepared
+            .store(conn.work.stmts.len() as u32, Ordering::Relaxed);
 
         let server: &mut crate::server::ServerConn = &mut conn;
         let crate::server::ServerConn {
@@ -747,6 +755,10 @@ impl Session {
         };
         drop(relay);
         conn.sql_prepared |= sql_prepared;
+        self.reg
+            .client
+            .prepared
+            .store(self.statements.len() as u32, Ordering::Relaxed);
         self.reg.client.detach();
         if reset_seen || !reported.is_empty() {
             self.follow_settings(reset_seen, reported);
@@ -761,7 +773,7 @@ impl Session {
             RelayEnd::Released => {
                 conn.dirty |= session_changed || session_mode;
                 conn.set_clean(statements_known);
-                if session_mode {
+                if session_mode && statements_known {
                     // The connection stays with the client; transactions are still
                     // delimited so that settings can be put right between them.
                     self.held = Some(Box::new(conn));

@@ -125,7 +125,7 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
     perf_pid=$!
     sleep 0.5
   fi
-  if [ "$target" = tenantpool ] && [ "$TENANTS" -gt 1 ]; then
+  if [[ " tenantpool metrics untracked " == *" $target "* ]] && [ "$TENANTS" -gt 1 ]; then
     # Clients spread over the tenants: one pgbench per tenant group, run together.
     local per=$(( c / TENANTS > 0 ? c / TENANTS : 1 )) outs=()
     for i in $(seq 1 "$TENANTS"); do

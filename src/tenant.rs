@@ -64,8 +64,10 @@ pub const PRELUDE_FRESH_QUERIES: u8 = 1;
 const RESET_KEEPING_STATEMENTS: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
      UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
 
-/// The number of Query messages in [`Tenant::prelude_reset`] and [`Tenant::prelude_keep`].
+/// The number of Query messages in [`Tenant::prelude_reset`].
 pub const PRELUDE_RESET_QUERIES: u8 = 2;
+/// The number of Query messages in [`Tenant::prelude_keep`].
+pub const PRELUDE_KEEP_QUERIES: u8 = 1;
 
 /// All configured tenants.
 #[derive(Debug)]
@@ -92,9 +94,9 @@ impl Tenants {
             // transaction block), hence two Query messages.
             put_query(&mut reset, "DISCARD ALL");
             put_query(&mut reset, &set);
+            // Without DISCARD ALL, the reset and the SET fit in one Query message.
             let mut keep = BytesMut::new();
-            put_query(&mut keep, RESET_KEEPING_STATEMENTS);
-            put_query(&mut keep, &set);
+            put_query(&mut keep, &format!("{RESET_KEEPING_STATEMENTS}; {set}"));
             list.push(Tenant {
                 id,
                 name: name.clone(),

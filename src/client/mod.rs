@@ -30,7 +30,7 @@ use crate::error::PgError;
 use crate::pool::{CheckoutError, PooledConn};
 use crate::protocol::{header, put_ready_for_query};
 use crate::registry::{ClientSlot, STATE_ACTIVE, STATE_IDLE, STATE_WAITING};
-use crate::tenant::{PRELUDE_FRESH_QUERIES, PRELUDE_RESET_QUERIES, TenantId};
+use crate::tenant::{PRELUDE_FRESH_QUERIES, PRELUDE_KEEP_QUERIES, PRELUDE_RESET_QUERIES, TenantId};
 
 use crate::prepared::{ClientStatements, Tracker};
 use relay::{CLIENT_BUF, ClientScan, Relay, RelayEnd, ServerScan};
@@ -67,18 +67,19 @@ async fn rollback(conn: &mut crate::pool::PooledConn) -> bool {
 
 /// The queries that wipe a used connection's session state for `tenant`: DISCARD ALL, or,
 /// with prepared statement tracking on, all of it but the statements the proxy tracks
-/// (unless an SQL PREPARE left statements on it that the proxy does not know).
+/// (unless an SQL PREPARE left statements on it that the proxy does not know). Returns the
+/// Query messages and how many there are.
 fn reset_prelude<'t>(
     shared: &Shared,
     tenant: &'t crate::tenant::Tenant,
     conn: &mut crate::server::ServerConn,
-) -> &'t [u8] {
+) -> (&'t [u8], u8) {
     if shared.config.proxy.max_prepared_statements > 0 && !conn.sql_prepared {
-        &tenant.prelude_keep
+        (&tenant.prelude_keep, PRELUDE_KEEP_QUERIES)
     } else {
         conn.work.stmts.clear();
         conn.sql_prepared = false;
-        &tenant.prelude_reset
+        (&tenant.prelude_reset, PRELUDE_RESET_QUERIES)
     }
 }
 
@@ -103,11 +104,10 @@ async fn validate_settings(
             CheckoutError::Unavailable(m) => PgError::server_unavailable(&m, true),
         })?;
     let t = shared.tenants.get(tenant);
-    let mut out = BytesMut::from(reset_prelude(shared, t, &mut conn));
+    let (reset, queries) = reset_prelude(shared, t, &mut conn);
+    let mut out = BytesMut::from(reset);
     crate::protocol::put_query(&mut out, &settings.transition_sql(None));
-    let result = conn
-        .run_queries(&out, u32::from(PRELUDE_RESET_QUERIES) + 1)
-        .await;
+    let result = conn.run_queries(&out, u32::from(queries) + 1).await;
     conn.tenant = Some(tenant);
     conn.dirty = false;
     match result {
@@ -643,15 +643,11 @@ impl Session {
                     .stats
                     .search_path_switches
                     .fetch_add(1, Ordering::Relaxed);
-                Some((
-                    reset_prelude(&shared, tenant, &mut conn),
-                    PRELUDE_RESET_QUERIES,
-                ))
+                Some(reset_prelude(&shared, tenant, &mut conn))
             }
-            Some(_) if conn.dirty && conn.last_client != client_id => Some((
-                reset_prelude(&shared, tenant, &mut conn),
-                PRELUDE_RESET_QUERIES,
-            )),
+            Some(_) if conn.dirty && conn.last_client != client_id => {
+                Some(reset_prelude(&shared, tenant, &mut conn))
+            }
             Some(_) => None,
         };
         let (tenant_prelude, mut swallow) = reset.unwrap_or((&[][..], 0));

@@ -562,3 +562,61 @@ async fn statements_stay_bounded() {
     assert!(seen.len() <= max);
     proxy.stop();
 }
+
+/// A tenant switch on a connection holding tracked statements keeps them but wipes all other
+/// session state, as DISCARD ALL would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_keeping_statements_still_wipes_session_state() {
+    let db = TestDb::create("prep_state", &["acme", "globex"]).await;
+    let proxy = Proxy::start(db.config(1, ""));
+    let acme = proxy.connect("acme").await;
+    let stmt = acme
+        .prepare("SELECT name FROM leads WHERE id = 1")
+        .await
+        .unwrap();
+    acme.batch_execute(
+        "SET statement_timeout = '123s';
+         CREATE TEMP TABLE leak_probe (x int);
+         SELECT pg_advisory_lock(4242);
+         LISTEN leak_channel;
+         BEGIN; DECLARE leak_cursor CURSOR WITH HOLD FOR SELECT 1; COMMIT;
+         SET search_path = tenant_globex;",
+    )
+    .await
+    .unwrap();
+
+    let globex = proxy.connect("globex").await;
+    for (sql, want) in [
+        ("SHOW statement_timeout", "0"),
+        (
+            "SELECT count(*) FROM pg_class WHERE relname = 'leak_probe'",
+            "0",
+        ),
+        (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            "0",
+        ),
+        ("SELECT count(*) FROM pg_listening_channels()", "0"),
+        ("SELECT count(*) FROM pg_cursors", "0"),
+        ("SHOW search_path", "tenant_globex, public"),
+        // acme's statement stays on the connection, under the proxy's name.
+        (
+            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '\\_tp%'",
+            "1",
+        ),
+    ] {
+        let rows = globex.simple_query(sql).await.unwrap();
+        let got = rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(got, want, "{sql}");
+    }
+    // And serves acme again, on acme's search_path.
+    let row = acme.query_one(&stmt, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "acme-1");
+    proxy.stop();
+}

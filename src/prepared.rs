@@ -546,22 +546,23 @@ impl<'a> Tracker<'a> {
     ) -> Result<(), PgError> {
         loop {
             let avail = scanned - *pos;
-            if self.stream_left > 0 {
-                let n = self.stream_left.min(avail);
-                out.buf(n);
+            if self.stream_left > 0 || self.drop_left > 0 {
+                // The rest of a message being passed through (or dropped).
+                let dropping = self.drop_left > 0;
+                let left = if dropping {
+                    &mut self.drop_left
+                } else {
+                    &mut self.stream_left
+                };
+                let n = (*left).min(avail);
+                *left -= n;
                 *pos += n;
-                self.stream_left -= n;
-                if self.stream_left > 0 {
-                    return Ok(());
+                if dropping {
+                    out.skip(n);
+                } else {
+                    out.buf(n);
                 }
-                continue;
-            }
-            if self.drop_left > 0 {
-                let n = self.drop_left.min(avail);
-                out.skip(n);
-                *pos += n;
-                self.drop_left -= n;
-                if self.drop_left > 0 {
+                if self.stream_left > 0 || self.drop_left > 0 {
                     return Ok(());
                 }
                 continue;

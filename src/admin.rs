@@ -420,36 +420,31 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
         "SERVERS" => {
             let host = &shared.config.server.host;
             let port = shared.config.server.port.to_string();
-            let mut rows: Vec<Vec<String>> = Vec::new();
-            for c in shared.registry.all() {
-                if let Some((pid, _)) = c.server() {
-                    rows.push(vec![
+            let row =
+                |tenant: Option<TenantId>, state: &str, pid: i32, age: String, prepared: usize| {
+                    vec![
                         "S".into(),
                         server_user.to_string(),
-                        shared.tenants.get(c.tenant).name.clone(),
-                        "active".into(),
+                        tenant
+                            .map(|t| shared.tenants.get(t).name.clone())
+                            .unwrap_or_default(),
+                        state.to_string(),
                         host.clone(),
                         port.clone(),
                         pid.to_string(),
-                        String::new(),
-                        c.server_prepared.load(Ordering::Relaxed).to_string(),
-                    ]);
+                        age,
+                        prepared.to_string(),
+                    ]
+                };
+            let mut rows: Vec<Vec<String>> = Vec::new();
+            for c in shared.registry.all() {
+                if let Some((pid, _)) = c.server() {
+                    let prepared = c.server_prepared.load(Ordering::Relaxed) as usize;
+                    rows.push(row(Some(c.tenant), "active", pid, String::new(), prepared));
                 }
             }
-            for (pid, tenant, age, prepared) in &snap.idle_servers {
-                rows.push(vec![
-                    "S".into(),
-                    server_user.to_string(),
-                    tenant
-                        .map(|t| shared.tenants.get(t).name.clone())
-                        .unwrap_or_default(),
-                    "idle".into(),
-                    host.clone(),
-                    port.clone(),
-                    pid.to_string(),
-                    secs(*age),
-                    prepared.to_string(),
-                ]);
+            for &(pid, tenant, age, prepared) in &snap.idle_servers {
+                rows.push(row(tenant, "idle", pid, secs(age), prepared));
             }
             table(
                 out,

@@ -207,18 +207,14 @@ impl Out {
         loop {
             match self.segs.front_mut() {
                 Some(Seg::Skip(n)) => buf_done += *n,
-                Some(Seg::Buf(n)) if left > 0 => {
+                Some(seg) if left > 0 => {
+                    let (n, done) = match seg {
+                        Seg::Buf(n) => (n, &mut buf_done),
+                        Seg::Own(n) => (n, &mut own_done),
+                        Seg::Skip(_) => unreachable!("matched above"),
+                    };
                     let take = (*n).min(left);
-                    buf_done += take;
-                    left -= take;
-                    *n -= take;
-                    if *n > 0 {
-                        break;
-                    }
-                }
-                Some(Seg::Own(n)) if left > 0 => {
-                    let take = (*n).min(left);
-                    own_done += take;
+                    *done += take;
                     left -= take;
                     *n -= take;
                     if *n > 0 {

@@ -55,6 +55,18 @@ pub enum TenantFrom {
     User,
 }
 
+/// When a server connection gets its tenant's search_path and the server role set again
+/// (`[proxy] reset_path_and_role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetPathAndRole {
+    /// After a transaction in which a client was seen changing them (or may have: see
+    /// docs/security.md).
+    WhenChanged,
+    /// Before every transaction: sound even against functions that change them unseen.
+    Always,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientTls {
@@ -85,6 +97,8 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Dur,
     pub tenant_from: TenantFrom,
     pub max_prepared_statements: u32,
+    /// Not in the original contract (see docs/security.md).
+    pub reset_path_and_role: ResetPathAndRole,
     pub client_tls: ClientTls,
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
@@ -101,6 +115,7 @@ impl Default for ProxyConfig {
             shutdown_timeout: Dur::secs(30),
             tenant_from: TenantFrom::Database,
             max_prepared_statements: 200,
+            reset_path_and_role: ResetPathAndRole::WhenChanged,
             client_tls: ClientTls::Disable,
             tls_cert_file: None,
             tls_key_file: None,
@@ -460,6 +475,17 @@ impl Config {
         }
         if !d.search_path.contains("{schema}") {
             p.push("tenant_defaults.search_path: must contain {schema}".into());
+        }
+        // It becomes part of `SET search_path TO ...`: schema names and quoted identifiers
+        // only, nothing that could end the statement or open a string.
+        if let Some(c) = d
+            .search_path
+            .chars()
+            .find(|c| !(c.is_alphanumeric() || " ,_\"${}".contains(*c)))
+        {
+            p.push(format!(
+                "tenant_defaults.search_path: {c:?} is not allowed (schema names, double-quoted identifiers, commas and spaces only)"
+            ));
         }
         if self.tenants.is_empty() {
             p.push("tenants: no tenant is configured ([tenants.NAME] with a schema)".into());

@@ -16,6 +16,8 @@ pub mod prepared;
 pub mod protocol;
 pub mod registry;
 pub mod server;
+pub mod session_state;
+pub mod sniff;
 pub mod splice;
 pub mod tenant;
 

@@ -367,7 +367,7 @@ impl Pool {
     /// waiter can take it; a connection grant that nobody takes is put back into `idle`.
     fn hand_out(&self, st: &mut State, mut grant: Grant) -> bool {
         let preferred = match &grant {
-            Grant::Conn(c) => c.tenant,
+            Grant::Conn(c) => c.state.tenant(),
             _ => None,
         };
         while let Some(t) = self.next_tenant(st, preferred) {
@@ -483,7 +483,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle_by_tenant = vec![0; st.in_use.len()];
         for c in &st.idle {
-            if let Some(t) = c.tenant {
+            if let Some(t) = c.state.tenant() {
                 idle_by_tenant[t as usize] += 1;
             }
         }
@@ -503,7 +503,14 @@ impl Pool {
             idle_servers: st
                 .idle
                 .iter()
-                .map(|c| (c.backend_pid, c.tenant, now - c.created, c.work.stmts.len()))
+                .map(|c| {
+                    (
+                        c.backend_pid,
+                        c.state.tenant(),
+                        now - c.created,
+                        c.work.stmts.len(),
+                    )
+                })
                 .collect(),
         }
     }
@@ -622,7 +629,7 @@ impl Pool {
             let mut st = self.lock();
             let (keep, close): (Vec<_>, Vec<_>) = std::mem::take(&mut st.idle)
                 .into_iter()
-                .partition(|c| c.tenant != Some(tenant));
+                .partition(|c| c.state.tenant() != Some(tenant));
             st.idle = keep;
             st.open -= close.len() as u32;
             close
@@ -661,7 +668,7 @@ fn take_idle(st: &mut State, tenant: TenantId) -> Option<ServerConn> {
         let pos = st
             .idle
             .iter()
-            .rposition(|c| c.tenant == Some(tenant))
+            .rposition(|c| c.state.tenant() == Some(tenant))
             .or_else(|| st.idle.len().checked_sub(1))?;
         let mut conn = st.idle.swap_remove(pos);
         if conn.is_broken_idle() {

@@ -29,6 +29,7 @@ use dashmap::DashMap;
 
 use crate::error::PgError;
 use crate::protocol::{HEADER_LEN, header, put_command_complete, put_ready_for_query};
+use crate::sniff::Touched;
 use crate::splice::Out;
 use crate::tenant::TenantId;
 
@@ -99,6 +100,8 @@ pub struct Stmt {
     /// The cache key: tenant id then the Parse body after the name.
     key: Bytes,
     cache: Arc<StatementCache>,
+    /// What running it may change on the server connection (its text sniffed once).
+    pub touches: Touched,
 }
 
 impl Stmt {
@@ -184,6 +187,7 @@ impl StatementCache {
             id,
             parse: parse.freeze(),
             name_end: HEADER_LEN + name.len(),
+            touches: crate::sniff::sniff(tail),
             key,
             cache: self.clone(),
         })
@@ -484,6 +488,8 @@ pub struct Tracker<'a> {
     barrier: bool,
     /// Replies and the queue disagreed: the connection's statement set is not trusted.
     pub desync: bool,
+    /// What the statements bound in this transaction may have changed.
+    pub touched: Touched,
 }
 
 /// A C string at the front of `b`: (bytes before the NUL, length with the NUL).
@@ -515,6 +521,7 @@ impl<'a> Tracker<'a> {
             skip_to_sync: false,
             barrier: false,
             desync: false,
+            touched: 0,
         }
     }
 
@@ -789,6 +796,7 @@ impl<'a> Tracker<'a> {
         let Some(stmt) = self.resolve(name, out) else {
             return self.unknown(name, Kind::One(b'2'), out, pos, len, have);
         };
+        self.touched |= stmt.touches;
         // Header, portal name and statement name are written anew (a few bytes); the
         // parameters that follow are forwarded from the client's buffer.
         let new_name = stmt.name();
@@ -1039,6 +1047,14 @@ impl<'a> Tracker<'a> {
             }
         }
         a
+    }
+
+    /// The server ran a DEALLOCATE the proxy did not answer (inside a multi-statement
+    /// query string, so the name is unknown): which statements the connection has is not
+    /// known any more. Forgetting them all is safe: a statement is prepared again with a
+    /// Close ahead of its Parse.
+    pub fn some_gone(&mut self) {
+        self.server.clear();
     }
 
     /// The server dropped all its prepared statements (a client's DISCARD ALL or

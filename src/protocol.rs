@@ -53,6 +53,36 @@ pub fn put_query(buf: &mut BytesMut, sql: &str) {
     buf.put_u8(0);
 }
 
+/// Appends Parse, Bind, Execute and Sync that run `sql` (the proxy's own text, `$n`
+/// placeholders only) with `params` as text values (`None` is NULL) on the unnamed
+/// statement and portal. Values never become SQL text, so no quoting can break out.
+/// Values may not contain NUL (startup parameters cannot).
+pub fn put_statement(buf: &mut BytesMut, sql: &str, params: &[Option<&str>]) {
+    use postgres_protocol::IsNull;
+    use postgres_protocol::message::frontend;
+    const TEXT_OID: u32 = 25;
+    // Encoding into a BytesMut fails only for NUL in names or text, or lengths over
+    // i32::MAX; the proxy's SQL has no NUL and startup values are C strings.
+    let _ = frontend::parse("", sql, params.iter().map(|_| TEXT_OID), buf);
+    let _ = frontend::bind(
+        "",
+        "",
+        [0i16],
+        params.iter(),
+        |v, b| match v {
+            Some(v) => {
+                b.put_slice(v.as_bytes());
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        },
+        [0i16],
+        buf,
+    );
+    let _ = frontend::execute("", 0, buf);
+    frontend::sync(buf);
+}
+
 /// Appends a ReadyForQuery message with the given transaction status.
 pub fn put_ready_for_query(buf: &mut BytesMut, status: u8) {
     buf.put_slice(&[b'Z', 0, 0, 0, 5, status]);
@@ -133,20 +163,6 @@ pub fn quote_ident(s: &str) -> String {
     out
 }
 
-/// Quotes an SQL string literal (standard_conforming_strings on).
-pub fn quote_literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for c in s.chars() {
-        if c == '\'' {
-            out.push('\'');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
-}
-
 /// Finds the first field with `code` in an ErrorResponse/NoticeResponse body (after the
 /// header). The body must be a complete, bounded message body.
 pub fn error_field(body: &[u8], code: u8) -> Option<&str> {
@@ -177,10 +193,9 @@ mod tests {
     }
 
     #[test]
-    fn identifiers_and_literals_are_quoted() {
+    fn identifiers_are_quoted() {
         assert_eq!(quote_ident("tenant_acme"), "\"tenant_acme\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::tenant::TenantId;
+use crate::session_state::{RESET_SEARCH_PATH, SessionState};
 
 /// Where and as whom tenantpool logs in to PostgreSQL.
 #[derive(Debug, Clone)]
@@ -44,21 +44,11 @@ pub struct ServerConn {
     pub created: Instant,
     /// When the connection last went back to the pool.
     pub idle_since: Instant,
-    /// The tenant whose search_path is set; `None` on a fresh connection.
-    pub tenant: Option<TenantId>,
-    /// A client may have changed session state (a `SET`, session mode): the next client
-    /// other than `last_client` gets a full reset first.
-    pub dirty: bool,
-    /// The client that used the connection last.
-    pub last_client: u64,
-    /// The client settings applied on it: `Some(empty)` for the server's defaults (fresh or
-    /// just reset), `None` when unknown (a client ran RESET).
-    pub settings: Option<std::sync::Arc<crate::client::params::Settings>>,
+    /// The session state it carries: tenant, client settings, what clients may have
+    /// changed.
+    pub state: SessionState,
     /// Statements and relay queues, boxed: a connection is moved a few times per checkout.
     pub work: Box<ConnWork>,
-    /// A client ran SQL PREPARE: statements the proxy does not know are on it, so the next
-    /// reset is a full DISCARD ALL.
-    pub sql_prepared: bool,
 }
 
 /// What a server connection keeps for the relays that use it.
@@ -105,10 +95,15 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
 
     let mut stream = stream;
     let mut out = BytesMut::with_capacity(256);
+    // The search_path and role the connection starts with are also what RESET, DISCARD
+    // ALL and `SET ... TO DEFAULT` go back to, whatever ALTER ROLE or ALTER DATABASE say:
+    // a search_path that resolves to no schema (see session_state) and no SET ROLE.
     frontend::startup_message(
         [
             ("user", target.user.as_str()),
             ("database", target.database.as_str()),
+            ("search_path", RESET_SEARCH_PATH),
+            ("role", "none"),
         ],
         &mut out,
     )
@@ -212,12 +207,8 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
                         backend_secret: key.1,
                         created: now,
                         idle_since: now,
-                        tenant: None,
-                        dirty: false,
-                        last_client: 0,
-                        settings: None,
+                        state: SessionState::default(),
                         work: Default::default(),
-                        sql_prepared: false,
                     },
                     params,
                 });

@@ -95,6 +95,14 @@ impl Out {
         }
     }
 
+    /// Moves what is queued, which must be only bytes the proxy made, to `dst`.
+    pub fn take_own(&mut self, dst: &mut BytesMut) {
+        debug_assert!(self.segs.iter().all(|s| matches!(s, Seg::Own(_))));
+        dst.extend_from_slice(&self.own);
+        self.segs.clear();
+        self.reset_own();
+    }
+
     /// Empties the arena: its space is reused from the start, or freed if it grew large.
     fn reset_own(&mut self) {
         if self.own.capacity() > MAX_KEPT_OWN {

@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::config::Config;
 use crate::protocol::{put_query, quote_ident};
+use crate::session_state::{RESET_SEARCH_PATH, Reset};
 
 pub type TenantId = u32;
 
@@ -26,14 +27,8 @@ pub struct Tenant {
     pub max_clients: u32,
     /// The `search_path` value, e.g. `"tenant_acme", public`.
     pub search_path: String,
-    /// Query messages that set this tenant's search_path on a fresh server connection.
-    pub prelude_fresh: Bytes,
-    /// Query messages that wipe a used server connection's session state (whatever tenant
-    /// or client left it) and set this tenant's search_path.
-    pub prelude_reset: Bytes,
-    /// The same, but keeping the prepared statements the proxy tracks: everything
-    /// DISCARD ALL does except DEALLOCATE ALL and DISCARD PLANS.
-    pub prelude_keep: Bytes,
+    /// What a checkout sends for each kind of [`Reset`].
+    preludes: Preludes,
     /// Client connections open now.
     pub clients: AtomicU32,
     /// Running totals and current counts, for metrics and the admin console.
@@ -57,17 +52,58 @@ pub struct TenantStats {
     pub wait_timeouts: AtomicU64,
 }
 
-/// The number of Query messages in [`Tenant::prelude_fresh`].
-pub const PRELUDE_FRESH_QUERIES: u8 = 1;
 /// DISCARD ALL without its DEALLOCATE ALL and DISCARD PLANS (PostgreSQL documents DISCARD ALL
 /// as this sequence).
 const RESET_KEEPING_STATEMENTS: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
      UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
 
-/// The number of Query messages in [`Tenant::prelude_reset`].
-pub const PRELUDE_RESET_QUERIES: u8 = 2;
-/// The number of Query messages in [`Tenant::prelude_keep`].
-pub const PRELUDE_KEEP_QUERIES: u8 = 1;
+/// The messages of each reset for one tenant, made once, with the number of
+/// ReadyForQuery replies each brings (the server scanner swallows them).
+#[derive(Debug)]
+struct Preludes {
+    fresh: Bytes,
+    discard: Bytes,
+    keep: Bytes,
+    reassert: Bytes,
+    restore: Bytes,
+}
+
+impl Preludes {
+    fn new(search_path: &str) -> Preludes {
+        let set = format!("SET search_path TO {search_path}");
+        let query = |sql: &str| {
+            let mut b = BytesMut::new();
+            put_query(&mut b, sql);
+            b
+        };
+        let fresh = query(&set);
+        // DISCARD ALL may not run inside a multi-statement query string (an implicit
+        // transaction block), hence two Query messages.
+        let mut discard = query("DISCARD ALL");
+        discard.extend_from_slice(&fresh);
+        // Without DISCARD ALL, the reset and the SET fit in one Query message.
+        let keep = query(&format!("{RESET_KEEPING_STATEMENTS}; {set}"));
+        let reassert = query(&format!(
+            "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; {set}"
+        ));
+        let mut restore = BytesMut::new();
+        crate::protocol::put_statement(
+            &mut restore,
+            &format!(
+                "SELECT pg_catalog.set_config('search_path', $1, false) \
+                 WHERE pg_catalog.current_setting('search_path') = '{RESET_SEARCH_PATH}'"
+            ),
+            &[Some(search_path)],
+        );
+        Preludes {
+            fresh: fresh.freeze(),
+            discard: discard.freeze(),
+            keep: keep.freeze(),
+            reassert: reassert.freeze(),
+            restore: restore.freeze(),
+        }
+    }
+}
 
 /// All configured tenants.
 #[derive(Debug)]
@@ -86,27 +122,14 @@ impl Tenants {
                 .tenant_defaults
                 .search_path
                 .replace("{schema}", &quote_ident(&t.schema));
-            let set = format!("SET search_path TO {search_path}");
-            let mut fresh = BytesMut::new();
-            put_query(&mut fresh, &set);
-            let mut reset = BytesMut::new();
-            // DISCARD ALL may not run inside a multi-statement query string (an implicit
-            // transaction block), hence two Query messages.
-            put_query(&mut reset, "DISCARD ALL");
-            put_query(&mut reset, &set);
-            // Without DISCARD ALL, the reset and the SET fit in one Query message.
-            let mut keep = BytesMut::new();
-            put_query(&mut keep, &format!("{RESET_KEEPING_STATEMENTS}; {set}"));
             list.push(Tenant {
                 id,
                 name: name.clone(),
                 schema: t.schema.clone(),
                 max_server: config.tenant_max_server(t),
                 max_clients: config.tenant_max_clients(t),
+                preludes: Preludes::new(&search_path),
                 search_path,
-                prelude_fresh: fresh.freeze(),
-                prelude_reset: reset.freeze(),
-                prelude_keep: keep.freeze(),
                 clients: AtomicU32::new(0),
                 stats: TenantStats::default(),
             });
@@ -137,6 +160,20 @@ impl Tenants {
 }
 
 impl Tenant {
+    /// The messages a reset sends for this tenant and how many ReadyForQuery replies they
+    /// bring.
+    pub fn prelude(&self, reset: Reset) -> (&[u8], u8) {
+        let p = &self.preludes;
+        match reset {
+            Reset::None => (&[], 0),
+            Reset::Fresh => (&p.fresh, 1),
+            Reset::Switch | Reset::Discard => (&p.discard, 2),
+            Reset::Keep => (&p.keep, 1),
+            Reset::Reassert => (&p.reassert, 1),
+            Reset::RestoreIfReset => (&p.restore, 1),
+        }
+    }
+
     /// Takes a client slot under this tenant's `max_client_connections`, or `None` when full.
     pub fn try_add_client(&self) -> bool {
         self.clients

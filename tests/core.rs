@@ -251,14 +251,21 @@ async fn session_state_does_not_cross_tenants() {
         "SET statement_timeout = '123s';
          CREATE TEMP TABLE leak_probe (x int);
          PREPARE leak_stmt AS SELECT 1;
-         SELECT pg_advisory_lock(4242);
-         SET search_path = tenant_globex;",
+         SELECT pg_advisory_lock(4242);",
     )
     .await
     .unwrap();
-    // On the same (only) server connection, acme now reads globex's schema on purpose.
-    let seen = names(&acme.simple_query("SELECT name FROM leads").await.unwrap());
+    // Within its transaction, acme reads globex's schema on purpose...
+    let seen = names(
+        &acme
+            .simple_query("SET search_path = tenant_globex; SELECT name FROM leads")
+            .await
+            .unwrap(),
+    );
     assert_eq!(seen, ["globex-1", "globex-2"]);
+    // ...and its next transaction is on acme's search_path again (transaction mode).
+    let seen = names(&acme.simple_query("SELECT name FROM leads").await.unwrap());
+    assert_eq!(seen, ["acme-1", "acme-2"]);
 
     let globex = proxy.connect("globex").await;
     let check = |sql: &'static str| {

@@ -206,9 +206,10 @@ print("ok", names)
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Each tenant's two statements (and the count query's) on the one connection.
+    // The connection holds acme's statements only (the switch from globex dropped the
+    // rest): the count query's, perhaps the two of the loop.
     let n: usize = stdout.trim().strip_prefix("ok ").unwrap().parse().unwrap();
-    assert!((4..=6).contains(&n), "{stdout}");
+    assert!((1..=3).contains(&n), "{stdout}");
     proxy.stop();
 }
 
@@ -239,7 +240,10 @@ async fn same_sql_different_types_per_tenant_on_one_connection() {
         let names: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
         assert_eq!(names, [10, 20]);
     }
-    // The one server connection holds one statement per tenant.
+    // The one server connection holds the statement of the tenant it serves now: a switch
+    // drops the other tenant's.
+    acme.batch_execute("BEGIN").await.unwrap();
+    acme.query(&a, &[]).await.unwrap();
     let n: i64 = acme
         .query_one(
             "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1",
@@ -248,7 +252,8 @@ async fn same_sql_different_types_per_tenant_on_one_connection() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 2);
+    acme.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(n, 1);
     proxy.stop();
 }
 
@@ -269,17 +274,24 @@ async fn one_statement_per_connection_for_all_clients_of_a_tenant() {
         assert_eq!(tags(&msgs), "12DCZ", "{msgs:?}");
         assert_eq!(first_column(&msgs), ["42"]);
         clients.push(r);
+        if i == 2 {
+            // Three acme clients, one statement on the (only) connection.
+            let names = server_statements(&mut clients[0]).await;
+            assert_eq!(names.len(), 1, "{names:?}");
+            assert!(names.iter().all(|n| n.starts_with("_tp")), "{names:?}");
+        }
     }
-    let names = server_statements(&mut clients[0]).await;
-    assert_eq!(names.len(), 2, "{names:?}");
-    assert!(names.iter().all(|n| n.starts_with("_tp")), "{names:?}");
+    // globex's is another statement; the switch to globex dropped acme's from the
+    // connection (the clients still have theirs).
+    let names = server_statements(&mut clients[3]).await;
+    assert_eq!(names.len(), 1, "{names:?}");
     assert_eq!(proxy.shared.statements.len(), 2);
 
     // The admin console shows them, as PgBouncer's prepared_statements columns.
     let mut console = Raw::login(proxy.addr, "tenantpool").await;
     for (cmd, want) in [
         ("SHOW CLIENTS", vec!["1", "1", "1", "1"]),
-        ("SHOW SERVERS", vec!["2"]),
+        ("SHOW SERVERS", vec!["1"]),
     ] {
         console.send(&query(cmd)).await;
         let msgs = console.until_ready().await;
@@ -563,10 +575,11 @@ async fn statements_stay_bounded() {
     proxy.stop();
 }
 
-/// A tenant switch on a connection holding tracked statements keeps them but wipes all other
-/// session state, as DISCARD ALL would.
+/// Session state one client leaves is wiped before another client uses the connection: a
+/// client of the same tenant keeps the tenant's tracked statements (its own), a client of
+/// another tenant gets none of them (a client could have replaced them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switch_keeping_statements_still_wipes_session_state() {
+async fn resets_wipe_session_state_and_keep_statements_only_within_the_tenant() {
     let db = TestDb::create("prep_state", &["acme", "globex"]).await;
     let proxy = Proxy::start(db.config(1, ""));
     let acme = proxy.connect("acme").await;
@@ -574,19 +587,23 @@ async fn switch_keeping_statements_still_wipes_session_state() {
         .prepare("SELECT name FROM leads WHERE id = 1")
         .await
         .unwrap();
-    acme.batch_execute(
-        "SET statement_timeout = '123s';
+    let leave_state = "SET statement_timeout = '123s';
          CREATE TEMP TABLE leak_probe (x int);
          SELECT pg_advisory_lock(4242);
          LISTEN leak_channel;
          BEGIN; DECLARE leak_cursor CURSOR WITH HOLD FOR SELECT 1; COMMIT;
-         SET search_path = tenant_globex;",
-    )
-    .await
-    .unwrap();
+         SET search_path = tenant_globex;";
+    acme.batch_execute(leave_state).await.unwrap();
 
-    let globex = proxy.connect("globex").await;
-    for (sql, want) in [
+    let first = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let wiped = [
         ("SHOW statement_timeout", "0"),
         (
             "SELECT count(*) FROM pg_class WHERE relname = 'leak_probe'",
@@ -598,22 +615,30 @@ async fn switch_keeping_statements_still_wipes_session_state() {
         ),
         ("SELECT count(*) FROM pg_listening_channels()", "0"),
         ("SELECT count(*) FROM pg_cursors", "0"),
-        ("SHOW search_path", "tenant_globex, public"),
-        // acme's statement stays on the connection, under the proxy's name.
-        (
-            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '\\_tp%'",
-            "1",
-        ),
-    ] {
-        let rows = globex.simple_query(sql).await.unwrap();
-        let got = rows
-            .iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-                _ => None,
-            })
-            .unwrap();
-        assert_eq!(got, want, "{sql}");
+    ];
+    let tp = "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '\\_tp%'";
+    // Another client of acme: state wiped, acme's statement kept.
+    let acme2 = proxy.connect("acme").await;
+    for (sql, want) in wiped
+        .iter()
+        .copied()
+        .chain([("SHOW search_path", "tenant_acme, public"), (tp, "1")])
+    {
+        assert_eq!(first(acme2.simple_query(sql).await.unwrap()), want, "{sql}");
+    }
+    acme.batch_execute(leave_state).await.unwrap();
+    // A client of globex: state and acme's statements gone.
+    let globex = proxy.connect("globex").await;
+    for (sql, want) in wiped
+        .iter()
+        .copied()
+        .chain([("SHOW search_path", "tenant_globex, public"), (tp, "0")])
+    {
+        assert_eq!(
+            first(globex.simple_query(sql).await.unwrap()),
+            want,
+            "{sql}"
+        );
     }
     // And serves acme again, on acme's search_path.
     let row = acme.query_one(&stmt, &[]).await.unwrap();

@@ -159,24 +159,41 @@ impl Settings {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The statements that move a server connection from `from` (None: unknown, treated
-    /// as the server's defaults plus whatever was SET) to these settings: RESET what only
-    /// `from` has, SET what differs. Empty when nothing is to do.
-    pub fn transition_sql(&self, from: Option<&Settings>) -> String {
-        let mut sql = String::new();
+    /// Appends what moves a server connection from `from` (None: unknown, treated as the
+    /// server's defaults plus whatever was SET) to these settings: one statement,
+    /// `SELECT pg_catalog.set_config($1, $2, false), ...`, a NULL value resetting what only
+    /// `from` has. Names and values travel as parameters, never as SQL text. Returns false
+    /// (and appends nothing) when nothing is to do.
+    pub fn put_transition(&self, from: Option<&Settings>, out: &mut bytes::BytesMut) -> bool {
+        let mut params: Vec<Option<&str>> = Vec::new();
         if let Some(from) = from {
             for (k, _) in &from.list {
                 if self.get(k).is_none() {
-                    sql.push_str(&format!("RESET {k};"));
+                    params.extend([Some(k.as_str()), None]);
                 }
             }
         }
         for (k, v) in &self.list {
             if from.and_then(|f| f.get(k)) != Some(v.as_str()) {
-                sql.push_str(&format!("SET {k} = {};", crate::protocol::quote_literal(v)));
+                params.extend([Some(k.as_str()), Some(v.as_str())]);
             }
         }
-        sql
+        if params.is_empty() {
+            return false;
+        }
+        let mut sql = String::from("SELECT ");
+        for i in 0..params.len() / 2 {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "pg_catalog.set_config(${}, ${}, false)",
+                2 * i + 1,
+                2 * i + 2
+            ));
+        }
+        crate::protocol::put_statement(out, &sql, &params);
+        true
     }
 }
 
@@ -234,24 +251,60 @@ mod tests {
         assert_eq!(parse_options("-c").unwrap_err().code, "42601");
     }
 
+    /// The (name, value) parameters of the Bind in a transition.
+    fn transition(to: &Settings, from: Option<&Settings>) -> Vec<Option<String>> {
+        let mut out = bytes::BytesMut::new();
+        if !to.put_transition(from, &mut out) {
+            return Vec::new();
+        }
+        // Parse, then Bind: empty portal and statement names, one format code, the values.
+        let parse_len = u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize + 1;
+        let b = &out[parse_len..];
+        assert_eq!(b[0], b'B');
+        let mut pos = 5 + 1 + 1 + 2 + 2 + 2;
+        let n = i16::from_be_bytes([b[pos - 2], b[pos - 1]]) as usize;
+        let mut vals = Vec::new();
+        for _ in 0..n {
+            let len = i32::from_be_bytes([b[pos], b[pos + 1], b[pos + 2], b[pos + 3]]);
+            pos += 4;
+            if len < 0 {
+                vals.push(None);
+            } else {
+                vals.push(Some(
+                    String::from_utf8_lossy(&b[pos..pos + len as usize]).into(),
+                ));
+                pos += len as usize;
+            }
+        }
+        vals
+    }
+
     #[test]
     fn transitions_set_what_differs_and_reset_the_rest() {
+        let s = |v: &str| Some(v.to_string());
         let a = Settings::new(vec![
             ("datestyle".into(), "SQL, DMY".into()),
             ("timezone".into(), "UTC".into()),
         ]);
         let b = Settings::new(vec![("timezone".into(), "Asia/Tokyo".into())]);
         assert_eq!(
-            b.transition_sql(Some(&a)),
-            "RESET datestyle;SET timezone = 'Asia/Tokyo';"
+            transition(&b, Some(&a)),
+            vec![s("datestyle"), None, s("timezone"), s("Asia/Tokyo")]
         );
-        assert_eq!(a.transition_sql(Some(&a)), "");
+        assert!(transition(&a, Some(&a)).is_empty());
         assert_eq!(
-            a.transition_sql(None),
-            "SET datestyle = 'SQL, DMY';SET timezone = 'UTC';"
+            transition(&a, None),
+            vec![s("datestyle"), s("SQL, DMY"), s("timezone"), s("UTC")]
         );
-        let q = Settings::new(vec![("application_name".into(), "it's".into())]);
-        assert_eq!(q.transition_sql(None), "SET application_name = 'it''s';");
+        // Values are parameters: quotes and backslashes travel as they are.
+        let q = Settings::new(vec![(
+            "application_name".into(),
+            r"x\'; SET ROLE r; --".into(),
+        )]);
+        assert_eq!(
+            transition(&q, None),
+            vec![s("application_name"), s(r"x\'; SET ROLE r; --")]
+        );
     }
 
     #[test]

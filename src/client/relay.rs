@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use crate::error::PgError;
 use crate::prepared::Tracker;
 use crate::protocol::{HEADER_LEN, MAX_CLIENT_MESSAGE_LEN, header, is_frontend_tag};
+use crate::sniff::{NAMED_PARSE, PATH, STATE, STATEMENTS, Sniffer, Touched};
 use crate::splice::Out;
 
 /// Read buffer size of a client with data in flight.
@@ -29,7 +30,9 @@ const MAX_INSPECTED: usize = 1024;
 /// ErrorResponses up to this size are read whole to spot FATAL ones.
 const MAX_INSPECTED_ERROR: usize = 16 * 1024;
 
-/// Walks the client's messages: counts what the server will answer and spots Terminate.
+/// Walks the client's messages: counts what the server will answer, spots Terminate, and
+/// sniffs the SQL text of Query and Parse messages for commands that change session state
+/// (see [`crate::sniff`]).
 #[derive(Debug, Default)]
 pub struct ClientScan {
     /// Body bytes of the current message not yet seen.
@@ -40,6 +43,22 @@ pub struct ClientScan {
     pub unsynced: bool,
     /// The client sent Terminate; nothing after it is read.
     pub terminated: bool,
+    /// What the messages scanned so far may change on the server connection.
+    pub touched: Touched,
+    /// Which text the current message's body is, if it is sniffed.
+    sniff: SniffText,
+    sniffer: Sniffer,
+}
+
+/// The kind of text whose body is passing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum SniffText {
+    #[default]
+    None,
+    Query,
+    /// A Parse whose first body byte (empty name or not) has not been seen.
+    Parse,
+    NamedParse,
 }
 
 impl ClientScan {
@@ -52,6 +71,9 @@ impl ClientScan {
         while pos < buf.len() && !self.terminated {
             if self.body_left > 0 {
                 let take = self.body_left.min(buf.len() - pos);
+                if self.sniff != SniffText::None {
+                    self.sniff_body(&buf[pos..pos + take], take == self.body_left);
+                }
                 pos += take;
                 self.body_left -= take;
                 continue;
@@ -69,12 +91,24 @@ impl ClientScan {
                 )));
             }
             match tag {
-                b'Q' | b'F' => self.pending += 1,
+                b'Q' => {
+                    self.pending += 1;
+                    self.sniff = SniffText::Query;
+                }
+                b'F' => {
+                    // A function called by its oid (set_config's, say): text unseen.
+                    self.pending += 1;
+                    self.touched |= PATH | STATE;
+                }
                 b'S' => {
                     self.pending += 1;
                     self.unsynced = false;
                 }
-                b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.unsynced = true,
+                b'P' => {
+                    self.unsynced = true;
+                    self.sniff = SniffText::Parse;
+                }
+                b'B' | b'E' | b'D' | b'C' | b'H' => self.unsynced = true,
                 b'X' => {
                     self.terminated = true;
                     break;
@@ -83,8 +117,38 @@ impl ClientScan {
             }
             pos += HEADER_LEN;
             self.body_left = len - HEADER_LEN;
+            if self.body_left == 0 {
+                self.sniff = SniffText::None;
+            } else if self.sniff != SniffText::None {
+                self.sniffer = Sniffer::default();
+            }
         }
         Ok(pos)
+    }
+
+    /// Forgets all but a Terminate seen: what was scanned was dropped, never sent.
+    pub fn forget(&mut self) {
+        *self = ClientScan {
+            terminated: self.terminated,
+            ..Default::default()
+        };
+    }
+
+    /// Sniffs a piece of a Query or Parse body; `last` when it ends the message.
+    fn sniff_body(&mut self, piece: &[u8], last: bool) {
+        if self.sniff == SniffText::Parse && piece.first().is_some_and(|&b| b != 0) {
+            self.sniff = SniffText::NamedParse;
+        }
+        let bits = self.sniffer.feed(piece, last);
+        if bits != 0 {
+            self.touched |= bits;
+            if self.sniff == SniffText::NamedParse {
+                self.touched |= NAMED_PARSE;
+            }
+        }
+        if last {
+            self.sniff = SniffText::None;
+        }
     }
 }
 
@@ -104,10 +168,9 @@ pub struct ServerScan {
     pub swallow_error: bool,
     /// Transaction status from the last ReadyForQuery.
     pub status: u8,
-    /// A SET/RESET/DISCARD/PREPARE went through: session state may differ from the clean state.
-    pub session_changed: bool,
-    /// An SQL PREPARE went through: the connection holds statements the proxy does not know.
-    pub sql_prepared: bool,
+    /// What the commands that went through (seen by their CommandComplete tags) may have
+    /// changed on the connection.
+    pub touched: Touched,
     /// Tracked parameters the server reported changed (a client's SET), lowercase names.
     pub reported: Vec<(String, String)>,
     /// A RESET went through: the client's settings go back to its startup values.
@@ -135,8 +198,7 @@ impl ServerScan {
             swallow,
             swallow_error: false,
             status: b'I',
-            session_changed: false,
-            sql_prepared: false,
+            touched: 0,
             reported: Vec::new(),
             reset_seen: false,
             reset_in_cycle: false,
@@ -170,15 +232,13 @@ impl ServerScan {
 
     /// Notes a command tag.
     fn command(&mut self, tag: &[u8], track: Option<&mut Tracker<'_>>) {
-        if matches!(
-            tag,
-            b"SET" | b"RESET" | b"DISCARD ALL" | b"DISCARD" | b"PREPARE"
-        ) {
-            self.session_changed = true;
-        }
-        if tag == b"PREPARE" {
-            self.sql_prepared = true;
-        }
+        self.touched |= match tag {
+            b"SET" | b"RESET" => PATH | STATE,
+            t if t.starts_with(b"DISCARD") => PATH | STATE,
+            b"PREPARE" => STATE | STATEMENTS,
+            b"LISTEN" | b"DECLARE CURSOR" => STATE,
+            _ => 0,
+        };
         if matches!(tag, b"RESET" | b"DISCARD ALL") {
             // PostgreSQL reports the reset values just before ReadyForQuery:
             // those are not the client's.
@@ -186,10 +246,12 @@ impl ServerScan {
             self.reset_in_cycle = true;
             self.reported.clear();
         }
-        if let Some(t) = track
-            && matches!(tag, b"DISCARD ALL" | b"DEALLOCATE ALL")
-        {
-            t.all_gone();
+        if let Some(t) = track {
+            match tag {
+                b"DISCARD ALL" | b"DEALLOCATE ALL" => t.all_gone(),
+                b"DEALLOCATE" => t.some_gone(),
+                _ => {}
+            }
         }
     }
 
@@ -507,8 +569,14 @@ impl Relay<'_> {
             && self.cscan.body_left == 0
             && self.sscan.status == b'I'
             && *self.cfwd == 0
-            && self.cout.is_empty()
-            && self.sout.is_empty()
+            && self.owes_nothing()
+    }
+
+    /// Has every byte gone out, and has the server answered everything the proxy itself
+    /// sent (the reset and settings before the client's bytes)? Only then may the
+    /// connection serve anyone else: an unread reply would reach the next client.
+    pub fn owes_nothing(&self) -> bool {
+        self.cout.is_empty() && self.sout.is_empty() && self.sscan.swallow == 0
     }
 
     /// Counts ReadyForQuery messages on their way to the client.
@@ -598,8 +666,7 @@ impl Relay<'_> {
             if self.cscan.terminated
                 && self.cscan.pending == 0
                 && *self.cfwd == 0
-                && self.cout.is_empty()
-                && self.sout.is_empty()
+                && self.owes_nothing()
             {
                 return Poll::Ready(RelayEnd::ClientGone);
             }
@@ -747,7 +814,7 @@ mod tests {
         assert_eq!(c.ready, 1);
         assert_eq!(s.status, b'T');
         assert!(!s.swallow_error);
-        assert!(!s.session_changed);
+        assert_eq!(s.touched, 0);
     }
 
     #[test]
@@ -760,7 +827,7 @@ mod tests {
         let c = s.scan(&b, &mut out, None).unwrap();
         assert_eq!(out.buf_len(), 9);
         assert_eq!(c.ready, 0);
-        assert!(s.session_changed);
+        assert_eq!(s.touched, PATH | STATE);
     }
 
     #[test]

@@ -1,0 +1,256 @@
+//! A client's login: the startup packet and authentication (`startup`, `auth`), the client
+//! caps and registry entry it takes ([`Registration`]), and the check of its session
+//! settings on a server connection, so that bad values are refused at login.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::Shared;
+use crate::error::PgError;
+use crate::pool::CheckoutError;
+use crate::prepared::ClientStatements;
+use crate::registry::ClientSlot;
+use crate::tenant::TenantId;
+
+use super::relay::ClientScan;
+use super::startup::{self, FirstPacket};
+use super::{Session, params};
+
+/// Applies a client's settings on a server connection at login, so that bad names or values
+/// are refused there as PostgreSQL would refuse them, and learns how PostgreSQL reports them
+/// (for the client's ParameterStatus). Done once per distinct set of settings.
+async fn validate_settings(
+    shared: &Arc<Shared>,
+    tenant: TenantId,
+    client: u64,
+    settings: &Arc<params::Settings>,
+) -> Result<(), PgError> {
+    if settings.list.is_empty() || settings.reported.get().is_some() {
+        return Ok(());
+    }
+    let wait = shared.config.limits.query_wait_timeout.0;
+    let mut conn = shared
+        .pool
+        .checkout(tenant, wait)
+        .await
+        .map_err(|e| match e {
+            CheckoutError::Timeout => PgError::query_wait_timeout(&shared.tenants.get(tenant).name),
+            CheckoutError::Unavailable(m) => PgError::server_unavailable(&m, true),
+        })?;
+    let replies = super::transaction::prepare(shared, &mut conn, tenant, client, settings);
+    let mut out = BytesMut::new();
+    conn.work.to_server.take_own(&mut out);
+    let result = conn.run_queries(&out, u32::from(replies)).await;
+    match result {
+        Ok(reported) => {
+            conn.set_clean(conn.buf.is_empty());
+            let _ = settings.reported.set(reported);
+            Ok(())
+        }
+        Err(Some((code, message))) => {
+            // What the connection has now is not worth working out: it is closed.
+            Err(PgError {
+                fatal: true,
+                code: code.into(),
+                message,
+            })
+        }
+        Err(None) => Err(PgError::server_unavailable("connection lost", true)),
+    }
+}
+
+/// Logs a client in within `client_login_timeout`; `None` when it was refused (it has been
+/// told why) or it was a cancel request.
+pub(super) async fn admit_client(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> Option<Session> {
+    let _ = stream.set_nodelay(true);
+    let login_timeout = shared.config.limits.client_login_timeout.0;
+    // Over max_client_conn the startup packet is still read, to name the tenant in the
+    // refusal's metric, but nothing else is done.
+    let conn_count = ConnCount::try_take(&shared);
+    let reg =
+        match tokio::time::timeout(login_timeout, login(&mut stream, peer, &shared, conn_count))
+            .await
+        {
+            Ok(Ok(Some(reg))) => reg,
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                tracing::info!(client = %peer, error = %e, "login refused");
+                let _ = stream.write_all(&e.to_bytes()).await;
+                return None;
+            }
+            Err(_) => {
+                tracing::info!(client = %peer, "login timed out");
+                let _ = stream.write_all(&PgError::login_timeout().to_bytes()).await;
+                return None;
+            }
+        };
+    let reg = match reg {
+        Login::Client(reg) => reg,
+        Login::Admin(user, _conn_count) => {
+            crate::admin::serve(stream, peer, user, shared).await;
+            return None;
+        }
+    };
+    Some(Session {
+        stream,
+        buf: BytesMut::new(),
+        cfwd: 0,
+        cscan: ClientScan::default(),
+        skip_until_sync: false,
+        discard_left: 0,
+        lost: None,
+        settings: reg.settings.clone(),
+        held: None,
+        statements: ClientStatements::default(),
+        reg,
+    })
+}
+
+/// Who logged in.
+enum Login {
+    Client(Registration),
+    /// An admin user opened the admin console.
+    Admin(Arc<str>, ConnCount),
+}
+
+async fn login(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    conn_count: Option<ConnCount>,
+) -> Result<Option<Login>, PgError> {
+    let startup = match startup::read_first_packet(stream).await? {
+        FirstPacket::Cancel { pid, secret } => {
+            if let Some((spid, ssecret)) = shared.registry.lookup(pid, secret) {
+                tracing::debug!(client = %peer, "forwarding cancel request");
+                let _ = crate::server::send_cancel(shared.pool.target(), spid, ssecret).await;
+            }
+            return Ok(None);
+        }
+        FirstPacket::Startup(s) => s,
+    };
+    let mut buf = BytesMut::new();
+    let admitted = startup::admit(stream, &mut buf, *startup, shared, conn_count.is_none()).await?;
+    // admit refused every client over the limit.
+    let conn_count = conn_count.ok_or_else(|| PgError::too_many_clients("max_client_conn"))?;
+    if !buf.is_empty() {
+        return Err(PgError::protocol_violation(
+            "unexpected data after authentication",
+        ));
+    }
+    let tenant = match admitted.target {
+        startup::Target::Tenant(t) => t,
+        startup::Target::Admin => {
+            let mut out = BytesMut::new();
+            crate::admin::welcome(&mut out, (0, 0));
+            stream
+                .write_all(&out)
+                .await
+                .map_err(|e| PgError::protocol_violation(e.to_string()))?;
+            tracing::info!(client = %peer, user = %admitted.user, "admin console opened");
+            return Ok(Some(Login::Admin(admitted.user, conn_count)));
+        }
+    };
+    let settings = shared.settings.intern(admitted.settings);
+    let mut reg = Registration::take(shared, tenant, admitted.user.clone(), peer, conn_count)?;
+    let server_params = shared
+        .pool
+        .server_params()
+        .await
+        .map_err(|e| PgError::server_unavailable(&e, true))?;
+    validate_settings(shared, tenant, reg.id, &settings).await?;
+    startup::welcome(
+        stream,
+        &server_params,
+        &settings,
+        (reg.client.pid, reg.client.secret),
+    )
+    .await?;
+    reg.settings = settings;
+    tracing::info!(
+        client = %peer,
+        user = %admitted.user,
+        tenant = %shared.tenants.get(tenant).name,
+        "client connected"
+    );
+    Ok(Some(Login::Client(reg)))
+}
+
+/// One of `max_client_conn`, taken when the connection is accepted (so clients still
+/// logging in count too, as in PgBouncer) and given back when it closes.
+struct ConnCount(Arc<Shared>);
+
+impl ConnCount {
+    fn try_take(shared: &Arc<Shared>) -> Option<ConnCount> {
+        let max = shared.config.proxy.max_client_conn;
+        shared
+            .clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnCount(shared.clone()))
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A client's place in the proxy: its client-cap slots and its registry entry (cancel key,
+/// what the admin console shows). Dropping it gives them back, however the session ends.
+pub(super) struct Registration {
+    pub(super) shared: Arc<Shared>,
+    _conn_count: ConnCount,
+    pub(super) tenant: TenantId,
+    pub(super) client: Arc<ClientSlot>,
+    pub(super) id: u64,
+    /// The client's startup settings (RESET goes back to these).
+    pub(super) settings: Arc<params::Settings>,
+}
+
+impl Registration {
+    fn take(
+        shared: &Arc<Shared>,
+        tenant: TenantId,
+        user: Arc<str>,
+        addr: SocketAddr,
+        conn_count: ConnCount,
+    ) -> Result<Registration, PgError> {
+        let rejected = &shared.metrics.tenants[tenant as usize].rejected;
+        let t = shared.tenants.get(tenant);
+        if !t.try_add_client() {
+            rejected[1].increment(1);
+            return Err(PgError::too_many_clients(&format!(
+                "max_client_connections of tenant \"{}\" ({})",
+                t.name, t.max_clients
+            )));
+        }
+        Ok(Registration {
+            shared: shared.clone(),
+            _conn_count: conn_count,
+            tenant,
+            client: shared.registry.register(tenant, user, addr),
+            settings: shared.no_settings.clone(),
+            id: shared.next_client_id.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.registry.unregister(self.client.pid);
+        self.shared.tenants.get(self.tenant).remove_client();
+    }
+}

@@ -1,0 +1,374 @@
+//! One transaction of a client: get a server connection, put it right for the client
+//! (the reset [`SessionState::begin`] decides, then the client's settings), relay the
+//! bytes, and give the verdict on the connection when the relay ends.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+
+use crate::Shared;
+use crate::config::{PoolMode, ResetPathAndRole};
+use crate::error::PgError;
+use crate::pool::{CheckoutError, PooledConn};
+use crate::registry::{STATE_ACTIVE, STATE_IDLE, STATE_WAITING};
+use crate::server::{ConnWork, ServerConn};
+use crate::session_state::{Policy, Reset};
+use crate::sniff::{NAMED_PARSE, STATEMENTS};
+
+use super::relay::{self, Relay, RelayEnd, ServerScan};
+use super::{Session, params};
+use crate::prepared::Tracker;
+
+/// How the proxy is configured to reset connections.
+pub(super) fn policy(shared: &Shared) -> Policy {
+    let proxy = &shared.config.proxy;
+    Policy {
+        session_mode: proxy.pool_mode == PoolMode::Session,
+        always: proxy.reset_path_and_role == ResetPathAndRole::Always,
+        tracking: proxy.max_prepared_statements > 0,
+    }
+}
+
+/// Decides what `conn` needs before a transaction of `client` of `tenant` and queues it
+/// (the reset, then the client's settings where the connection's differ) ahead of the
+/// client's bytes. Returns how many ReadyForQuery replies the queued messages bring.
+pub(super) fn prepare(
+    shared: &Shared,
+    conn: &mut ServerConn,
+    tenant: crate::tenant::TenantId,
+    client: u64,
+    settings: &Arc<params::Settings>,
+) -> u8 {
+    let t = shared.tenants.get(tenant);
+    let ServerConn { state, work, .. } = conn;
+    let ConnWork {
+        stmts,
+        to_server: cout,
+        to_client: sout,
+    } = &mut **work;
+    let reset = state.begin(tenant, client, policy(shared), !stmts.is_empty());
+    if reset == Reset::Switch {
+        shared
+            .pool
+            .stats
+            .search_path_switches
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    if reset.drops_statements() {
+        stmts.clear();
+    }
+    if reset.clears_settings() {
+        state.settings = Some(shared.no_settings.clone());
+    }
+    let (prelude, mut replies) = t.prelude(reset);
+    cout.clear();
+    sout.clear();
+    cout.own(prelude);
+    // The common case (same client settings as last time) is a pointer comparison.
+    let same = state
+        .settings
+        .as_ref()
+        .is_some_and(|s| Arc::ptr_eq(s, settings));
+    if !same {
+        let mut added = false;
+        let from = state.settings.take();
+        cout.own_with(|b| added = settings.put_transition(from.as_deref(), b));
+        replies += u8::from(added);
+        state.settings = Some(settings.clone());
+    }
+    replies
+}
+
+/// Rolls back an idle-in-transaction server connection; true when it is idle again.
+async fn rollback(conn: &mut PooledConn) -> bool {
+    let mut out = BytesMut::with_capacity(16);
+    crate::protocol::put_query(&mut out, "ROLLBACK");
+    conn.run_queries(&out, 1).await.is_ok() && conn.buf.is_empty()
+}
+
+impl Session {
+    /// Runs one transaction (session mode: on the connection kept from the last one).
+    /// Returns whether the client is still there.
+    pub(super) async fn transaction(&mut self) -> Result<bool, PgError> {
+        if let Some(err) = self.lost.take() {
+            self.fail_batch(&err).await?;
+            return Ok(true);
+        }
+        let shared = self.reg.shared.clone();
+        if self.answer_without_server(&shared).await? {
+            return Ok(true);
+        }
+        let tenant = shared.tenants.get(self.reg.tenant);
+        let tmetrics = &shared.metrics.tenants[self.reg.tenant as usize];
+        let stats = &tenant.stats;
+        let session_mode = shared.config.proxy.pool_mode == PoolMode::Session;
+        let mut conn = match self.take_held() {
+            Some(conn) => conn,
+            None => match self.checkout(&shared).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let err = match e {
+                        CheckoutError::Timeout => {
+                            stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                            PgError::query_wait_timeout(&tenant.name)
+                        }
+                        CheckoutError::Unavailable(msg) => PgError::server_unavailable(&msg, false),
+                    };
+                    tracing::warn!(client = %self.reg.client.addr, error = %err, "transaction not started");
+                    self.fail_batch(&err).await?;
+                    return Ok(true);
+                }
+            },
+        };
+        let swallow = prepare(
+            &shared,
+            &mut conn,
+            self.reg.tenant,
+            self.reg.id,
+            &self.settings,
+        );
+        self.reg
+            .client
+            .attach(conn.backend_pid, conn.backend_secret);
+        self.reg
+            .client
+            .server_prepared
+            .store(conn.work.stmts.len() as u32, Ordering::Relaxed);
+
+        let server: &mut ServerConn = &mut conn;
+        let ServerConn {
+            stream: sstream,
+            buf: sbuf,
+            work,
+            ..
+        } = server;
+        let ConnWork {
+            stmts,
+            to_server: cout,
+            to_client: sout,
+        } = &mut **work;
+        let max_statements = shared.config.proxy.max_prepared_statements as usize;
+        let track = (max_statements > 0).then(|| {
+            Tracker::new(
+                &mut self.statements,
+                stmts,
+                &shared.statements,
+                self.reg.tenant,
+                max_statements,
+            )
+        });
+        let mut relay = Relay {
+            client: &mut self.stream,
+            cbuf: &mut self.buf,
+            cfwd: &mut self.cfwd,
+            cscan: &mut self.cscan,
+            server: sstream,
+            sbuf,
+            sscan: ServerScan::new(swallow),
+            cout,
+            cpos: 0,
+            sout,
+            track,
+            idle_in_transaction: shared.config.limits.idle_transaction_timeout.nonzero(),
+            idle_timer: None,
+            counts: relay::Counts::new(tmetrics),
+        };
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        self.reg.client.state.store(STATE_ACTIVE, Ordering::Relaxed);
+        let end = relay.run().await;
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
+        relay.counts.flush(stats);
+        let server_fatal = relay.sscan.fatal.take();
+        let reported = std::mem::take(&mut relay.sscan.reported);
+        let reset_seen = relay.sscan.reset_seen;
+        let mid_message = relay.sscan.mid_message() || !relay.sout.is_empty();
+        let owes_nothing = relay.owes_nothing();
+        let status = relay.sscan.status;
+        let mut touched = relay.sscan.touched;
+        // The statement tracker must have heard every reply; if not (the server went away,
+        // or replies and requests disagreed), undo what the missing replies would have
+        // undone and stop trusting the connection's statement set.
+        let statements_known = match relay.track.as_mut() {
+            Some(t) if t.expecting() > 0 || t.desync => {
+                t.abandon();
+                false
+            }
+            _ => true,
+        };
+        touched |= relay.track.as_ref().map_or(0, |t| t.touched);
+        drop(relay);
+        touched |= std::mem::take(&mut self.cscan.touched);
+        if max_statements == 0 && touched & NAMED_PARSE != 0 {
+            // An untracked named statement whose text may change state can run again later.
+            touched |= STATEMENTS;
+        }
+        self.reg
+            .client
+            .prepared
+            .store(self.statements.len() as u32, Ordering::Relaxed);
+        self.reg.client.detach();
+        if reset_seen || !reported.is_empty() {
+            self.follow_settings(reset_seen, reported);
+            // After a RESET the connection no longer has the client's startup values.
+            conn.state.settings = (!reset_seen).then(|| self.settings.clone());
+        }
+
+        if !statements_known && end == RelayEnd::Released {
+            tracing::warn!(client = %self.reg.client.addr, "prepared statement replies out of step; server connection closed");
+        }
+        match end {
+            RelayEnd::Released => {
+                conn.state.end(touched, session_mode);
+                conn.set_clean(statements_known);
+                if session_mode && statements_known {
+                    // The connection stays with the client; transactions are still
+                    // delimited so that settings can be put right between them.
+                    self.held = Some(Box::new(conn));
+                }
+                Ok(true)
+            }
+            RelayEnd::ClientGone => {
+                let idle = status == b'I'
+                    && self.cscan.pending == 0
+                    && !self.cscan.unsynced
+                    && self.cscan.body_left == 0
+                    && self.cfwd == 0
+                    && owes_nothing
+                    && !mid_message;
+                conn.state.end(touched, session_mode);
+                conn.set_clean(idle && statements_known);
+                Ok(false)
+            }
+            RelayEnd::ServerLost(why) => {
+                drop(conn);
+                let err = match server_fatal {
+                    Some((code, msg)) if code.len() == 5 => PgError::server_ended(&code, &msg),
+                    _ => PgError::server_lost(&why),
+                };
+                tracing::warn!(client = %self.reg.client.addr, error = %err, "server connection lost");
+                if mid_message {
+                    // Part of a message already reached the client: the stream cannot be
+                    // repaired, so the client connection ends.
+                    return Err(PgError::fatal("08006", err.message));
+                }
+                if self.cscan.pending > 0 || self.cscan.unsynced {
+                    self.fail_batch(&err).await?;
+                } else if status != b'I' {
+                    // The client believes it is inside a transaction that is gone: its
+                    // next batch gets the error.
+                    self.lost = Some(Box::new(err));
+                }
+                Ok(true)
+            }
+            RelayEnd::Violation(e) => Err(e),
+            RelayEnd::IdleInTransaction => {
+                // Roll the server connection back so it can serve others, then end the client.
+                if owes_nothing && rollback(&mut conn).await {
+                    conn.state.end(touched, session_mode);
+                    conn.set_clean(true);
+                }
+                drop(conn);
+                Err(PgError::idle_in_transaction_timeout())
+            }
+        }
+    }
+
+    /// A batch of only named Parses of statements the tenant already has, Closes and a
+    /// Sync (libpq's `PQprepare`) is answered without a server connection. Returns whether
+    /// it was.
+    async fn answer_without_server(&mut self, shared: &Arc<Shared>) -> Result<bool, PgError> {
+        if self.held.is_some()
+            // Only a named Parse or a Close can start a batch answered without a server.
+            || !match self.buf.first() {
+                Some(b'P') => self.buf.get(5).is_some_and(|&b| b != 0),
+                Some(b'C') => true,
+                _ => false,
+            }
+            || shared.config.proxy.max_prepared_statements == 0
+            || self.cscan.pending != 1
+            || self.cscan.unsynced
+            || self.cscan.body_left != 0
+        {
+            return Ok(false);
+        }
+        let Some(reply) = crate::prepared::answer_alone(
+            &mut self.statements,
+            &shared.statements,
+            self.reg.tenant,
+            &self.buf[..self.cfwd],
+        ) else {
+            return Ok(false);
+        };
+        self.buf.advance(self.cfwd);
+        self.cfwd = 0;
+        self.cscan.pending = 0;
+        // Nothing ran: what the texts may touch is on their statements.
+        self.cscan.touched = 0;
+        self.reg
+            .client
+            .prepared
+            .store(self.statements.len() as u32, Ordering::Relaxed);
+        self.write_client(&reply).await?;
+        Ok(true)
+    }
+
+    /// Session mode: the connection kept from the last transaction, if it is still alive.
+    fn take_held(&mut self) -> Option<PooledConn> {
+        let mut conn = *self.held.take()?;
+        if conn.is_broken_idle() {
+            conn.set_clean(false);
+            return None;
+        }
+        Some(conn)
+    }
+
+    /// Takes a server connection from the pool, counting the wait.
+    async fn checkout(&mut self, shared: &Arc<Shared>) -> Result<PooledConn, CheckoutError> {
+        let tenant = shared.tenants.get(self.reg.tenant);
+        let stats = &tenant.stats;
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.reg
+            .client
+            .state
+            .store(STATE_WAITING, Ordering::Relaxed);
+        let wait_start = Instant::now();
+        let wait = shared.config.limits.query_wait_timeout.0;
+        let checkout = shared.pool.checkout(self.reg.tenant, wait).await;
+        let waited = wait_start.elapsed();
+        stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        stats
+            .wait_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        shared.metrics.tenants[self.reg.tenant as usize]
+            .wait_duration
+            .record(waited.as_secs_f64());
+        self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
+        checkout
+    }
+
+    /// Follows the client's own SET (reported by the server) and RESET: after a RESET the
+    /// client is back to its startup settings, then what it SET since applies on top.
+    fn follow_settings(&mut self, reset: bool, reported: Vec<(String, String)>) {
+        let base = if reset {
+            self.reg.settings.clone()
+        } else {
+            self.settings.clone()
+        };
+        self.settings = if reported.is_empty() {
+            base
+        } else {
+            let mut list = base.list.clone();
+            for (name, value) in reported {
+                match list.iter_mut().find(|(n, _)| *n == name) {
+                    Some(e) => e.1 = value,
+                    None => list.push((name, value)),
+                }
+            }
+            list.sort();
+            Arc::new(params::Settings::new(list))
+        };
+    }
+}

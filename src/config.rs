@@ -240,6 +240,28 @@ pub struct TenantConfig {
     pub schema: String,
     pub max_server_connections: Option<u32>,
     pub max_client_connections: Option<u32>,
+    /// An own server login: the tenant's transactions run only on connections logged in
+    /// as this role. Tenants naming the same role share its connections.
+    pub server_user: Option<String>,
+    pub server_password: Option<String>,
+    pub server_password_env: Option<String>,
+}
+
+impl TenantConfig {
+    /// The password of the tenant's own server login, if any.
+    pub fn resolved_server_password(&self) -> Option<String> {
+        resolve_secret(&self.server_password, &self.server_password_env)
+    }
+}
+
+/// The server logins of a config, numbered: index 0 is `[server] user`, then each distinct
+/// `server_user` of a tenant (other than `[server] user`), in tenant order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLogins {
+    /// User and password of each login.
+    pub logins: Vec<(String, Option<String>)>,
+    /// The login of each tenant, in `tenants` order.
+    pub of_tenant: Vec<u32>,
 }
 
 /// `[users.NAME]`: a login clients may use.
@@ -393,6 +415,86 @@ impl Config {
             .unwrap_or(self.tenant_defaults.max_client_connections)
     }
 
+    /// The logins server connections use, and which one each tenant uses. A tenant's
+    /// password is that of the first tenant naming its `server_user` (validation makes sure
+    /// they agree).
+    pub fn server_logins(&self) -> ServerLogins {
+        let mut logins = vec![(self.server.user.clone(), self.server.resolved_password())];
+        let mut index: std::collections::HashMap<&str, u32> =
+            std::collections::HashMap::from([(self.server.user.as_str(), 0)]);
+        let of_tenant = self
+            .tenants
+            .values()
+            .map(|t| match &t.server_user {
+                None => 0,
+                Some(user) => *index.entry(user.as_str()).or_insert_with(|| {
+                    logins.push((user.clone(), t.resolved_server_password()));
+                    (logins.len() - 1) as u32
+                }),
+            })
+            .collect();
+        ServerLogins { logins, of_tenant }
+    }
+
+    /// Problems with tenants' own server logins.
+    fn validate_server_logins(&self, p: &mut Vec<String>) {
+        // The first tenant naming each role, to compare passwords with.
+        let mut first: BTreeMap<&str, (&str, Option<String>)> = BTreeMap::new();
+        for (name, t) in &self.tenants {
+            if t.server_password.is_some() && t.server_password_env.is_some() {
+                p.push(format!(
+                    "tenants.{name}: give either server_password or server_password_env, not both"
+                ));
+            }
+            if let Some(v) = &t.server_password_env
+                && std::env::var(v).is_err()
+            {
+                p.push(format!(
+                    "tenants.{name}.server_password_env: environment variable {v} is not set"
+                ));
+            }
+            let Some(user) = &t.server_user else {
+                let key = if t.server_password.is_some() {
+                    Some("server_password")
+                } else {
+                    t.server_password_env
+                        .as_ref()
+                        .map(|_| "server_password_env")
+                };
+                if let Some(key) = key {
+                    p.push(format!(
+                        "tenants.{name}.{key}: a password without server_user (give server_user too)"
+                    ));
+                }
+                continue;
+            };
+            if user.is_empty() || user.contains('\0') {
+                p.push(format!(
+                    "tenants.{name}.server_user: must not be empty or contain NUL"
+                ));
+                continue;
+            }
+            let password = t.resolved_server_password();
+            if *user == self.server.user {
+                if password != self.server.resolved_password() {
+                    p.push(format!(
+                        "tenants.{name}.server_password: server_user \"{user}\" is server.user, and its password differs from server.password"
+                    ));
+                }
+                continue;
+            }
+            match first.get(user.as_str()) {
+                None => {
+                    first.insert(user, (name, password));
+                }
+                Some((other, theirs)) if *theirs != password => p.push(format!(
+                    "tenants.{name}.server_password: tenant {other} logs in as server_user \"{user}\" too, with another password (tenants sharing a server_user must give the same password)"
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+
     /// Checks everything that parsing alone does not; reports all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
@@ -526,6 +628,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_server_logins(&mut p);
         if self.users.is_empty() && self.proxy.auth_method != AuthMethod::Trust {
             p.push("users: no user is configured ([users.NAME] with a password)".into());
         }
@@ -672,5 +775,64 @@ password = "secret"
         );
         let e = problems(&text);
         assert!(e.contains("users.app.tenants: \"nope\""), "{e}");
+    }
+
+    #[test]
+    fn tenant_server_logins() {
+        let text = MIN.replace(
+            "[tenants.acme]\nschema = \"tenant_acme\"",
+            "[tenants.acme]\nschema = \"tenant_acme\"\nserver_user = \"acme_role\"\n\
+             [tenants.globex]\nschema = \"g\"\nserver_user = \"shared_role\"\nserver_password = \"s\"\n\
+             [tenants.initech]\nschema = \"i\"\n\
+             [tenants.umbrella]\nschema = \"u\"\nserver_user = \"shared_role\"\nserver_password = \"s\"",
+        );
+        // A server_user without a password is allowed (the server may trust it).
+        let c = Config::parse(&text).unwrap();
+        let l = c.server_logins();
+        assert_eq!(
+            l.logins,
+            [
+                ("tenantpool".to_string(), Some("x".to_string())),
+                ("acme_role".to_string(), None),
+                ("shared_role".to_string(), Some("s".to_string())),
+            ]
+        );
+        assert_eq!(l.of_tenant, [1, 2, 0, 2]);
+    }
+
+    #[test]
+    fn tenant_server_login_problems_are_named() {
+        let text = MIN.replace(
+            "[tenants.acme]\nschema = \"tenant_acme\"",
+            "[tenants.acme]\nschema = \"tenant_acme\"\nserver_user = \"r\"\n\
+             server_password = \"a\"\nserver_password_env = \"TENANTPOOL_TEST_UNSET_VAR\"\n\
+             [tenants.b]\nschema = \"b\"\nserver_user = \"q\"\nserver_password = \"one\"\n\
+             [tenants.c]\nschema = \"c\"\nserver_user = \"q\"\nserver_password = \"two\"\n\
+             [tenants.d]\nschema = \"d\"\nserver_password = \"p\"\n\
+             [tenants.e]\nschema = \"e\"\nserver_user = \"tenantpool\"\nserver_password = \"not-x\"\n\
+             [tenants.f]\nschema = \"f\"\nserver_user = \"\"",
+        );
+        let e = problems(&text);
+        assert!(
+            e.contains("tenants.acme: give either server_password or server_password_env"),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                "tenants.acme.server_password_env: environment variable TENANTPOOL_TEST_UNSET_VAR is not set"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains("tenants.c.server_password: tenant b logs in as server_user \"q\" too"),
+            "{e}"
+        );
+        assert!(!e.contains("tenants.b.server_password"), "{e}");
+        assert!(
+            e.contains("tenants.d.server_password: a password without server_user"),
+            "{e}"
+        );
+        assert!(e.contains("tenants.e.server_password"), "{e}");
+        assert!(e.contains("tenants.f.server_user"), "{e}");
     }
 }

@@ -23,6 +23,7 @@ use crate::protocol::{
     put_ready_for_query, put_row_description,
 };
 use crate::registry::{STATE_ACTIVE, STATE_WAITING};
+use crate::server::LoginId;
 use crate::tenant::TenantId;
 
 /// Largest command accepted on the console.
@@ -207,7 +208,8 @@ fn unix(t: SystemTime) -> String {
 
 fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> {
     let snap = shared.pool.snapshot();
-    let server_user = shared.config.server.user.as_str();
+    // The role a server connection of a login is logged in as.
+    let login_user = |login: LoginId| shared.pool.target().login(login).user.as_str();
     let mode = match shared.config.proxy.pool_mode {
         PoolMode::Transaction => "transaction",
         PoolMode::Session => "session",
@@ -332,7 +334,7 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
                     let w = snap.max_wait[i];
                     vec![
                         t.name.clone(),
-                        server_user.to_string(),
+                        login_user(t.login).to_string(),
                         s.active.load(Ordering::Relaxed).to_string(),
                         s.waiting.load(Ordering::Relaxed).to_string(),
                         "0".into(),
@@ -420,31 +422,50 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
         "SERVERS" => {
             let host = &shared.config.server.host;
             let port = shared.config.server.port.to_string();
-            let row =
-                |tenant: Option<TenantId>, state: &str, pid: i32, age: String, prepared: usize| {
-                    vec![
-                        "S".into(),
-                        server_user.to_string(),
-                        tenant
-                            .map(|t| shared.tenants.get(t).name.clone())
-                            .unwrap_or_default(),
-                        state.to_string(),
-                        host.clone(),
-                        port.clone(),
-                        pid.to_string(),
-                        age,
-                        prepared.to_string(),
-                    ]
-                };
+            let row = |login: LoginId,
+                       tenant: Option<TenantId>,
+                       state: &str,
+                       pid: i32,
+                       age: String,
+                       prepared: usize| {
+                vec![
+                    "S".into(),
+                    login_user(login).to_string(),
+                    tenant
+                        .map(|t| shared.tenants.get(t).name.clone())
+                        .unwrap_or_default(),
+                    state.to_string(),
+                    host.clone(),
+                    port.clone(),
+                    pid.to_string(),
+                    age,
+                    prepared.to_string(),
+                ]
+            };
             let mut rows: Vec<Vec<String>> = Vec::new();
             for c in shared.registry.all() {
                 if let Some((pid, _)) = c.server() {
                     let prepared = c.server_prepared.load(Ordering::Relaxed) as usize;
-                    rows.push(row(Some(c.tenant), "active", pid, String::new(), prepared));
+                    let login = shared.tenants.get(c.tenant).login;
+                    rows.push(row(
+                        login,
+                        Some(c.tenant),
+                        "active",
+                        pid,
+                        String::new(),
+                        prepared,
+                    ));
                 }
             }
-            for &(pid, tenant, age, prepared) in &snap.idle_servers {
-                rows.push(row(tenant, "idle", pid, secs(age), prepared));
+            for c in &snap.idle_servers {
+                rows.push(row(
+                    c.login,
+                    c.tenant,
+                    "idle",
+                    c.backend_pid,
+                    secs(c.age),
+                    c.prepared,
+                ));
             }
             table(
                 out,

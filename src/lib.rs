@@ -98,14 +98,7 @@ impl Proxy {
         let listener = socket.listen(4096)?;
 
         let tenants = Arc::new(Tenants::from_config(&config));
-        let target = ServerTarget {
-            host: config.server.host.clone(),
-            port: config.server.port,
-            database: config.server.database.clone(),
-            user: config.server.user.clone(),
-            password: config.server.resolved_password(),
-            connect_timeout: config.server.connect_timeout.0,
-        };
+        let target = ServerTarget::from_config(&config);
         let settings = PoolSettings {
             max_connections: config.server.max_connections,
             min_idle: config.server.min_idle,

@@ -8,6 +8,13 @@
 //! `max_server_connections` is skipped. A waiter that outlives `query_wait_timeout` leaves
 //! its queue and gets an error.
 //!
+//! Every connection is logged in as one server login ([`LoginId`]): the shared
+//! `[server] user`, or a tenant's own `server_user`. A tenant only ever gets a connection of
+//! its login. Capacity moves between logins by closing an idle connection of one login and
+//! opening one of another in its slot: at checkout when the pool is full and only other
+//! logins' connections are idle, and when a connection given back would go to a waiter of
+//! another login (that waiter gets a connect grant in the connection's slot instead).
+//!
 //! All of this state sits behind one mutex held only for a few instructions; nothing in it
 //! awaits. Connecting happens outside the lock, against a reserved slot.
 
@@ -18,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::server::{self, ServerConn, ServerTarget};
+use crate::server::{self, LoginId, SHARED_LOGIN, ServerConn, ServerTarget};
 use crate::tenant::{TenantId, Tenants};
 
 /// The server's ParameterStatus values, name and value.
@@ -54,8 +61,9 @@ pub struct PoolStats {
 enum Grant {
     /// An idle connection, already counted against the waiter's tenant.
     Conn(ServerConn),
-    /// A reserved slot: the waiter opens the connection itself.
-    Connect,
+    /// A reserved slot: the waiter opens the connection itself, with its tenant's login,
+    /// after closing the given idle connection of another login that held the slot.
+    Connect(Option<ServerConn>),
     /// The server is down; give up.
     Fail(String),
 }
@@ -63,7 +71,9 @@ enum Grant {
 /// What a checkout does next.
 enum Take {
     Conn(ServerConn),
-    Connect,
+    /// Connect into a reserved slot, after closing the idle connection of another login
+    /// that held the slot, if any.
+    Connect(Option<ServerConn>),
     Fail(String),
     Wait,
 }
@@ -129,9 +139,20 @@ pub struct PoolSnapshot {
     /// How long the oldest waiter of each tenant has waited.
     pub max_wait: Vec<Duration>,
     pub paused: Vec<bool>,
-    /// Idle connections: (server pid, tenant, age).
-    /// Idle server connections: backend pid, tenant, age, named statements prepared.
-    pub idle_servers: Vec<(i32, Option<TenantId>, Duration, usize)>,
+    /// Idle server connections.
+    pub idle_servers: Vec<IdleServer>,
+}
+
+/// An idle server connection, as the admin console lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdleServer {
+    pub backend_pid: i32,
+    /// The tenant whose search_path it carries.
+    pub tenant: Option<TenantId>,
+    pub login: LoginId,
+    pub age: Duration,
+    /// Named statements prepared on it.
+    pub prepared: usize,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -140,6 +161,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 impl Pool {
     pub fn new(target: ServerTarget, settings: PoolSettings, tenants: Arc<Tenants>) -> Arc<Pool> {
         let n = tenants.len();
+        assert!(
+            tenants
+                .iter()
+                .all(|t| (t.login as usize) < target.logins.len()),
+            "every tenant's login is one of the target's"
+        );
         Arc::new(Pool {
             state: Mutex::new(State {
                 idle: Vec::with_capacity(settings.max_connections as usize),
@@ -181,7 +208,7 @@ impl Pool {
         tenant: TenantId,
         wait_timeout: Duration,
     ) -> Result<PooledConn, CheckoutError> {
-        let (id, rx) = {
+        let waiting = {
             let mut st = self.lock();
             if st.closed {
                 return Err(CheckoutError::Unavailable(
@@ -191,7 +218,7 @@ impl Pool {
             match self.try_take(&mut st, tenant) {
                 Take::Conn(conn) => return Ok(self.guard(conn, tenant)),
                 Take::Fail(e) => return Err(CheckoutError::Unavailable(e)),
-                Take::Connect => None,
+                Take::Connect(retire) => Err(retire),
                 Take::Wait => {
                     let (tx, rx) = oneshot::channel();
                     let id = st.next_waiter;
@@ -206,51 +233,68 @@ impl Pool {
                         tx,
                     });
                     st.waiting += 1;
-                    Some((id, rx))
+                    Ok((id, rx))
                 }
             }
-        }
-        .map_or((u64::MAX, None), |(id, rx)| (id, Some(rx)));
-        let Some(mut rx) = rx else {
-            return self.open_for(tenant).await;
         };
-        let grant = match tokio::time::timeout(wait_timeout, &mut rx).await {
-            Ok(Ok(g)) => g,
-            Ok(Err(_)) => return Err(CheckoutError::Unavailable("pool closed".into())),
-            Err(_) => {
-                let mut st = self.lock();
-                let q = &mut st.queues[tenant as usize];
-                if let Some(pos) = q.iter().position(|w| w.id == id) {
-                    q.remove(pos);
-                    if q.is_empty() {
-                        st.ring.retain(|&x| x != tenant);
-                    }
-                    st.waiting -= 1;
+        let (id, rx) = match waiting {
+            Ok(w) => w,
+            Err(retire) => return self.open_for(tenant, retire).await,
+        };
+        let mut queued = Queued {
+            pool: self,
+            tenant,
+            id,
+            rx: Some(rx),
+        };
+        let rx = queued.rx.as_mut().expect("queued with a receiver");
+        let grant = match tokio::time::timeout(wait_timeout, rx).await {
+            Ok(Ok(g)) => Some(g),
+            Ok(Err(_)) => None,
+            Err(_) => match queued.leave() {
+                Some(g) => Some(g),
+                None => {
+                    queued.rx = None;
                     return Err(CheckoutError::Timeout);
                 }
-                drop(st);
-                // Not in the queue: a grant was sent under the lock just before we took it.
-                match rx.try_recv() {
-                    Ok(g) => g,
-                    Err(_) => return Err(CheckoutError::Timeout),
-                }
-            }
+            },
         };
+        queued.rx = None;
         match grant {
-            Grant::Conn(conn) => Ok(self.guard(conn, tenant)),
-            Grant::Connect => self.open_for(tenant).await,
-            Grant::Fail(e) => Err(CheckoutError::Unavailable(e)),
+            Some(Grant::Conn(conn)) => Ok(self.guard(conn, tenant)),
+            Some(Grant::Connect(retire)) => self.open_for(tenant, retire).await,
+            Some(Grant::Fail(e)) => Err(CheckoutError::Unavailable(e)),
+            None => Err(CheckoutError::Unavailable("pool closed".into())),
+        }
+    }
+
+    /// Takes back a grant counted against `tenant` that its waiter will not use.
+    fn give_back(&self, grant: Grant, tenant: TenantId) {
+        match grant {
+            // Untouched idle connections: back to the pool as they are.
+            Grant::Conn(conn) | Grant::Connect(Some(conn)) => self.checkin(conn, tenant, true),
+            Grant::Connect(None) => {
+                let mut st = self.lock();
+                st.open -= 1;
+                st.in_use[tenant as usize] -= 1;
+                self.after_close(&mut st);
+            }
+            Grant::Fail(_) => {}
         }
     }
 
     /// The checkout decision, made under the lock.
     fn try_take(&self, st: &mut State, tenant: TenantId) -> Take {
-        let cap = self.tenants.get(tenant).max_server;
+        let tn = self.tenants.get(tenant);
         let t = tenant as usize;
-        if !st.queues[t].is_empty() || st.in_use[t] >= cap || st.paused_all || st.paused[t] {
+        if !st.queues[t].is_empty()
+            || st.in_use[t] >= tn.max_server
+            || st.paused_all
+            || st.paused[t]
+        {
             return Take::Wait;
         }
-        if let Some(conn) = take_idle(st, tenant) {
+        if let Some(conn) = take_idle(st, tenant, tn.login) {
             st.in_use[t] += 1;
             return Take::Conn(conn);
         }
@@ -258,10 +302,19 @@ impl Pool {
             .down
             .as_ref()
             .is_some_and(|d| Instant::now() < d.retry_at);
-        if st.open < self.settings.max_connections && !in_backoff {
-            st.open += 1;
-            st.in_use[t] += 1;
-            return Take::Connect;
+        if !in_backoff {
+            if st.open < self.settings.max_connections {
+                st.open += 1;
+                st.in_use[t] += 1;
+                return Take::Connect(None);
+            }
+            // The pool is full and every idle connection is of another login: the least
+            // recently used one gives its slot to this login.
+            if let Some(pos) = (0..st.idle.len()).min_by_key(|&i| st.idle[i].idle_since) {
+                let old = st.idle.swap_remove(pos);
+                st.in_use[t] += 1;
+                return Take::Connect(Some(old));
+            }
         }
         if in_backoff && st.open == 0 {
             let e = st
@@ -283,29 +336,41 @@ impl Pool {
         }
     }
 
-    /// Opens a connection into a slot already reserved for `tenant`.
-    async fn open_for(self: &Arc<Self>, tenant: TenantId) -> Result<PooledConn, CheckoutError> {
-        match self.connect().await {
-            Ok(conn) => Ok(self.guard(conn, tenant)),
-            Err(e) => {
-                let mut st = self.lock();
-                st.open -= 1;
-                st.in_use[tenant as usize] -= 1;
-                self.after_close(&mut st);
-                Err(CheckoutError::Unavailable(e))
+    /// Opens a connection with `tenant`'s login into a slot already reserved for `tenant`,
+    /// first closing `retire`, the idle connection of another login that held the slot.
+    /// The slot is given back if no connection comes of it (connect failed, or the
+    /// checkout was dropped).
+    async fn open_for(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        retire: Option<ServerConn>,
+    ) -> Result<PooledConn, CheckoutError> {
+        let slot = Reserved { pool: self, tenant };
+        if let Some(old) = retire {
+            // PostgreSQL ends the old backend before the new one starts: together they
+            // never outnumber max_connections, not even for a moment.
+            old.close(self.target.connect_timeout).await;
+        }
+        match self.connect(self.tenants.get(tenant).login).await {
+            Ok(conn) => {
+                slot.keep();
+                Ok(self.guard(conn, tenant))
             }
+            Err(e) => Err(CheckoutError::Unavailable(e)),
         }
     }
 
-    /// Connects and logs in, updating the failure backoff either way.
-    async fn connect(&self) -> Result<ServerConn, String> {
-        self.lock().connecting += 1;
-        let result = server::connect(&self.target).await;
-        self.lock().connecting -= 1;
+    /// Connects and logs in as `login`, updating the failure backoff either way.
+    async fn connect(&self, login: LoginId) -> Result<ServerConn, String> {
+        let result = {
+            self.lock().connecting += 1;
+            let _connecting = Connecting(self);
+            server::connect(&self.target, login).await
+        };
         match result {
             Ok(login) => {
                 self.stats.connects_ok.fetch_add(1, Ordering::Relaxed);
-                *self.params.lock().unwrap_or_else(|e| e.into_inner()) = Some(login.params.into());
+                self.remember_params(login.conn.login, login.params);
                 let mut st = self.lock();
                 if st.down.take().is_some() {
                     tracing::info!("server reachable again");
@@ -329,6 +394,25 @@ impl Pool {
                 Err(e)
             }
         }
+    }
+
+    /// Keeps the ParameterStatus values clients are greeted with: those of the shared
+    /// login. Until one is known, another login's stand in, without its role name (which
+    /// would tell one tenant another's login).
+    fn remember_params(&self, login: LoginId, mut params: Vec<(String, String)>) {
+        let mut known = self.params.lock().unwrap_or_else(|e| e.into_inner());
+        if login != SHARED_LOGIN {
+            if known.is_some() {
+                return;
+            }
+            let shared_user = &self.target.login(SHARED_LOGIN).user;
+            for (name, value) in &mut params {
+                if name.eq_ignore_ascii_case("session_authorization") {
+                    value.clone_from(shared_user);
+                }
+            }
+        }
+        *known = Some(params.into());
     }
 
     /// After a slot was freed without a connection to hand on: let a waiter open one, or,
@@ -356,7 +440,7 @@ impl Pool {
         }
         if st.open < self.settings.max_connections {
             st.open += 1;
-            if !self.hand_out(st, Grant::Connect) {
+            if !self.hand_out(st, Grant::Connect(None)) {
                 st.open -= 1;
             }
         }
@@ -365,19 +449,27 @@ impl Pool {
     /// Gives `grant` to the next waiter whose tenant is below its cap, tenants taking turns
     /// (see [`Pool::next_tenant`]). Returns false (and drops a `Connect` grant) when no
     /// waiter can take it; a connection grant that nobody takes is put back into `idle`.
+    /// A connection goes only to a waiter of its login: when the turn is another login's,
+    /// that waiter gets the connection's slot as a `Connect` grant, and closes the
+    /// connection before opening its own.
     fn hand_out(&self, st: &mut State, mut grant: Grant) -> bool {
-        let preferred = match &grant {
-            Grant::Conn(c) => c.state.tenant(),
-            _ => None,
+        let (preferred, login) = match &grant {
+            Grant::Conn(c) => (c.state.tenant(), Some(c.login)),
+            _ => (None, None),
         };
-        while let Some(t) = self.next_tenant(st, preferred) {
+        while let Some(t) = self.next_tenant(st, preferred, login) {
             let ti = t as usize;
             st.ring.retain(|&x| x != t);
             st.served[ti] = st.round;
+            let swap = login.is_some_and(|l| l != self.tenants.get(t).login);
             while let Some(w) = st.queues[ti].pop_front() {
                 st.waiting -= 1;
                 st.in_use[ti] += 1;
-                match w.tx.send(grant) {
+                let offer = match grant {
+                    Grant::Conn(conn) if swap => Grant::Connect(Some(conn)),
+                    g => g,
+                };
+                match w.tx.send(offer) {
                     Ok(()) => {
                         if !st.queues[ti].is_empty() {
                             st.ring.push_back(t);
@@ -387,7 +479,10 @@ impl Pool {
                     Err(back) => {
                         // The waiter is gone (its task ended); try the next one.
                         st.in_use[ti] -= 1;
-                        grant = back;
+                        grant = match back {
+                            Grant::Connect(Some(conn)) if swap => Grant::Conn(conn),
+                            g => g,
+                        };
                     }
                 }
             }
@@ -402,8 +497,14 @@ impl Pool {
     /// in rounds: in each round every tenant below its cap is served once, in ring order
     /// (FIFO within a tenant). Within a round the order is free, so a connection goes back
     /// to the tenant whose search_path it carries when that tenant's turn in this round is
-    /// still to come: fewer tenant switches, same fairness.
-    fn next_tenant(&self, st: &mut State, preferred: Option<TenantId>) -> Option<TenantId> {
+    /// still to come, else to the first tenant of its `login` whose turn is still to come:
+    /// fewer tenant switches and fewer connections closed for another login, same fairness.
+    fn next_tenant(
+        &self,
+        st: &mut State,
+        preferred: Option<TenantId>,
+        login: Option<LoginId>,
+    ) -> Option<TenantId> {
         let eligible = |st: &State, t: TenantId| {
             !st.queues[t as usize].is_empty()
                 && st.in_use[t as usize] < self.tenants.get(t).max_server
@@ -416,6 +517,15 @@ impl Pool {
                 && st.served[p as usize] < st.round
             {
                 return Some(p);
+            }
+            if let Some(l) = login
+                && let Some(&t) = st.ring.iter().find(|&&t| {
+                    self.tenants.get(t).login == l
+                        && eligible(st, t)
+                        && st.served[t as usize] < st.round
+                })
+            {
+                return Some(t);
             }
             if let Some(&t) = st
                 .ring
@@ -462,8 +572,14 @@ impl Pool {
         {
             return Ok(p);
         }
-        // Any tenant will do: the connection goes straight back.
-        let conn = match self.checkout(0, self.target.connect_timeout).await {
+        // Any tenant will do (one of the shared login if there is one): the connection goes
+        // straight back.
+        let tenant = self
+            .tenants
+            .iter()
+            .find(|t| t.login == SHARED_LOGIN)
+            .map_or(0, |t| t.id);
+        let conn = match self.checkout(tenant, self.target.connect_timeout).await {
             Ok(c) => c,
             Err(CheckoutError::Timeout) => return Err("timed out waiting for the pool".into()),
             Err(CheckoutError::Unavailable(e)) => return Err(e),
@@ -503,20 +619,22 @@ impl Pool {
             idle_servers: st
                 .idle
                 .iter()
-                .map(|c| {
-                    (
-                        c.backend_pid,
-                        c.state.tenant(),
-                        now - c.created,
-                        c.work.stmts.len(),
-                    )
+                .map(|c| IdleServer {
+                    backend_pid: c.backend_pid,
+                    tenant: c.state.tenant(),
+                    login: c.login,
+                    age: now - c.created,
+                    prepared: c.work.stmts.len(),
                 })
                 .collect(),
         }
     }
 
     /// One round of upkeep: closes idle connections past `idle_timeout` (above `min_idle`)
-    /// or past `lifetime`, or found broken, and opens connections up to `min_idle`.
+    /// or past `lifetime`, or found broken, hands idle connections and free slots to
+    /// waiters that could take them (after a failure backoff, a waiter may queue while
+    /// another login's connection sits idle), and opens connections of the shared login up
+    /// to `min_idle`.
     pub async fn maintain(self: &Arc<Self>) {
         let now = Instant::now();
         let mut to_close = Vec::new();
@@ -541,6 +659,9 @@ impl Pool {
                 }
             }
             let in_backoff = st.down.as_ref().is_some_and(|d| now < d.retry_at);
+            if !in_backoff && st.waiting > 0 {
+                self.dispatch(&mut st);
+            }
             let want = !in_backoff
                 && (st.idle.len() as u32) < self.settings.min_idle
                 && st.open < self.settings.max_connections;
@@ -549,11 +670,9 @@ impl Pool {
             }
             want
         };
-        for c in to_close {
-            c.terminate();
-        }
+        close_all(to_close);
         if want_new {
-            match self.connect().await {
+            match self.connect(SHARED_LOGIN).await {
                 Ok(conn) => {
                     let mut st = self.lock();
                     self.hand_out(&mut st, Grant::Conn(conn));
@@ -609,14 +728,19 @@ impl Pool {
                 st.paused.iter_mut().for_each(|p| *p = false);
             }
         }
+        self.dispatch(&mut st);
+    }
+
+    /// Hands idle connections, then free slots, to waiters while some can take them.
+    fn dispatch(&self, st: &mut State) {
         while let Some(conn) = st.idle.pop() {
-            if !self.hand_out(&mut st, Grant::Conn(conn)) {
+            if !self.hand_out(st, Grant::Conn(conn)) {
                 break;
             }
         }
         while st.waiting > 0 && st.open < self.settings.max_connections {
             st.open += 1;
-            if !self.hand_out(&mut st, Grant::Connect) {
+            if !self.hand_out(st, Grant::Connect(None)) {
                 st.open -= 1;
                 break;
             }
@@ -634,9 +758,7 @@ impl Pool {
             st.open -= close.len() as u32;
             close
         };
-        for c in closed {
-            c.terminate();
-        }
+        close_all(closed);
     }
 
     /// Closes idle connections and refuses new checkouts (shutdown).
@@ -655,27 +777,105 @@ impl Pool {
             st.waiting = 0;
             std::mem::take(&mut st.idle)
         };
-        for c in idle {
-            c.terminate();
-        }
+        close_all(idle);
     }
 }
 
-/// Removes an idle connection, preferring the most recently used one already on `tenant`'s
-/// search_path; broken ones found on the way are closed.
-fn take_idle(st: &mut State, tenant: TenantId) -> Option<ServerConn> {
+/// Ends connections taken out of the pool (their slots already given back or handed on);
+/// called without the lock.
+fn close_all(conns: impl IntoIterator<Item = ServerConn>) {
+    for c in conns {
+        c.terminate();
+    }
+}
+
+/// Removes an idle connection of `login`, preferring the most recently used one already on
+/// `tenant`'s search_path; broken ones found on the way are closed.
+fn take_idle(st: &mut State, tenant: TenantId, login: LoginId) -> Option<ServerConn> {
     loop {
         let pos = st
             .idle
             .iter()
-            .rposition(|c| c.state.tenant() == Some(tenant))
-            .or_else(|| st.idle.len().checked_sub(1))?;
+            .rposition(|c| c.state.tenant() == Some(tenant) && c.login == login)
+            .or_else(|| st.idle.iter().rposition(|c| c.login == login))?;
         let mut conn = st.idle.swap_remove(pos);
         if conn.is_broken_idle() {
             st.open -= 1;
             continue;
         }
         return Some(conn);
+    }
+}
+
+/// A checkout queued as a waiter. Dropped before its grant was taken (its checkout was
+/// dropped, e.g. by a login timeout), it leaves its queue, and a grant already sent to it
+/// goes back to the pool: no slot is lost.
+struct Queued<'a> {
+    pool: &'a Pool,
+    tenant: TenantId,
+    id: u64,
+    /// `None` once the grant was taken (or there is none).
+    rx: Option<oneshot::Receiver<Grant>>,
+}
+
+impl Queued<'_> {
+    /// Leaves the queue. Returns the grant sent before it left, if any: grants are sent
+    /// under the lock, so a waiter no longer queued has its grant in the channel.
+    fn leave(&mut self) -> Option<Grant> {
+        let mut st = self.pool.lock();
+        let t = self.tenant as usize;
+        if let Some(pos) = st.queues[t].iter().position(|w| w.id == self.id) {
+            st.queues[t].remove(pos);
+            if st.queues[t].is_empty() {
+                st.ring.retain(|&x| x != self.tenant);
+            }
+            st.waiting -= 1;
+            return None;
+        }
+        drop(st);
+        self.rx.as_mut()?.try_recv().ok()
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.rx.is_some()
+            && let Some(grant) = self.leave()
+        {
+            self.pool.give_back(grant, self.tenant);
+        }
+    }
+}
+
+/// A slot reserved for a new connection of `tenant` (counted in `open` and the tenant's
+/// `in_use`). Dropped, it gives the slot back and lets a waiter use it; [`Reserved::keep`]
+/// once the connection exists.
+struct Reserved<'a> {
+    pool: &'a Pool,
+    tenant: TenantId,
+}
+
+impl Reserved<'_> {
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        let mut st = self.pool.lock();
+        st.open -= 1;
+        st.in_use[self.tenant as usize] -= 1;
+        self.pool.after_close(&mut st);
+    }
+}
+
+/// Counts a connection attempt in progress, until it ends (or is dropped).
+struct Connecting<'a>(&'a Pool);
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.0.lock().connecting -= 1;
     }
 }
 
@@ -725,20 +925,13 @@ mod tests {
 
     fn pool(caps: &str) -> Arc<Pool> {
         let config = Config::parse(&format!(
-            "[server]\ndatabase = \"d\"\nuser = \"u\"\nmax_connections = 4\nmin_idle = 0\n\
+            "[server]\nport = 1\ndatabase = \"d\"\nuser = \"u\"\nmax_connections = 4\nmin_idle = 0\n\
              [tenant_defaults]\nmax_server_connections = 2\n\
              [tenants.a]\nschema = \"a\"\n[tenants.b]\nschema = \"b\"\n{caps}\n\
              [users.x]\npassword = \"p\"\n"
         ))
         .unwrap();
-        let target = ServerTarget {
-            host: "127.0.0.1".into(),
-            port: 1,
-            database: "d".into(),
-            user: "u".into(),
-            password: None,
-            connect_timeout: Duration::from_secs(1),
-        };
+        let target = ServerTarget::from_config(&config);
         let settings = PoolSettings {
             max_connections: 4,
             min_idle: 0,
@@ -770,13 +963,19 @@ mod tests {
         rx.push(wait(&mut st, 0));
         // Ring order is b, a. A connection carrying a's search_path goes to a: a's turn in
         // this round is still to come.
-        assert_eq!(pool.next_tenant(&mut st, Some(0)), Some(0));
+        assert_eq!(
+            pool.next_tenant(&mut st, Some(0), Some(SHARED_LOGIN)),
+            Some(0)
+        );
         st.served[0] = st.round;
         // a has had its turn in this round: the next connection, even a's, goes to b.
-        assert_eq!(pool.next_tenant(&mut st, Some(0)), Some(1));
+        assert_eq!(
+            pool.next_tenant(&mut st, Some(0), Some(SHARED_LOGIN)),
+            Some(1)
+        );
         st.served[1] = st.round;
         // Both served: a new round starts, in ring order.
-        assert_eq!(pool.next_tenant(&mut st, None), Some(1));
+        assert_eq!(pool.next_tenant(&mut st, None, None), Some(1));
     }
 
     #[test]
@@ -786,8 +985,173 @@ mod tests {
         let _a = wait(&mut st, 0);
         let _b = wait(&mut st, 1);
         st.in_use[0] = pool.tenants.get(0).max_server;
-        assert_eq!(pool.next_tenant(&mut st, Some(0)), Some(1));
+        assert_eq!(
+            pool.next_tenant(&mut st, Some(0), Some(SHARED_LOGIN)),
+            Some(1)
+        );
         st.in_use[1] = pool.tenants.get(1).max_server;
-        assert_eq!(pool.next_tenant(&mut st, None), None);
+        assert_eq!(pool.next_tenant(&mut st, None, None), None);
+    }
+
+    /// An idle server connection of `login` carrying `tenant`'s search_path, over a local
+    /// socket pair (the peer must stay open, or the connection reads as broken).
+    async fn conn(login: LoginId, tenant: TenantId) -> (ServerConn, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let peer = listener.accept().unwrap().0;
+        stream.set_nonblocking(true).unwrap();
+        let now = Instant::now();
+        let mut conn = ServerConn {
+            stream: tokio::net::TcpStream::from_std(stream).unwrap(),
+            buf: Default::default(),
+            id: 0,
+            backend_pid: 0,
+            backend_secret: 0,
+            login,
+            created: now,
+            idle_since: now,
+            state: Default::default(),
+            work: Default::default(),
+        };
+        let policy = crate::session_state::Policy {
+            session_mode: false,
+            always: false,
+            tracking: true,
+        };
+        conn.state.begin(tenant, 1, policy, false);
+        (conn, peer)
+    }
+
+    #[test]
+    fn tenants_get_the_logins_the_config_names() {
+        // a and c share the [server] user; b and d share a role of their own.
+        let pool = pool(
+            "server_user = \"ub\"\nserver_password = \"pb\"\n\
+             [tenants.c]\nschema = \"c\"\n\
+             [tenants.d]\nschema = \"d\"\nserver_user = \"ub\"\nserver_password = \"pb\"\n",
+        );
+        let logins: Vec<_> = pool.tenants.iter().map(|t| t.login).collect();
+        assert_eq!(logins, [SHARED_LOGIN, 1, SHARED_LOGIN, 1]);
+        assert_eq!(pool.target.login(SHARED_LOGIN).user, "u");
+        assert_eq!(pool.target.login(1).user, "ub");
+        assert_eq!(pool.target.login(1).password.as_deref(), Some("pb"));
+    }
+
+    #[tokio::test]
+    async fn a_returned_connection_goes_only_to_a_waiter_of_its_login() {
+        // a: the shared login; b and c: their own role, shared.
+        let pool =
+            pool("server_user = \"ub\"\n[tenants.c]\nschema = \"c\"\nserver_user = \"ub\"\n");
+        let (a, b, c): (TenantId, TenantId, TenantId) = (0, 1, 2);
+        let (conn_a, _pa) = conn(SHARED_LOGIN, a).await;
+        let (conn_b, _pb) = conn(1, b).await;
+        let (conn_b2, _pb2) = conn(1, b).await;
+        let mut st = pool.lock();
+        st.open = 4;
+        // Only b (another login) waits: b gets the connection's slot to connect with its
+        // own login, and closes the connection first.
+        let mut rx_b = wait(&mut st, b);
+        assert!(pool.hand_out(&mut st, Grant::Conn(conn_a)));
+        assert!(matches!(
+            rx_b.try_recv(),
+            Ok(Grant::Connect(Some(ref old))) if old.login == SHARED_LOGIN
+        ));
+        assert_eq!((st.open, st.in_use[b as usize], st.waiting), (4, 1, 0));
+        assert!(st.idle.is_empty());
+
+        // Ring order a, c. A connection of b and c's login goes to c, whose turn in this
+        // round is still to come, not to a, which is first in the ring.
+        st.round += 1;
+        let mut rx_a = wait(&mut st, a);
+        let mut rx_c = wait(&mut st, c);
+        assert!(pool.hand_out(&mut st, Grant::Conn(conn_b)));
+        assert!(matches!(rx_c.try_recv(), Ok(Grant::Conn(ref g)) if g.login == 1));
+        // c has had its turn in this round: the next connection of that login is a's turn,
+        // so a gets its slot (to close it and connect with the shared login).
+        let mut rx_c2 = wait(&mut st, c);
+        assert!(pool.hand_out(&mut st, Grant::Conn(conn_b2)));
+        assert!(matches!(
+            rx_a.try_recv(),
+            Ok(Grant::Connect(Some(ref old))) if old.login == 1
+        ));
+        assert!(rx_c2.try_recv().is_err());
+        assert_eq!(
+            (
+                st.open,
+                st.in_use[a as usize],
+                st.in_use[c as usize],
+                st.waiting
+            ),
+            (4, 1, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gone_waiter_of_another_login_leaves_the_connection_to_the_next() {
+        let pool = pool("server_user = \"ub\"\n");
+        let (conn_a, _pa) = conn(SHARED_LOGIN, 0).await;
+        let mut st = pool.lock();
+        st.open = 1;
+        drop(wait(&mut st, 1));
+        // b's only waiter is gone: the connection is kept, idle, and nothing is counted.
+        assert!(!pool.hand_out(&mut st, Grant::Conn(conn_a)));
+        assert_eq!(
+            (st.open, st.idle.len(), st.in_use[1], st.waiting),
+            (1, 1, 0, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_checkout_gives_its_grant_back() {
+        let pool = pool("server_user = \"ub\"\n");
+        pool.lock().open = 4;
+        for login in [1, SHARED_LOGIN] {
+            // b waits in a full pool; a connection is handed to it (its own login's, or
+            // another's slot), and the checkout is dropped before it takes it.
+            let mut checkout = Box::pin(pool.checkout(1, Duration::from_secs(60)));
+            let polled = tokio::time::timeout(Duration::from_millis(20), &mut checkout).await;
+            assert!(polled.is_err());
+            let (c, _peer) = conn(login, 0).await;
+            {
+                let mut st = pool.lock();
+                assert_eq!(st.waiting, 1);
+                assert!(pool.hand_out(&mut st, Grant::Conn(c)));
+                assert_eq!(st.in_use[1], 1);
+            }
+            drop(checkout);
+            let mut st = pool.lock();
+            assert_eq!((st.open, st.in_use[1], st.waiting), (4, 0, 0));
+            assert_eq!(st.idle.pop().map(|c| c.login), Some(login));
+        }
+        // A connect that fails gives its slot back.
+        pool.lock().open = 0;
+        assert!(matches!(
+            pool.checkout(1, Duration::from_secs(5)).await,
+            Err(CheckoutError::Unavailable(_))
+        ));
+        let st = pool.lock();
+        assert_eq!((st.open, st.in_use[1], st.connecting), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn checkout_in_a_full_pool_takes_the_slot_of_another_logins_idle_connection() {
+        let pool = pool("server_user = \"ub\"\n");
+        let (conn_a, _pa) = conn(SHARED_LOGIN, 0).await;
+        let (conn_b, _pb) = conn(1, 1).await;
+        let mut st = pool.lock();
+        st.open = 4;
+        st.idle.push(conn_b);
+        st.idle.push(conn_a);
+        // b takes its own login's connection (even though a's is the most recent).
+        assert!(matches!(pool.try_take(&mut st, 1), Take::Conn(c) if c.login == 1));
+        // Another b transaction: only a's connection is idle and the pool is full. It is
+        // closed and its slot opens one for b.
+        match pool.try_take(&mut st, 1) {
+            Take::Connect(Some(old)) => assert_eq!(old.login, SHARED_LOGIN),
+            _ => panic!("expected a connect in the idle connection's slot"),
+        }
+        assert_eq!((st.open, st.in_use[1], st.idle.len()), (4, 2, 0));
+        // b is at its cap now: the next one waits.
+        assert!(matches!(pool.try_take(&mut st, 1), Take::Wait));
     }
 }

@@ -1,10 +1,11 @@
 //! The server side: one connection from tenantpool to the shared PostgreSQL.
 //!
-//! [`connect`] opens a connection and logs in, answering whatever PostgreSQL asks for
-//! (SCRAM-SHA-256, md5 or cleartext), and collects its ParameterStatus values and
-//! BackendKeyData. A [`ServerConn`] also remembers which tenant's `search_path` it carries
-//! and whether a client may have left session state on it, so the pool can decide what a
-//! checkout must reset.
+//! [`connect`] opens a connection and logs in as one of the target's logins (`[server] user`
+//! or a tenant's own `server_user`), answering whatever PostgreSQL asks for (SCRAM-SHA-256,
+//! md5 or cleartext), and collects its ParameterStatus values and BackendKeyData. A
+//! [`ServerConn`] remembers its login, which tenant's `search_path` it carries and whether a
+//! client may have left session state on it, so the pool can decide who may use it and what
+//! a checkout must reset.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,17 +19,54 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::config::Config;
 use crate::session_state::{RESET_SEARCH_PATH, SessionState};
 
-/// Where and as whom tenantpool logs in to PostgreSQL.
+/// A server login, by its index in [`ServerTarget::logins`]: [`SHARED_LOGIN`] is
+/// `[server] user`, the others are tenants' own `server_user`s.
+pub type LoginId = u32;
+
+/// The login of `[server] user`, which tenants without a `server_user` share.
+pub const SHARED_LOGIN: LoginId = 0;
+
+/// Where tenantpool logs in to PostgreSQL, and as whom.
 #[derive(Debug, Clone)]
 pub struct ServerTarget {
     pub host: String,
     pub port: u16,
     pub database: String,
+    /// Every login server connections use, by [`LoginId`]; never empty.
+    pub logins: Vec<ServerLogin>,
+    pub connect_timeout: Duration,
+}
+
+/// A role tenantpool logs in as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLogin {
     pub user: String,
     pub password: Option<String>,
-    pub connect_timeout: Duration,
+}
+
+impl ServerTarget {
+    /// The server and its logins as the config names them (see [`Config::server_logins`]).
+    pub fn from_config(config: &Config) -> ServerTarget {
+        ServerTarget {
+            host: config.server.host.clone(),
+            port: config.server.port,
+            database: config.server.database.clone(),
+            logins: config
+                .server_logins()
+                .logins
+                .into_iter()
+                .map(|(user, password)| ServerLogin { user, password })
+                .collect(),
+            connect_timeout: config.server.connect_timeout.0,
+        }
+    }
+
+    pub fn login(&self, id: LoginId) -> &ServerLogin {
+        &self.logins[id as usize]
+    }
 }
 
 /// An open, logged-in server connection.
@@ -41,6 +79,8 @@ pub struct ServerConn {
     pub id: u64,
     pub backend_pid: i32,
     pub backend_secret: i32,
+    /// The login it was opened with: it only ever serves tenants of that login.
+    pub login: LoginId,
     pub created: Instant,
     /// When the connection last went back to the pool.
     pub idle_since: Instant,
@@ -73,9 +113,9 @@ pub struct Login {
     pub params: Vec<(String, String)>,
 }
 
-/// Opens a server connection and logs in, within `connect_timeout`.
-pub async fn connect(target: &ServerTarget) -> Result<Login, String> {
-    match tokio::time::timeout(target.connect_timeout, connect_inner(target)).await {
+/// Opens a server connection and logs in as `login`, within `connect_timeout`.
+pub async fn connect(target: &ServerTarget, login: LoginId) -> Result<Login, String> {
+    match tokio::time::timeout(target.connect_timeout, connect_inner(target, login)).await {
         Ok(r) => r,
         Err(_) => Err(format!(
             "connecting to {}:{} timed out after {:?}",
@@ -84,7 +124,8 @@ pub async fn connect(target: &ServerTarget) -> Result<Login, String> {
     }
 }
 
-async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
+async fn connect_inner(target: &ServerTarget, login: LoginId) -> Result<Login, String> {
+    let ServerLogin { user, password } = target.login(login);
     let addr = format!("{}:{}", target.host, target.port);
     let stream = TcpStream::connect(&addr)
         .await
@@ -100,7 +141,7 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
     // a search_path that resolves to no schema (see session_state) and no SET ROLE.
     frontend::startup_message(
         [
-            ("user", target.user.as_str()),
+            ("user", user.as_str()),
             ("database", target.database.as_str()),
             ("search_path", RESET_SEARCH_PATH),
             ("role", "none"),
@@ -115,9 +156,13 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
     let mut key = (0, 0);
     let mut scram: Option<ScramSha256> = None;
     let password = || {
-        target.password.as_deref().ok_or_else(|| {
-            "the server asks for a password and none is configured (server.password or server.password_env)"
-                .to_string()
+        password.as_deref().ok_or_else(|| {
+            let keys = if login == SHARED_LOGIN {
+                "server.password or server.password_env"
+            } else {
+                "tenants.NAME.server_password or server_password_env"
+            };
+            format!("the server asks a password of {user} and none is configured ({keys})")
         })
     };
     loop {
@@ -144,7 +189,7 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
                     .map_err(|e| e.to_string())?;
             }
             Message::AuthenticationMd5Password(body) => {
-                let hash = md5_hash(target.user.as_bytes(), password()?.as_bytes(), body.salt());
+                let hash = md5_hash(user.as_bytes(), password()?.as_bytes(), body.salt());
                 frontend::password_message(hash.as_bytes(), &mut out).map_err(|e| e.to_string())?;
             }
             Message::AuthenticationSasl(body) => {
@@ -205,6 +250,7 @@ async fn connect_inner(target: &ServerTarget) -> Result<Login, String> {
                         id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
                         backend_pid: key.0,
                         backend_secret: key.1,
+                        login,
                         created: now,
                         idle_since: now,
                         state: SessionState::default(),
@@ -312,6 +358,19 @@ impl ServerConn {
     /// Sends a Terminate so PostgreSQL ends the backend cleanly; best effort, never blocks.
     pub fn terminate(&self) {
         let _ = self.stream.try_write(b"X\0\0\0\x04");
+    }
+
+    /// Sends a Terminate and waits (up to `limit`) until PostgreSQL closes its end of the
+    /// socket, which it does only once the backend has exited and left its connection slot
+    /// (PostgreSQL keeps the socket open until then for such a "synchronous close").
+    pub async fn close(mut self, limit: Duration) {
+        let ended = async {
+            self.stream.write_all(b"X\0\0\0\x04").await?;
+            let mut scratch = [0u8; 256];
+            while self.stream.read(&mut scratch).await? > 0 {}
+            io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(limit, ended).await;
     }
 }
 

@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::config::Config;
 use crate::protocol::{put_query, quote_ident};
+use crate::server::LoginId;
 use crate::session_state::{RESET_SEARCH_PATH, Reset};
 
 pub type TenantId = u32;
@@ -25,6 +26,9 @@ pub struct Tenant {
     pub max_server: u32,
     /// Client connections this tenant may hold.
     pub max_clients: u32,
+    /// The server login its transactions run as ([`crate::server::SHARED_LOGIN`] unless it has a
+    /// `server_user`).
+    pub login: LoginId,
     /// The `search_path` value, e.g. `"tenant_acme", public`.
     pub search_path: String,
     /// What a checkout sends for each kind of [`Reset`].
@@ -116,6 +120,7 @@ impl Tenants {
     pub fn from_config(config: &Config) -> Tenants {
         let mut list = Vec::with_capacity(config.tenants.len());
         let mut by_name = HashMap::with_capacity(config.tenants.len());
+        let logins = config.server_logins().of_tenant;
         for (i, (name, t)) in config.tenants.iter().enumerate() {
             let id = i as TenantId;
             let search_path = config
@@ -128,6 +133,7 @@ impl Tenants {
                 schema: t.schema.clone(),
                 max_server: config.tenant_max_server(t),
                 max_clients: config.tenant_max_clients(t),
+                login: logins[i],
                 preludes: Preludes::new(&search_path),
                 search_path,
                 clients: AtomicU32::new(0),

@@ -10,6 +10,8 @@
 #   TENANTS=100 benches/pgbench.sh          # spread clients over 100 tenants (tenantpool only)
 #   EXTRA_TOML='[metrics]' benches/pgbench.sh   # append config to tenantpool's TOML
 #   TARGETS="tenantpool metrics" benches/pgbench.sh   # metrics off vs on, same run
+#   TARGETS="tenantpool always" benches/pgbench.sh   # reset_path_and_role = "always" vs default
+#   BEFORE_BIN=/tmp/tenantpool-old TARGETS="before tenantpool" benches/pgbench.sh   # before/after
 #   MODES="extended prepared" TARGETS="tenantpool untracked pgbouncer" benches/pgbench.sh
 #       # named prepared statements: tracked (default), untracked (max_prepared_statements = 0,
 #       # extended only: prepared fails in transaction mode), PgBouncer (prepared only from
@@ -70,24 +72,23 @@ TP_ARGS=(--config "$WORK/tenantpool.toml")
 RUST_LOG=warn "$ROOT/target/release/tenantpool" "${TP_ARGS[@]}" >"$WORK/tenantpool.log" 2>&1 &
 TP_PID=$!; PIDS+=("$TP_PID")
 
-# Target "metrics": a second tenantpool, the same but with the Prometheus exporter on.
-TPM_PID=""
-if [[ " $TARGETS " == *" metrics "* ]]; then
-  TPMPORT=$(freeport)
-  sed -e "s/^listen = \"127.0.0.1:$TPPORT\"/listen = \"127.0.0.1:$TPMPORT\"/" "$WORK/tenantpool.toml" > "$WORK/tenantpool-metrics.toml"
-  printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$(freeport)" >> "$WORK/tenantpool-metrics.toml"
-  RUST_LOG=warn "$ROOT/target/release/tenantpool" --config "$WORK/tenantpool-metrics.toml" ${WORKERS:+--workers "$WORKERS"} >"$WORK/tenantpool-metrics.log" 2>&1 &
-  TPM_PID=$!; PIDS+=("$TPM_PID")
-fi
-
-# Target "untracked": a second tenantpool with max_prepared_statements = 0.
-TPU_PID=""
-if [[ " $TARGETS " == *" untracked "* ]]; then
-  TPUPORT=$(freeport)
-  sed -e "s/^listen = \"127.0.0.1:$TPPORT\"/listen = \"127.0.0.1:$TPUPORT\"\nmax_prepared_statements = 0/" "$WORK/tenantpool.toml" > "$WORK/tenantpool-untracked.toml"
-  RUST_LOG=warn "$ROOT/target/release/tenantpool" --config "$WORK/tenantpool-untracked.toml" ${WORKERS:+--workers "$WORKERS"} >"$WORK/tenantpool-untracked.log" 2>&1 &
-  TPU_PID=$!; PIDS+=("$TPU_PID")
-fi
+# Variants: more tenantpools beside the first, the same config with one change each.
+declare -A VPORT VPID
+start_variant() { # name, lines for [proxy], more TOML, binary (default: this build)
+  local name=$1 proxy_extra=$2 extra=$3 bin=${4:-$ROOT/target/release/tenantpool} port
+  port=$(freeport)
+  sed -e "s/^listen = \"127.0.0.1:$TPPORT\"/listen = \"127.0.0.1:$port\"${proxy_extra:+\n$proxy_extra}/" "$WORK/tenantpool.toml" > "$WORK/tenantpool-$name.toml"
+  [ -n "$extra" ] && printf '%b\n' "$extra" >> "$WORK/tenantpool-$name.toml"
+  RUST_LOG=warn "$bin" --config "$WORK/tenantpool-$name.toml" ${WORKERS:+--workers "$WORKERS"} >"$WORK/tenantpool-$name.log" 2>&1 &
+  VPID[$name]=$!; VPORT[$name]=$port; PIDS+=($!)
+}
+# metrics: the Prometheus exporter on. untracked: max_prepared_statements = 0 (extended
+# only: prepared fails in transaction mode). always: reset_path_and_role = "always".
+# before: another tenantpool binary (BEFORE_BIN), for before/after figures in one run.
+if [[ " $TARGETS " == *" metrics "* ]]; then start_variant metrics "" "[metrics]\nlisten = \"127.0.0.1:$(freeport)\""; fi
+if [[ " $TARGETS " == *" untracked "* ]]; then start_variant untracked "max_prepared_statements = 0" ""; fi
+if [[ " $TARGETS " == *" always "* ]]; then start_variant always 'reset_path_and_role = "always"' ""; fi
+if [[ " $TARGETS " == *" before "* ]]; then start_variant before "" "" "${BEFORE_BIN:?set BEFORE_BIN to an older tenantpool binary}"; fi
 
 # PgBouncer, one pool in transaction mode with the same size, search_path set on connect.
 PB_PID=""
@@ -110,9 +111,8 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
   case $target in
     direct) port=$PGPORT; user=tenantpool; export PGPASSWORD=server-secret; export PGOPTIONS="-c search_path=tenant_t1";;
     tenantpool) port=$TPPORT; pid=$TP_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
-    metrics) port=$TPMPORT; pid=$TPM_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
-    untracked) port=$TPUPORT; pid=$TPU_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
     pgbouncer) port=$PBPORT; pid=$PB_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
+    *) port=${VPORT[$target]}; pid=${VPID[$target]}; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
   esac
   local before=0 after=0 out perf_pid=""
   [ -n "$pid" ] && before=$(cpu_ticks "$pid")
@@ -125,7 +125,7 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
     perf_pid=$!
     sleep 0.5
   fi
-  if [[ " tenantpool metrics untracked " == *" $target "* ]] && [ "$TENANTS" -gt 1 ]; then
+  if [ "$target" != direct ] && [ "$target" != pgbouncer ] && [ "$TENANTS" -gt 1 ]; then
     # Clients spread over the tenants: one pgbench per tenant group, run together.
     local per=$(( c / TENANTS > 0 ? c / TENANTS : 1 )) outs=()
     for i in $(seq 1 "$TENANTS"); do
@@ -153,7 +153,7 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
 
 printf "pgbench %s, %ss per run, pool %s, tenants %s, %s cores\n" "$SCRIPT" "$DURATION" "$POOL" "$TENANTS" "$(nproc)"
 COLS=()
-for target in direct tenantpool metrics untracked pgbouncer; do
+for target in direct tenantpool before metrics untracked always pgbouncer; do
   [[ " $TARGETS " == *" $target "* ]] || continue
   [ "$target" = pgbouncer ] && [ -z "$PB_PID" ] && continue
   COLS+=("$target")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against a throwaway PostgreSQL that the tests start themselves.
-# Installs PostgreSQL (server, psql, pgbench) and psycopg 3 with apt-get first when missing.
+# Installs PostgreSQL (server, psql, pgbench), psycopg 3 and asyncpg with apt-get first when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,13 +12,20 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v pgben
   $SUDO apt-get install -y -qq postgresql >/dev/null
 fi
 
-# psycopg 3 (Debian's package) for the prepared-statement test with a Python driver.
-if ! /usr/bin/python3 -c "import psycopg" >/dev/null 2>&1 && ! python3 -c "import psycopg" >/dev/null 2>&1; then
-  echo "installing psycopg 3 (python3-psycopg)..."
+# Python drivers (Debian's packages) for the tests that run real drivers through the proxy:
+# psycopg 3 (prepared statements) and asyncpg (its Pool's reset at every release).
+missing=()
+for m in psycopg asyncpg; do
+  if ! /usr/bin/python3 -c "import $m" >/dev/null 2>&1 && ! python3 -c "import $m" >/dev/null 2>&1; then
+    missing+=("python3-$m")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}..."
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq python3-psycopg >/dev/null
+  $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # Benches and examples must build; the tests are the library's and tests/ (run last).

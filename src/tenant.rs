@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use bytes::{Bytes, BytesMut};
 
 use crate::config::Config;
-use crate::protocol::{put_query, quote_ident};
+use crate::protocol::put_query;
 use crate::server::LoginId;
 use crate::session_state::{RESET_SEARCH_PATH, Reset};
 
@@ -29,7 +29,8 @@ pub struct Tenant {
     /// The server login its transactions run as ([`crate::server::SHARED_LOGIN`] unless it has a
     /// `server_user`).
     pub login: LoginId,
-    /// The `search_path` value, e.g. `"tenant_acme", public`.
+    /// The `search_path` value, e.g. `tenant_acme, public` (a schema name that needs it is
+    /// double-quoted).
     pub search_path: String,
     /// What a checkout sends for each kind of [`Reset`].
     preludes: Preludes,
@@ -73,8 +74,17 @@ struct Preludes {
 }
 
 impl Preludes {
+    /// The preludes of a tenant whose search_path value is `search_path`.
+    ///
+    /// The search_path is set with `set_config`, so that PostgreSQL shows it exactly as
+    /// given (`SET` would print it in its own quoting), whichever reset set it. The value
+    /// comes from the config, never from a client, and travels as an `E''` literal, which
+    /// reads the same whatever standard_conforming_strings a client left on the connection.
     fn new(search_path: &str) -> Preludes {
-        let set = format!("SET search_path TO {search_path}");
+        let set = format!(
+            "SELECT pg_catalog.set_config('search_path', {}, false)",
+            escape_literal(search_path)
+        );
         let query = |sql: &str| {
             let mut b = BytesMut::new();
             put_query(&mut b, sql);
@@ -85,20 +95,14 @@ impl Preludes {
         // transaction block), hence two Query messages.
         let mut discard = query("DISCARD ALL");
         discard.extend_from_slice(&fresh);
-        // Without DISCARD ALL, the reset and the SET fit in one Query message.
+        // Without DISCARD ALL, the reset and the search_path fit in one Query message.
         let keep = query(&format!("{RESET_KEEPING_STATEMENTS}; {set}"));
         let reassert = query(&format!(
             "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; {set}"
         ));
-        let mut restore = BytesMut::new();
-        crate::protocol::put_statement(
-            &mut restore,
-            &format!(
-                "SELECT pg_catalog.set_config('search_path', $1, false) \
-                 WHERE pg_catalog.current_setting('search_path') = '{RESET_SEARCH_PATH}'"
-            ),
-            &[Some(search_path)],
-        );
+        let restore = query(&format!(
+            "{set} WHERE pg_catalog.current_setting('search_path') = '{RESET_SEARCH_PATH}'"
+        ));
         Preludes {
             fresh: fresh.freeze(),
             discard: discard.freeze(),
@@ -106,6 +110,38 @@ impl Preludes {
             reassert: reassert.freeze(),
             restore: restore.freeze(),
         }
+    }
+}
+
+/// An `E'...'` string literal: backslashes and quotes escaped, so it reads the same with
+/// standard_conforming_strings on or off.
+fn escape_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 3);
+    out.push_str("E'");
+    for c in s.chars() {
+        if c == '\\' || c == '\'' {
+            out.push(c);
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+/// A schema name as an element of a search_path value: as it is when PostgreSQL would
+/// read it back unchanged (lowercase letters, digits, `_`), else double-quoted.
+fn path_element(schema: &str) -> String {
+    let plain = schema
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if plain {
+        schema.to_string()
+    } else {
+        crate::protocol::quote_ident(schema)
     }
 }
 
@@ -126,7 +162,7 @@ impl Tenants {
             let search_path = config
                 .tenant_defaults
                 .search_path
-                .replace("{schema}", &quote_ident(&t.schema));
+                .replace("{schema}", &path_element(&t.schema));
             list.push(Tenant {
                 id,
                 name: name.clone(),
@@ -191,5 +227,19 @@ impl Tenant {
 
     pub fn remove_client(&self) {
         self.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_path_values_and_literals() {
+        assert_eq!(path_element("tenant_acme"), "tenant_acme");
+        assert_eq!(path_element("Tenant Acme"), "\"Tenant Acme\"");
+        assert_eq!(path_element("a\"b"), "\"a\"\"b\"");
+        assert_eq!(path_element("1st"), "\"1st\"");
+        assert_eq!(escape_literal("a'b\\c"), "E'a''b\\\\c'");
     }
 }

@@ -7,82 +7,6 @@ mod common;
 use common::*;
 use std::collections::HashSet;
 
-/// Frontend messages of the extended protocol.
-fn parse(name: &str, sql: &str) -> Vec<u8> {
-    let mut b = name.as_bytes().to_vec();
-    b.push(0);
-    b.extend_from_slice(sql.as_bytes());
-    b.extend_from_slice(&[0, 0, 0]);
-    msg(b'P', &b)
-}
-
-fn bind(stmt: &str) -> Vec<u8> {
-    let mut b = vec![0];
-    b.extend_from_slice(stmt.as_bytes());
-    b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
-    msg(b'B', &b)
-}
-
-fn execute() -> Vec<u8> {
-    msg(b'E', &[0, 0, 0, 0, 0])
-}
-
-fn close(stmt: &str) -> Vec<u8> {
-    let mut b = vec![b'S'];
-    b.extend_from_slice(stmt.as_bytes());
-    b.push(0);
-    msg(b'C', &b)
-}
-
-fn describe(stmt: &str) -> Vec<u8> {
-    let mut b = vec![b'S'];
-    b.extend_from_slice(stmt.as_bytes());
-    b.push(0);
-    msg(b'D', &b)
-}
-
-fn sync() -> Vec<u8> {
-    msg(b'S', &[])
-}
-
-/// Bind + Execute + Sync of a parameterless statement.
-fn run(stmt: &str) -> Vec<u8> {
-    let mut m = bind(stmt);
-    m.extend(execute());
-    m.extend(sync());
-    m
-}
-
-/// The fields of a DataRow, as text.
-fn data_row(body: &[u8]) -> Vec<String> {
-    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
-    let mut at = 2;
-    let mut fields = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = i32::from_be_bytes(body[at..at + 4].try_into().unwrap());
-        at += 4;
-        if len < 0 {
-            fields.push(String::new());
-        } else {
-            fields.push(String::from_utf8_lossy(&body[at..at + len as usize]).into_owned());
-            at += len as usize;
-        }
-    }
-    fields
-}
-
-fn tags(msgs: &[Msg]) -> String {
-    msgs.iter().map(|m| m.tag as char).collect()
-}
-
-fn error_code(msgs: &[Msg]) -> Option<String> {
-    msgs.iter()
-        .find(|m| m.tag == b'E')
-        .and_then(|m| m.field(b'C'))
-}
-
-const TRUST: &str = "[proxy]\nauth_method = \"trust\"\n";
-
 /// The statement names the (only) server connection holds, asked through the proxy.
 async fn server_statements(r: &mut Raw) -> Vec<String> {
     r.send(&query(
@@ -157,14 +81,7 @@ async fn tokio_postgres_statements_follow_clients_across_tenants() {
 /// (`_pg3_N`). Clients of two tenants take turns on one server connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_prepare_threshold_zero() {
-    let python = ["/usr/bin/python3", "python3"]
-        .into_iter()
-        .find(|p| {
-            std::process::Command::new(p)
-                .args(["-c", "import psycopg"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
+    let python = python_with("psycopg")
         .expect("psycopg 3 is needed (apt-get install python3-psycopg; scripts/test.sh does)");
     let db = TestDb::create("prep_psycopg", &["acme", "globex"]).await;
     let proxy = Proxy::start(db.config(1, ""));

@@ -508,9 +508,15 @@ impl Raw {
 
     /// Connects and logs in (the proxy must use `auth_method = "trust"`).
     pub async fn login(addr: SocketAddr, tenant: &str) -> Raw {
+        Raw::login_with(addr, tenant, &[]).await
+    }
+
+    /// Logs in with more startup parameters (`auth_method = "trust"`).
+    pub async fn login_with(addr: SocketAddr, tenant: &str, params: &[(&str, &str)]) -> Raw {
         let mut r = Raw::connect(addr).await;
-        r.send(&startup_packet(&[("user", APP_USER), ("database", tenant)]))
-            .await;
+        let mut all = vec![("user", APP_USER), ("database", tenant)];
+        all.extend_from_slice(params);
+        r.send(&startup_packet(&all)).await;
         let msgs = r.until_ready().await;
         assert!(
             msgs.iter().any(|m| m.tag == b'R'),
@@ -626,6 +632,92 @@ pub fn first_column(msgs: &[Msg]) -> Vec<String> {
             String::from_utf8_lossy(&m.body[6..6 + len as usize]).into_owned()
         })
         .collect()
+}
+
+/// Frontend messages of the extended protocol.
+pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut b = name.as_bytes().to_vec();
+    b.push(0);
+    b.extend_from_slice(sql.as_bytes());
+    b.extend_from_slice(&[0, 0, 0]);
+    msg(b'P', &b)
+}
+
+pub fn bind(stmt: &str) -> Vec<u8> {
+    let mut b = vec![0];
+    b.extend_from_slice(stmt.as_bytes());
+    b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+    msg(b'B', &b)
+}
+
+pub fn execute() -> Vec<u8> {
+    msg(b'E', &[0, 0, 0, 0, 0])
+}
+
+pub fn close(stmt: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend_from_slice(stmt.as_bytes());
+    b.push(0);
+    msg(b'C', &b)
+}
+
+pub fn describe(stmt: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend_from_slice(stmt.as_bytes());
+    b.push(0);
+    msg(b'D', &b)
+}
+
+pub fn sync() -> Vec<u8> {
+    msg(b'S', &[])
+}
+
+/// Bind + Execute + Sync of a parameterless statement.
+pub fn run(stmt: &str) -> Vec<u8> {
+    let mut m = bind(stmt);
+    m.extend(execute());
+    m.extend(sync());
+    m
+}
+
+/// The fields of a DataRow, as text.
+pub fn data_row(body: &[u8]) -> Vec<String> {
+    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut at = 2;
+    let mut fields = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body[at..at + 4].try_into().unwrap());
+        at += 4;
+        if len < 0 {
+            fields.push(String::new());
+        } else {
+            fields.push(String::from_utf8_lossy(&body[at..at + len as usize]).into_owned());
+            at += len as usize;
+        }
+    }
+    fields
+}
+
+pub fn tags(msgs: &[Msg]) -> String {
+    msgs.iter().map(|m| m.tag as char).collect()
+}
+
+pub fn error_code(msgs: &[Msg]) -> Option<String> {
+    msgs.iter()
+        .find(|m| m.tag == b'E')
+        .and_then(|m| m.field(b'C'))
+}
+
+pub const TRUST: &str = "[proxy]\nauth_method = \"trust\"\n";
+
+/// A Python interpreter that can import `module`, if any.
+pub fn python_with(module: &str) -> Option<&'static str> {
+    ["/usr/bin/python3", "python3"].into_iter().find(|p| {
+        Command::new(p)
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
 }
 
 /// Terminates a server backend and waits until PostgreSQL no longer lists it.

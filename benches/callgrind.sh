@@ -7,9 +7,11 @@
 #   TXNS=2000 CLIENTS=4 MODE=extended benches/callgrind.sh
 #   MODE=prepared VARIANTS="plain untracked" benches/callgrind.sh
 #   CG_OUT=/tmp/cg benches/callgrind.sh  # keeps /tmp/cg.<variant> for callgrind_annotate
+#   TP_BIN=/tmp/tenantpool-old VARIANTS=plain benches/callgrind.sh   # another build (before/after)
 #
 # Variants: plain (defaults: prepared statements tracked), untracked
-# (max_prepared_statements = 0), metrics (exporter on), settings (3 startup settings).
+# (max_prepared_statements = 0), metrics (exporter on), settings (3 startup settings),
+# always (reset_path_and_role = "always").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -23,7 +25,10 @@ start_pg
 export PGPASSWORD=server-secret
 psql -qX -h 127.0.0.1 -p "$PGPORT" -U tenantpool -d app -c "CREATE SCHEMA tenant_t1" >/dev/null
 PGOPTIONS="-c search_path=tenant_t1" pgbench -q -i -s 1 -h 127.0.0.1 -p "$PGPORT" -U tenantpool app >/dev/null 2>&1
-cargo build --release -q --bin tenantpool
+if [ -z "${TP_BIN:-}" ]; then
+  cargo build --release -q --bin tenantpool
+  TP_BIN=$ROOT/target/release/tenantpool
+fi
 
 variant() { # name extra-toml [PGOPTIONS for the clients] [extra [proxy] keys]
   local port; port=$(freeport)
@@ -47,7 +52,7 @@ password = "bench-secret"
 TOML
   [ -n "$2" ] && printf '%b\n' "$2" >> "$WORK/$1.toml"
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$1" \
-    "$ROOT/target/release/tenantpool" --workers 1 --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
+    "$TP_BIN" --workers 1 --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.2; done
   sleep 2
@@ -64,6 +69,7 @@ for v in $VARIANTS; do
   case $v in
     plain) variant plain "" ;;
     untracked) variant untracked "" "" "max_prepared_statements = 0" ;;
+    always) variant always "" "" 'reset_path_and_role = "always"' ;;
     metrics) variant metrics "[metrics]\nlisten = \"127.0.0.1:$(freeport)\"" ;;
     # Every client with the same session settings: should cost what no settings cost.
     settings) variant settings "" "-c statement_timeout=5s -c timezone=UTC -c datestyle=ISO,DMY" ;;

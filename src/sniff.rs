@@ -23,10 +23,6 @@
 //! Text arrives in pieces (a long query spans several reads): a word cut at the end of a
 //! piece is carried over, so the result does not depend on how the bytes were split.
 
-use std::sync::OnceLock;
-
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, Input, MatchKind};
-
 /// What a client's transaction may have changed on its server connection (bits).
 pub type Touched = u8;
 /// The search_path or the current role / session authorization.
@@ -39,167 +35,109 @@ pub const STATEMENTS: Touched = 4;
 /// statement may run again later, unseen.
 pub const NAMED_PARSE: Touched = 8;
 
-/// Keywords, what a whole-word hit means, and whether a prefix suffices.
-const WORDS: [(&str, Touched, bool); 13] = [
-    ("search_path", PATH, false),
-    ("role", PATH, false),
-    ("authorization", PATH, false),
-    ("schema", PATH, false),
-    ("set_config", PATH | STATE, false),
-    ("reset", PATH | STATE, false),
-    ("discard", PATH | STATE, false),
-    ("temp", STATE, false),
-    ("temporary", STATE, false),
-    ("listen", STATE, false),
-    ("pg_advisory_", STATE, true),
-    ("prepare", STATE | STATEMENTS, false),
-    // A cursor declared WITH HOLD outlives its transaction.
-    ("hold", STATE, false),
-];
-
-/// The longest keyword: a word longer than this is no keyword.
-const MAX_WORD: usize = 13;
-
-fn automaton() -> &'static AhoCorasick {
-    static AC: OnceLock<AhoCorasick> = OnceLock::new();
-    AC.get_or_init(|| {
-        AhoCorasickBuilder::new()
-            .ascii_case_insensitive(true)
-            .match_kind(MatchKind::LeftmostLongest)
-            .build(WORDS.iter().map(|w| w.0))
-            .expect("keywords build")
-    })
-}
-
 /// Bytes of an SQL identifier (non-ASCII too, as PostgreSQL's lexer has it). `$` is left
 /// out, although an identifier may contain it, so that `$$reset` in a dollar-quoted body
 /// still shows the word.
-#[inline]
-fn ident(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
-}
-
-/// The bits of one whole identifier.
-fn word_bits(word: &[u8]) -> Touched {
-    WORDS
-        .iter()
-        .filter(|(w, _, prefix)| {
-            if *prefix {
-                word.len() >= w.len() && word[..w.len()].eq_ignore_ascii_case(w.as_bytes())
-            } else {
-                word.eq_ignore_ascii_case(w.as_bytes())
-            }
-        })
-        .fold(0, |acc, (_, bits, _)| acc | bits)
-}
-
-/// Searches `s`, which starts at a word boundary and ends at one (or at the end of the
-/// text), for whole keywords.
-fn search(s: &[u8]) -> Touched {
-    let ac = automaton();
-    let mut bits = 0;
-    let mut at = 0;
-    while at < s.len() {
-        let Some(m) = ac.find(Input::new(s).span(at..s.len())) else {
-            break;
-        };
-        let (start, end) = (m.start(), m.end());
-        let (_, b, prefix) = WORDS[m.pattern().as_usize()];
-        let left = start == 0 || !ident(s[start - 1]);
-        let right = prefix || end == s.len() || !ident(s[end]);
-        if left && right {
-            bits |= b;
-            at = end;
-        } else {
-            // Inside a longer identifier: no keyword can start before its end.
-            at = start + 1;
-            while at < s.len() && ident(s[at]) {
-                at += 1;
-            }
-        }
+static IDENT: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+        b += 1;
     }
-    bits
+    t
+};
+
+/// The prefix keyword: `pg_advisory_lock`, `pg_advisory_unlock_all`, ...
+const ADVISORY: &[u8] = b"pg_advisory_";
+
+/// Bytes of a word kept: enough for the longest keyword and the prefix.
+const KEPT: usize = 16;
+
+/// The bits of one whole word of `len` bytes whose first bytes (up to [`KEPT`]) are
+/// `head`. A handful of comparisons, chosen by length.
+#[inline]
+fn word_bits(head: &[u8], len: usize) -> Touched {
+    let is = |w: &[u8]| head.eq_ignore_ascii_case(w);
+    match len {
+        4 if is(b"role") => PATH,
+        4 if is(b"temp") || is(b"hold") => STATE,
+        5 if is(b"reset") => PATH | STATE,
+        6 if is(b"schema") => PATH,
+        6 if is(b"listen") => STATE,
+        7 if is(b"discard") => PATH | STATE,
+        7 if is(b"prepare") => STATE | STATEMENTS,
+        9 if is(b"temporary") => STATE,
+        10 if is(b"set_config") => PATH | STATE,
+        11 if is(b"search_path") => PATH,
+        13 if is(b"authorization") => PATH,
+        n if n > ADVISORY.len() && head[..ADVISORY.len()].eq_ignore_ascii_case(ADVISORY) => STATE,
+        _ => 0,
+    }
 }
 
 /// The bits of a whole text.
 pub fn sniff(text: &[u8]) -> Touched {
-    search(text)
+    Sniffer::default().feed(text, true)
 }
 
-/// A text read in pieces: the state carried from one piece to the next.
+/// A text read in pieces: the word cut at the end of one piece, carried to the next.
 #[derive(Debug, Default, Clone)]
 pub struct Sniffer {
-    /// The start of the identifier cut at the end of the last piece.
-    carry: [u8; MAX_WORD],
-    carry_len: u8,
-    /// The identifier at the end of the last piece is longer than any keyword (and was
-    /// checked for prefix keywords already).
-    overflow: bool,
+    /// The first bytes of the word cut at the end of the last piece.
+    head: [u8; KEPT],
+    /// Its length so far (saturating); 0 when the last piece ended between words.
+    len: u8,
 }
 
 impl Sniffer {
     /// Feeds the next piece of a text; `last` says the text ends with it.
     pub fn feed(&mut self, piece: &[u8], last: bool) -> Touched {
         let mut bits = 0;
-        let mut s = piece;
-        if self.carry_len > 0 || self.overflow {
+        let n = piece.len();
+        let mut i = 0;
+        if self.len > 0 {
             // Finish the word the last piece ended in.
-            let lead = s.iter().position(|&b| !ident(b)).unwrap_or(s.len());
-            let word_ends = lead < s.len() || last;
-            if !self.overflow {
-                let n = self.carry_len as usize;
-                let total = n + lead;
-                let mut word = self.carry;
-                let more = lead.min(MAX_WORD - n);
-                word[n..n + more].copy_from_slice(&s[..more]);
-                if total <= MAX_WORD {
-                    if !word_ends {
-                        self.carry = word;
-                        self.carry_len = total as u8;
-                        return bits;
-                    }
-                    bits |= word_bits(&word[..total]);
-                } else {
-                    bits |= prefix_bits(&word);
-                    if !word_ends {
-                        self.overflow = true;
-                        self.carry_len = 0;
-                        return bits;
-                    }
+            while i < n && IDENT[piece[i] as usize] {
+                let l = self.len as usize;
+                if l < KEPT {
+                    self.head[l] = piece[i];
                 }
-            } else if !word_ends {
+                self.len = self.len.saturating_add(1);
+                i += 1;
+            }
+            if i == n && !last {
+                return 0;
+            }
+            let l = self.len as usize;
+            bits |= word_bits(&self.head[..l.min(KEPT)], l);
+            self.len = 0;
+        }
+        loop {
+            while i < n && !IDENT[piece[i] as usize] {
+                i += 1;
+            }
+            if i == n {
                 return bits;
             }
-            self.carry_len = 0;
-            self.overflow = false;
-            s = &s[lead..];
+            let start = i;
+            while i < n && IDENT[piece[i] as usize] {
+                i += 1;
+            }
+            let len = i - start;
+            if i == n && !last {
+                // Cut: keep its start for the next piece.
+                let k = len.min(KEPT);
+                self.head[..k].copy_from_slice(&piece[start..start + k]);
+                self.len = len.min(255) as u8;
+                return bits;
+            }
+            if len >= 4 {
+                bits |= word_bits(&piece[start..start + len.min(KEPT)], len);
+            }
         }
-        if last {
-            return bits | search(s);
-        }
-        // Keep a word cut at the end for the next piece.
-        let cut = s.iter().rposition(|&b| !ident(b)).map_or(0, |i| i + 1);
-        bits |= search(&s[..cut]);
-        let tail = &s[cut..];
-        if tail.len() <= MAX_WORD {
-            self.carry[..tail.len()].copy_from_slice(tail);
-            self.carry_len = tail.len() as u8;
-        } else {
-            bits |= prefix_bits(&tail[..MAX_WORD]);
-            self.overflow = true;
-        }
-        bits
     }
-}
-
-/// The bits of the prefix keywords that begin `word` (the start of a longer identifier).
-fn prefix_bits(word: &[u8]) -> Touched {
-    WORDS
-        .iter()
-        .filter(|(w, _, prefix)| {
-            *prefix && word.len() >= w.len() && word[..w.len()].eq_ignore_ascii_case(w.as_bytes())
-        })
-        .fold(0, |acc, (_, bits, _)| acc | bits)
 }
 
 #[cfg(test)]
@@ -232,6 +170,9 @@ mod tests {
         assert_eq!(sniff(b"SELECT * FROM information_schema.tables"), 0);
         assert_eq!(sniff(b"\"role\""), PATH);
         assert_eq!(sniff(b""), 0);
+        assert_eq!(sniff(b"EXECUTE $x$reset all$x$"), PATH | STATE);
+        assert_eq!(sniff(b"SELECT pg_advisory_"), 0);
+        assert_eq!(sniff(b"SELECT a_role_longer_than_sixteen_bytes_role"), 0);
     }
 
     #[test]

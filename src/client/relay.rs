@@ -663,12 +663,16 @@ impl Relay<'_> {
             if self.done() {
                 return Poll::Ready(RelayEnd::Released);
             }
-            if self.cscan.terminated
-                && self.cscan.pending == 0
-                && *self.cfwd == 0
-                && self.owes_nothing()
-            {
-                return Poll::Ready(RelayEnd::ClientGone);
+            if self.cscan.terminated && *self.cfwd == 0 {
+                // The client is gone. With nothing of its own outstanding, the connection
+                // may go back once the proxy's own replies are read. With a request still
+                // running, or the server waiting for the rest of a batch or a COPY, nobody
+                // would ever read the answer: end now (the connection is closed).
+                let outstanding =
+                    self.cscan.pending > 0 || self.cscan.unsynced || self.cscan.body_left > 0;
+                if outstanding || self.owes_nothing() {
+                    return Poll::Ready(RelayEnd::ClientGone);
+                }
             }
 
             // Read from the server once everything it sent before has gone out.

@@ -7,6 +7,7 @@
 //! [`protocol`] the message framing.
 
 pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -165,6 +166,12 @@ impl Proxy {
             shutdown_rx: mut shutdown,
         } = self;
         tokio::spawn(shared.pool.clone().run_maintenance());
+        let audited = shared.clone();
+        tokio::spawn(async move {
+            for w in audit::pool_roles(&audited).await {
+                tracing::warn!("{w}");
+            }
+        });
         tokio::spawn(
             shared
                 .metrics

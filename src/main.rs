@@ -53,6 +53,15 @@ fn main() -> ExitCode {
             config.tenants.len(),
             config.users.len()
         );
+        // The server roles, as far as the server can be reached: warnings, not problems.
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            for w in rt.block_on(tenantpool::audit::server_roles(&config)) {
+                println!("warning: {w}");
+            }
+        }
         return ExitCode::SUCCESS;
     }
 

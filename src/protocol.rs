@@ -163,6 +163,21 @@ pub fn quote_ident(s: &str) -> String {
     out
 }
 
+/// An `E'...'` string literal: backslashes and quotes escaped, so it reads the same with
+/// standard_conforming_strings on or off.
+pub fn escape_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 3);
+    out.push_str("E'");
+    for c in s.chars() {
+        if c == '\\' || c == '\'' {
+            out.push(c);
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
 /// Finds the first field with `code` in an ErrorResponse/NoticeResponse body (after the
 /// header). The body must be a complete, bounded message body.
 pub fn error_field(body: &[u8], code: u8) -> Option<&str> {
@@ -196,6 +211,7 @@ mod tests {
     fn identifiers_are_quoted() {
         assert_eq!(quote_ident("tenant_acme"), "\"tenant_acme\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(escape_literal("a'b\\c"), "E'a''b\\\\c'");
     }
 
     #[test]

@@ -115,7 +115,21 @@ pub struct Login {
 
 /// Opens a server connection and logs in as `login`, within `connect_timeout`.
 pub async fn connect(target: &ServerTarget, login: LoginId) -> Result<Login, String> {
-    match tokio::time::timeout(target.connect_timeout, connect_inner(target, login)).await {
+    connect_with(target, login, true).await
+}
+
+/// Opens a server connection that starts with the role's own defaults, as any other
+/// client's would (for [`crate::audit`]); never for the pool.
+pub async fn connect_plain(target: &ServerTarget, login: LoginId) -> Result<Login, String> {
+    connect_with(target, login, false).await
+}
+
+async fn connect_with(
+    target: &ServerTarget,
+    login: LoginId,
+    pooled: bool,
+) -> Result<Login, String> {
+    match tokio::time::timeout(target.connect_timeout, connect_inner(target, login, pooled)).await {
         Ok(r) => r,
         Err(_) => Err(format!(
             "connecting to {}:{} timed out after {:?}",
@@ -124,7 +138,11 @@ pub async fn connect(target: &ServerTarget, login: LoginId) -> Result<Login, Str
     }
 }
 
-async fn connect_inner(target: &ServerTarget, login: LoginId) -> Result<Login, String> {
+async fn connect_inner(
+    target: &ServerTarget,
+    login: LoginId,
+    pooled: bool,
+) -> Result<Login, String> {
     let ServerLogin { user, password } = target.login(login);
     let addr = format!("{}:{}", target.host, target.port);
     let stream = TcpStream::connect(&addr)
@@ -139,16 +157,14 @@ async fn connect_inner(target: &ServerTarget, login: LoginId) -> Result<Login, S
     // The search_path and role the connection starts with are also what RESET, DISCARD
     // ALL and `SET ... TO DEFAULT` go back to, whatever ALTER ROLE or ALTER DATABASE say:
     // a search_path that resolves to no schema (see session_state) and no SET ROLE.
-    frontend::startup_message(
-        [
-            ("user", user.as_str()),
-            ("database", target.database.as_str()),
-            ("search_path", RESET_SEARCH_PATH),
-            ("role", "none"),
-        ],
-        &mut out,
-    )
-    .map_err(|e| e.to_string())?;
+    let mut params = vec![
+        ("user", user.as_str()),
+        ("database", target.database.as_str()),
+    ];
+    if pooled {
+        params.extend([("search_path", RESET_SEARCH_PATH), ("role", "none")]);
+    }
+    frontend::startup_message(params, &mut out).map_err(|e| e.to_string())?;
     stream.write_all(&out).await.map_err(|e| e.to_string())?;
 
     let mut buf = BytesMut::with_capacity(SERVER_BUF);
@@ -353,6 +369,74 @@ impl ServerConn {
         tokio::time::timeout(Duration::from_secs(5), work)
             .await
             .unwrap_or(Err(None))
+    }
+
+    /// Runs one query the proxy itself sends and returns its rows, every column as text
+    /// (`None` for NULL), within 5 s. Not for the hot path: it decodes.
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+        let mut out = BytesMut::new();
+        crate::protocol::put_query(&mut out, sql);
+        let work = async {
+            self.stream
+                .write_all(&out)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut rows = Vec::new();
+            let mut error = None;
+            loop {
+                let msg = match Message::parse(&mut self.buf).map_err(|e| e.to_string())? {
+                    Some(m) => m,
+                    None => {
+                        self.buf.reserve(4096);
+                        if self
+                            .stream
+                            .read_buf(&mut self.buf)
+                            .await
+                            .map_err(|e| e.to_string())?
+                            == 0
+                        {
+                            return Err("server closed the connection".to_string());
+                        }
+                        continue;
+                    }
+                };
+                match msg {
+                    Message::DataRow(body) => {
+                        let buf = body.buffer();
+                        let mut ranges = body.ranges();
+                        let mut row = Vec::new();
+                        while let Some(r) = fallible_iterator::FallibleIterator::next(&mut ranges)
+                            .map_err(|e| e.to_string())?
+                        {
+                            row.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                        }
+                        rows.push(row);
+                    }
+                    Message::ErrorResponse(body) if error.is_none() => {
+                        let mut fields = body.fields();
+                        let mut text = String::new();
+                        while let Ok(Some(f)) =
+                            fallible_iterator::FallibleIterator::next(&mut fields)
+                        {
+                            if f.type_() == b'M' {
+                                text = String::from_utf8_lossy(f.value_bytes()).into_owned();
+                            }
+                        }
+                        error = Some(text);
+                    }
+                    Message::ReadyForQuery(_) => {
+                        return match error {
+                            Some(e) => Err(e),
+                            None => Ok(rows),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), work)
+            .await
+            .unwrap_or_else(|_| Err("no answer within 5 s".into()))
     }
 
     /// Sends a Terminate so PostgreSQL ends the backend cleanly; best effort, never blocks.

@@ -547,3 +547,50 @@ asyncio.run(main())
     );
     proxy.stop();
 }
+
+/// `tenantpool check` connects to the server and warns about a pool role that weakens
+/// isolation: a superuser, roles it may become, shared tables the tenant search_path
+/// falls back to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_about_risky_server_roles() {
+    let run_check = |db: &TestDb| {
+        let dir = tempdir("tenantpool-check");
+        let path = dir.join("tenantpool.toml");
+        std::fs::write(&path, db.config_text(2, "")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenantpool"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let db = TestDb::create("iso_check", &["acme"]).await;
+    let clean = run_check(&db);
+    assert!(!clean.contains("warning"), "{clean}");
+    let other = other_role(&db).await;
+    pg().superuser(&db.name)
+        .await
+        .batch_execute("CREATE TABLE public.shared_stuff (x int)")
+        .await
+        .unwrap();
+    let text = run_check(&db);
+    assert!(text.contains(&format!("may SET ROLE to {other}")), "{text}");
+    assert!(
+        text.contains("falls back to schema public, which holds 1 tables"),
+        "{text}"
+    );
+    assert!(
+        text.contains("default search_path resolves to public"),
+        "{text}"
+    );
+    let su = pg().superuser("postgres").await;
+    su.batch_execute(&format!("ALTER ROLE {} SUPERUSER", db.role))
+        .await
+        .unwrap();
+    let text = run_check(&db);
+    assert!(text.contains("is a superuser"), "{text}");
+    su.batch_execute(&format!("ALTER ROLE {} NOSUPERUSER", db.role))
+        .await
+        .unwrap();
+}

@@ -165,6 +165,15 @@ impl PgError {
         )
     }
 
+    /// Stopped in the middle of a message (or of COPY data) while holding a server
+    /// connection, longer than `message_timeout`: FATAL 08P01.
+    pub fn message_timeout() -> PgError {
+        PgError::fatal(
+            "08P01",
+            "terminating connection: the client stopped in the middle of a message longer than message_timeout",
+        )
+    }
+
     /// Idle longer than `client_idle_timeout`: FATAL 57P05, as PostgreSQL's
     /// idle_session_timeout.
     pub fn client_idle_timeout() -> PgError {

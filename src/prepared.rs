@@ -592,6 +592,8 @@ impl<'a> Tracker<'a> {
                 b'P' => {
                     if body.first() == Some(&0) {
                         self.pass(out, pos, len, have, Some(Kind::One(b'1')));
+                    } else if len == HEADER_LEN {
+                        return Err(PgError::protocol_violation("malformed Parse message"));
                     } else if body.is_empty() {
                         return Ok(());
                     } else if len - HEADER_LEN > MAX_CLIENT_STATEMENT_BYTES {
@@ -1345,6 +1347,47 @@ mod tests {
         t.rewrite(input, &mut pos, input.len(), &mut out).unwrap();
         assert_eq!(pos, input.len());
         out.flatten(input)
+    }
+
+    /// Every whole message, however malformed its body, is either refused (08P01) or
+    /// handed on (sent, dropped or answered): never waited on, which would pin the
+    /// server connection while the relay reads the client's bytes without end.
+    #[test]
+    fn malformed_whole_messages_are_never_waited_on() {
+        let bodies: [&[u8]; 9] = [
+            b"",
+            b"\0",
+            b"x",
+            b"S",
+            b"P",
+            b"Sname",
+            b"name",
+            b"\0\0",
+            b"name\0\xff\xff",
+        ];
+        for tag in [
+            b'P', b'B', b'D', b'C', b'Q', b'E', b'H', b'F', b'd', b'c', b'f',
+        ] {
+            for body in bodies {
+                let cache = Arc::new(StatementCache::default());
+                let mut client = ClientStatements::default();
+                let mut server = ServerStatements::default();
+                let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+                let mut input = msg(tag, body);
+                input.extend(msg(b'S', b""));
+                let mut out = Out::default();
+                let mut pos = 0;
+                if t.rewrite(&input, &mut pos, input.len(), &mut out).is_ok() {
+                    assert_eq!(
+                        pos,
+                        input.len(),
+                        "{} {:?} waited on",
+                        tag as char,
+                        String::from_utf8_lossy(body)
+                    );
+                }
+            }
+        }
     }
 
     #[test]

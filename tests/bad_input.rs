@@ -15,11 +15,16 @@ struct ProxyProcess {
 
 impl ProxyProcess {
     fn start(db: &TestDb, max_connections: u32) -> ProxyProcess {
+        ProxyProcess::start_with(db, max_connections, "")
+    }
+
+    /// `extra` goes into `[limits]`.
+    fn start_with(db: &TestDb, max_connections: u32, extra: &str) -> ProxyProcess {
         let port = free_port();
         let text = db.config_text(
             max_connections,
             &format!(
-                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nauth_method = \"trust\"\n[limits]\nclient_login_timeout = \"1s\""
+                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nauth_method = \"trust\"\n[limits]\nclient_login_timeout = \"1s\"\n{extra}"
             ),
         );
         let dir = tempdir("tenantpool-bad-input");
@@ -150,4 +155,201 @@ async fn bad_input_gets_08p01_and_harms_nobody() {
         rss_after < rss_before + 32 * 1024,
         "memory grew from {rss_before} kB to {rss_after} kB"
     );
+}
+
+/// The first error a client got, with its severity.
+fn first_error(msgs: &[Msg]) -> (String, String) {
+    let e = msgs
+        .iter()
+        .find(|m| m.tag == b'E')
+        .unwrap_or_else(|| panic!("no error: {msgs:?}"));
+    (
+        e.field(b'V').unwrap_or_default(),
+        e.field(b'C').unwrap_or_default(),
+    )
+}
+
+/// Malformed bodies are answered at once, with 08P01 (the proxy's FATAL, or PostgreSQL's
+/// own ERROR when the proxy does not read that part), never waited on: with a pool of one,
+/// the next client is served at once. The empty Parse with 20 MB pipelined behind it used
+/// to pin the server connection and grow the proxy by everything it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_answered_at_once() {
+    let db = TestDb::create("malformed", &["acme"]).await;
+    let mut proxy = ProxyProcess::start(&db, 1);
+    still_serves(proxy.addr).await;
+    let rss_before = proxy.rss_kb();
+    let sync = msg(b'S', &[]);
+    let cases: Vec<Vec<u8>> = vec![
+        msg(b'P', &[]),
+        msg(b'P', b"name"),
+        msg(b'P', b"\0"),
+        msg(b'B', &[]),
+        msg(b'B', b"portal"),
+        msg(b'B', b"\0stmt"),
+        msg(b'D', &[]),
+        msg(b'D', b"X"),
+        msg(b'D', b"Sname"),
+        msg(b'C', &[]),
+        msg(b'C', b"Q\0"),
+        msg(b'E', &[]),
+        msg(b'F', &[]),
+        msg(b'Q', &[]),
+    ];
+    for (i, m) in cases.iter().enumerate() {
+        let mut r = Raw::login(proxy.addr, "acme").await;
+        let mut bytes = m.clone();
+        bytes.extend(&sync);
+        if i == 0 {
+            // 20 MB pipelined behind it (sent by a task: the proxy stops reading).
+            let (mut rd, mut wr) = r.stream.into_split();
+            let writer = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = wr.write_all(&bytes).await;
+                let chunk = query("SELECT 1").repeat(1 << 16);
+                for _ in 0..20 {
+                    if wr.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut got = Vec::new();
+            use tokio::io::AsyncReadExt;
+            let _ = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut got)).await;
+            assert!(got.starts_with(b"E"), "{got:?}");
+            let _ = writer.await;
+            still_serves(proxy.addr).await;
+            continue;
+        }
+        r.send(&bytes).await;
+        let msgs = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut msgs = Vec::new();
+            while let Some(m) = r.recv().await {
+                let end = m.tag == b'Z';
+                msgs.push(m);
+                if end {
+                    break;
+                }
+            }
+            msgs
+        })
+        .await
+        .unwrap_or_else(|_| panic!("case {i}: no answer"));
+        let (_, code) = first_error(&msgs);
+        assert_eq!(code, "08P01", "case {i}: {msgs:?}");
+        // A pool of one: the next client is served now.
+        still_serves(proxy.addr).await;
+    }
+    assert!(proxy.alive());
+    let rss_after = proxy.rss_kb();
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "memory grew from {rss_before} kB to {rss_after} kB"
+    );
+}
+
+/// A client that holds a server connection and stops in the middle of a message (the first
+/// 9 kB of a 1 MB query, streamed), or sends Terminate in the middle of a COPY or of an
+/// extended batch, does not keep it: the pool of one serves another client again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_and_departed_clients_release_the_server_connection() {
+    let db = TestDb::create("stalled", &["acme"]).await;
+    let mut proxy = ProxyProcess::start_with(&db, 1, "message_timeout = \"1s\"");
+    still_serves(proxy.addr).await;
+
+    // 9 kB of a 1 MB query, then silence: cut after message_timeout.
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    let mut big = query(&format!("SELECT '{}'", "x".repeat(1 << 20)));
+    big.truncate(9 * 1024);
+    r.send(&big).await;
+    let started = Instant::now();
+    let msgs = r.until_eof().await;
+    assert_eq!(first_error(&msgs), ("FATAL".into(), "08P01".into()));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    still_serves(proxy.addr).await;
+
+    // COPY FROM STDIN started, some data, then silence: the same.
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    r.send(&query("COPY leads (name) FROM STDIN")).await;
+    assert_eq!(r.recv().await.unwrap().tag, b'G');
+    r.send(&msg(b'd', b"copied\n")).await;
+    let msgs = r.until_eof().await;
+    assert_eq!(first_error(&msgs), ("FATAL".into(), "08P01".into()));
+    still_serves(proxy.addr).await;
+
+    // Terminate in the middle of a COPY (as psycopg's finish() can): released at once.
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    r.send(&query("COPY leads (name) FROM STDIN")).await;
+    assert_eq!(r.recv().await.unwrap().tag, b'G');
+    let mut bytes = msg(b'd', b"never committed\n");
+    bytes.extend(msg(b'X', &[]));
+    r.send(&bytes).await;
+    still_serves(proxy.addr).await;
+    drop(r);
+
+    // Terminate in the middle of an extended batch (no Sync).
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    let mut bytes = extended("SELECT pg_sleep(0.2)");
+    bytes.truncate(bytes.len() - 5);
+    bytes.extend(msg(b'X', &[]));
+    r.send(&bytes).await;
+    still_serves(proxy.addr).await;
+    drop(r);
+
+    // Nothing of it was committed.
+    let owner = db.owner().await;
+    let n: i64 = owner
+        .query_one("SELECT count(*) FROM tenant_acme.leads", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    assert!(proxy.alive());
+}
+
+/// A client pipelining far ahead of a slow query, and one that does not read a huge
+/// result, leave the bytes in the socket buffers and PostgreSQL waiting: the proxy grows
+/// by less than a megabyte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_both_ways() {
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::create("bounded", &["acme"]).await;
+    let mut proxy = ProxyProcess::start(&db, 2);
+    still_serves(proxy.addr).await;
+    let rss_before = proxy.rss_kb();
+
+    // 200 MB of queries behind a 3 s sleep.
+    let r = Raw::login(proxy.addr, "acme").await;
+    let (_rd, mut wr) = r.stream.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&query("SELECT pg_sleep(3)")).await;
+        let chunk = query("SELECT 1").repeat(1 << 16);
+        let mut sent = 0;
+        while sent < 200 << 20 {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        wr
+    });
+    // A 1 GB result nobody reads.
+    let mut reader = Raw::login(proxy.addr, "acme").await;
+    reader
+        .send(&query(
+            "SELECT repeat('x', 1000000) FROM generate_series(1, 1000)",
+        ))
+        .await;
+    let mut peak = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(proxy.rss_kb());
+    }
+    assert!(
+        peak < rss_before + 1024,
+        "memory grew from {rss_before} kB to {peak} kB"
+    );
+    writer.abort();
+    drop(reader);
+    assert!(proxy.alive());
 }

@@ -24,6 +24,9 @@ use crate::splice::Out;
 
 /// Read buffer size of a client with data in flight.
 pub const CLIENT_BUF: usize = 8 * 1024;
+/// Replies the statement tracker may expect at once (a few bytes each); a client that
+/// pipelines more is not read until the server has answered some.
+const MAX_EXPECTED: usize = 4096;
 /// Server messages the proxy inspects whole (ReadyForQuery, CommandComplete) are small;
 /// a longer one of those types is passed through without being inspected.
 const MAX_INSPECTED: usize = 1024;
@@ -168,6 +171,8 @@ pub struct ServerScan {
     pub swallow_error: bool,
     /// Transaction status from the last ReadyForQuery.
     pub status: u8,
+    /// The server sent CopyInResponse and waits for the client's COPY data.
+    pub copy_in: bool,
     /// What the commands that went through (seen by their CommandComplete tags) may have
     /// changed on the connection.
     pub touched: Touched,
@@ -198,6 +203,7 @@ impl ServerScan {
             swallow,
             swallow_error: false,
             status: b'I',
+            copy_in: false,
             touched: 0,
             reported: Vec::new(),
             reset_seen: false,
@@ -352,6 +358,7 @@ impl ServerScan {
                     fwd += len;
                     pos += len;
                     self.reset_in_cycle = false;
+                    self.copy_in = false;
                     self.status = status;
                     c.ready += 1;
                     c.idle += u32::from(status == b'I');
@@ -362,6 +369,7 @@ impl ServerScan {
                     if !whole {
                         break;
                     }
+                    self.copy_in = false;
                     self.command(&buf[pos + HEADER_LEN..pos + len - 1], track.as_deref_mut());
                     fwd += len;
                     pos += len;
@@ -395,6 +403,7 @@ impl ServerScan {
                         break;
                     }
                     let code = crate::protocol::error_field(body, b'C');
+                    self.copy_in = false;
                     fwd += len;
                     pos += len;
                     self.ended(track.as_deref_mut(), tag, code, out, &mut fwd, &mut c);
@@ -403,6 +412,7 @@ impl ServerScan {
                 _ => {}
             }
             // Streamed through (or dropped: a reply to a message the proxy injected).
+            self.copy_in |= tag == b'G';
             self.dropping = track.as_deref().is_some_and(|t| t.drops(tag));
             let n = len.min(avail);
             if self.dropping {
@@ -452,6 +462,18 @@ pub enum RelayEnd {
     Violation(PgError),
     /// The client stayed idle inside a transaction longer than `idle_transaction_timeout`.
     IdleInTransaction,
+    /// The client stopped in the middle of a message (or of the data of a COPY) for longer
+    /// than `message_timeout`, holding the server connection.
+    Stalled,
+}
+
+/// What the relay waits for the client to do, when it is the client's turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientWait {
+    /// Start a message, inside a transaction.
+    IdleInTransaction,
+    /// Finish a message, or send the data of a COPY the server waits for.
+    MidMessage,
 }
 
 /// Everything the relay moves and tracks; borrowed from the session and the server conn.
@@ -474,8 +496,10 @@ pub struct Relay<'a> {
     pub track: Option<Tracker<'a>>,
     /// `idle_transaction_timeout`, if on.
     pub idle_in_transaction: Option<std::time::Duration>,
-    /// Runs while the client sits idle inside a transaction.
-    pub idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// `message_timeout`, if on.
+    pub message_timeout: Option<std::time::Duration>,
+    /// Runs while it is the client's turn and it sends nothing.
+    pub timer: Option<(ClientWait, Pin<Box<tokio::time::Sleep>>)>,
     /// Bytes, queries and transactions seen, with their durations.
     pub counts: Counts<'a>,
 }
@@ -696,10 +720,14 @@ impl Relay<'_> {
             }
 
             // Read from the client once its earlier bytes have gone to the server (and the
-            // statement tracker is not waiting on a DISCARD ALL).
+            // statement tracker is not waiting on a DISCARD ALL, nor holding more replies
+            // to expect than its bound: a client pipelining far ahead waits in its socket).
             if self.cout.is_empty()
                 && !self.cscan.terminated
-                && !self.track.as_ref().is_some_and(|t| t.blocked())
+                && !self
+                    .track
+                    .as_ref()
+                    .is_some_and(|t| t.blocked() || t.expecting() > MAX_EXPECTED)
             {
                 match poll_read_some(self.client, self.cbuf, cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
@@ -710,6 +738,7 @@ impl Relay<'_> {
                             Ok(end) => *self.cfwd = end,
                             Err(e) => return Poll::Ready(RelayEnd::Violation(e)),
                         }
+                        self.timer = None;
                         progress = true;
                     }
                     Poll::Pending => {}
@@ -717,28 +746,47 @@ impl Relay<'_> {
             }
 
             if !progress {
-                if let Some(limit) = self.idle_in_transaction {
-                    // Idle inside a transaction: the server waits on the client.
-                    let idle = self.sscan.status != b'I'
-                        && self.cscan.pending == 0
-                        && self.cscan.body_left == 0
-                        && *self.cfwd == 0
-                        && self.cout.is_empty()
-                        && self.sout.is_empty();
-                    if idle {
-                        let timer = self
-                            .idle_timer
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                        if timer.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(RelayEnd::IdleInTransaction);
+                // A client that does not do its part holds the server connection: bounded.
+                match self.waiting_on_client() {
+                    None => self.timer = None,
+                    Some((why, limit)) => {
+                        if self.timer.as_ref().map(|t| t.0) != Some(why) {
+                            self.timer = Some((why, Box::pin(tokio::time::sleep(limit))));
                         }
-                    } else {
-                        self.idle_timer = None;
+                        if let Some((_, t)) = self.timer.as_mut()
+                            && t.as_mut().poll(cx).is_ready()
+                        {
+                            return Poll::Ready(match why {
+                                ClientWait::IdleInTransaction => RelayEnd::IdleInTransaction,
+                                ClientWait::MidMessage => RelayEnd::Stalled,
+                            });
+                        }
                     }
                 }
                 return Poll::Pending;
             }
         }
+    }
+
+    /// Is it the client's turn (everything written both ways), and for what, with the
+    /// limit that applies? The server waits on the client when the client is in the middle
+    /// of a message (or the server waits for COPY data), or when the client is idle inside
+    /// a transaction.
+    fn waiting_on_client(&self) -> Option<(ClientWait, std::time::Duration)> {
+        if !self.cout.is_empty() || !self.sout.is_empty() {
+            return None;
+        }
+        // With `cout` written, bytes still in the buffer are the start of a message.
+        if self.cscan.body_left > 0 || !self.cbuf.is_empty() || self.sscan.copy_in {
+            return self.message_timeout.map(|l| (ClientWait::MidMessage, l));
+        }
+        let idle = self.sscan.status != b'I' && self.cscan.pending == 0;
+        if idle {
+            return self
+                .idle_in_transaction
+                .map(|l| (ClientWait::IdleInTransaction, l));
+        }
+        None
     }
 }
 

@@ -172,7 +172,8 @@ impl Session {
             sout,
             track,
             idle_in_transaction: shared.config.limits.idle_transaction_timeout.nonzero(),
-            idle_timer: None,
+            message_timeout: shared.config.limits.message_timeout.nonzero(),
+            timer: None,
             counts: relay::Counts::new(tmetrics),
         };
         stats.active.fetch_add(1, Ordering::Relaxed);
@@ -264,6 +265,10 @@ impl Session {
                 Ok(true)
             }
             RelayEnd::Violation(e) => Err(e),
+            RelayEnd::Stalled => {
+                tracing::warn!(client = %self.reg.client.addr, "client stalled in the middle of a message; disconnected");
+                Err(PgError::message_timeout())
+            }
             RelayEnd::IdleInTransaction => {
                 // Roll the server connection back so it can serve others, then end the client.
                 if owes_nothing && rollback(&mut conn).await {

@@ -56,24 +56,44 @@ const ADVISORY: &[u8] = b"pg_advisory_";
 const KEPT: usize = 16;
 
 /// The bits of one whole word of `len` bytes whose first bytes (up to [`KEPT`]) are
-/// `head`. A handful of comparisons, chosen by length.
+/// `head`. Most words are told apart by length, first and last letter without comparing
+/// them: this runs on every word of every query.
 #[inline]
 fn word_bits(head: &[u8], len: usize) -> Touched {
+    if len > KEPT {
+        return advisory(head);
+    }
+    let first = head[0] | 0x20;
+    let last = head[len - 1] | 0x20;
     let is = |w: &[u8]| head.eq_ignore_ascii_case(w);
-    match len {
-        4 if is(b"role") => PATH,
-        4 if is(b"temp") || is(b"hold") => STATE,
-        5 if is(b"reset") => PATH | STATE,
-        6 if is(b"schema") => PATH,
-        6 if is(b"listen") => STATE,
-        7 if is(b"discard") => PATH | STATE,
-        7 if is(b"prepare") => STATE | STATEMENTS,
-        9 if is(b"temporary") => STATE,
-        10 if is(b"set_config") => PATH | STATE,
-        11 if is(b"search_path") => PATH,
-        13 if is(b"authorization") => PATH,
-        n if n > ADVISORY.len() && head[..ADVISORY.len()].eq_ignore_ascii_case(ADVISORY) => STATE,
+    match (len, first, last) {
+        (4, b'r', b'e') if is(b"role") => PATH,
+        (4, b't', b'p') if is(b"temp") => STATE,
+        (4, b'h', b'd') if is(b"hold") => STATE,
+        (5, b'r', b't') if is(b"reset") => PATH | STATE,
+        (6, b's', b'a') if is(b"schema") => PATH,
+        (6, b'l', b'n') if is(b"listen") => STATE,
+        (7, b'd', b'd') if is(b"discard") => PATH | STATE,
+        (7, b'p', b'e') if is(b"prepare") => STATE | STATEMENTS,
+        (9, b't', b'y') if is(b"temporary") => STATE,
+        (10, b's', b'g') if is(b"set_config") => PATH | STATE,
+        (11, b's', b'h') if is(b"search_path") => PATH,
+        (13, b'a', b'n') if is(b"authorization") => PATH,
+        (13.., b'p', _) => advisory(head),
         _ => 0,
+    }
+}
+
+/// `pg_advisory_*` at the start of a longer word.
+#[inline]
+fn advisory(head: &[u8]) -> Touched {
+    if head.len() >= ADVISORY.len()
+        && head[2] == b'_'
+        && head[..ADVISORY.len()].eq_ignore_ascii_case(ADVISORY)
+    {
+        STATE
+    } else {
+        0
     }
 }
 

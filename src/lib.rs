@@ -21,6 +21,7 @@ pub mod session_state;
 pub mod sniff;
 pub mod splice;
 pub mod tenant;
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;

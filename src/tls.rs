@@ -1,0 +1,382 @@
+//! TLS with rustls and its ring provider: the configs for the client side (tenantpool as a
+//! TLS server) and for the server side (tenantpool as a TLS client of PostgreSQL), and the
+//! checks `tenantpool check` runs on certificate and key files. Nothing here is
+//! hand-written crypto: rustls does the protocol, webpki the certificate checks.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+/// The ALPN protocol name of PostgreSQL (required for direct TLS, PostgreSQL 17).
+pub const ALPN: &[u8] = b"postgresql";
+
+/// The crypto provider every config uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate chain and its private key, read from PEM files.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({} certificates)", self.chain.len())
+    }
+}
+
+/// Reads a certificate chain (leaf first) and a private key.
+pub fn load_identity(cert_file: &str, key_file: &str) -> Result<Identity, String> {
+    let chain = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| format!("{cert_file}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{cert_file}: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!("{cert_file}: no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| format!("{key_file}: {e}"))?;
+    Ok(Identity { chain, key })
+}
+
+/// Reads the CA certificates of a PEM file into a root store.
+pub fn load_roots(ca_file: &str) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| format!("{ca_file}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{ca_file}: {e}"))?;
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!("{ca_file}: no CA certificate in the file"));
+    }
+    Ok(roots)
+}
+
+/// The system's CA bundle (`SSL_CERT_FILE`, else the usual Debian/Red Hat/Alpine paths).
+pub fn system_roots() -> Result<RootCertStore, String> {
+    let env = std::env::var("SSL_CERT_FILE").ok();
+    let candidates = env.iter().map(String::as_str).chain([
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ]);
+    for path in candidates {
+        if std::path::Path::new(path).exists() {
+            return load_roots(path);
+        }
+    }
+    Err("no system CA bundle found: give server.tls_ca_file".into())
+}
+
+/// The config of tenantpool's TLS listener: its certificate, ALPN `postgresql`, and
+/// client certificates checked against `client_ca` when given (required when
+/// `require_client_cert`, as for `auth_method = "cert"`).
+pub fn acceptor_config(
+    identity: Identity,
+    client_ca: Option<&str>,
+    require_client_cert: bool,
+) -> Result<Arc<ServerConfig>, String> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let roots = Arc::new(load_roots(ca)?);
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider());
+            let verifier = if require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| e.to_string())?)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(|e| format!("certificate and key: {e}"))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// How tenantpool checks PostgreSQL's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verify {
+    /// Encryption only (`prefer`, `require`, as libpq's sslmode): any certificate.
+    None,
+    /// The chain up to a trusted CA, whatever name it carries (`verify-ca`).
+    Chain,
+    /// The chain and the host name (`verify-full`).
+    Full,
+}
+
+/// The config tenantpool connects to PostgreSQL with: roots from `ca_file` or the system,
+/// an optional client certificate, ALPN `postgresql`.
+pub fn connector_config(
+    verify: Verify,
+    ca_file: Option<&str>,
+    identity: Option<Identity>,
+) -> Result<Arc<ClientConfig>, String> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match verify {
+        Verify::None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider()))),
+        Verify::Chain | Verify::Full => {
+            let roots = match ca_file {
+                Some(f) => load_roots(f)?,
+                None => system_roots()?,
+            };
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| e.to_string())?;
+            if verify == Verify::Full {
+                builder.with_webpki_verifier(webpki)
+            } else {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AnyName(webpki)))
+            }
+        }
+    };
+    let mut config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(id.chain, id.key)
+            .map_err(|e| format!("server.tls_cert_file and tls_key_file: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts any certificate, but still checks the handshake's signatures with it (libpq's
+/// `sslmode=require`: encrypted, not authenticated).
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The webpki checks except the host name (libpq's `sslmode=verify-ca`).
+#[derive(Debug)]
+struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// What is wrong with a certificate and key pair, for `tenantpool check`: unreadable,
+/// empty, a key that is not the certificate's, a certificate expired or not valid yet.
+pub fn check_identity(cert_file: &str, key_file: &str) -> Vec<String> {
+    let id = match load_identity(cert_file, key_file) {
+        Ok(id) => id,
+        Err(e) => return vec![e],
+    };
+    let mut problems = Vec::new();
+    let signing = match provider().key_provider.load_private_key(id.key.clone_key()) {
+        Ok(k) => k,
+        Err(e) => return vec![format!("{key_file}: {e}")],
+    };
+    let certified = rustls::sign::CertifiedKey::new(id.chain.clone(), signing);
+    match certified.keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => problems
+            .push(format!(
+                "{key_file}: the key is not the one of the certificate in {cert_file}"
+            )),
+        Err(e) => problems.push(format!("{cert_file}: {e}")),
+    }
+    if let Some(p) = validity(&id.chain, cert_file) {
+        problems.push(p);
+    }
+    problems
+}
+
+/// Is the leaf certificate within its validity period? Checked by building its chain from
+/// the file itself up to its last certificate (the root, or the leaf when self-signed).
+fn validity(chain: &[CertificateDer<'static>], cert_file: &str) -> Option<String> {
+    let leaf = webpki::EndEntityCert::try_from(&chain[0]).ok()?;
+    let last = chain.last()?;
+    let anchors = [webpki::anchor_from_trusted_cert(last).ok()?];
+    let algs = provider().signature_verification_algorithms.all;
+    let result = leaf.verify_for_usage(
+        algs,
+        &anchors,
+        &chain[1..],
+        UnixTime::now(),
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    );
+    match result {
+        Err(webpki::Error::CertExpired { .. }) => {
+            Some(format!("{cert_file}: the certificate has expired"))
+        }
+        Err(webpki::Error::CertNotValidYet { .. }) => {
+            Some(format!("{cert_file}: the certificate is not valid yet"))
+        }
+        Err(webpki::Error::InvalidCertValidity) => Some(format!(
+            "{cert_file}: the certificate's validity period is invalid (it ends before it begins)"
+        )),
+        // Anything else (a root not in the file, say) is for the client to judge.
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a shell command (openssl makes the test certificates) in `dir`.
+    fn sh(dir: &std::path::Path, cmd: &str) {
+        let ok = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .current_dir(dir)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(ok, "failed: {cmd}");
+    }
+
+    /// A v3 certificate (webpki reads no other) signed by its own key, valid from
+    /// `start` to `end` (openssl's YYYYMMDDHHMMSSZ).
+    fn pair(dir: &std::path::Path, name: &str, start: &str, end: &str) -> (String, String) {
+        sh(
+            dir,
+            "printf '[ca]\\ndefault_ca=CA\\n[CA]\\ndatabase=index.txt\\nnew_certs_dir=.\\n\\
+             serial=serial\\ndefault_md=sha256\\npolicy=p\\n[p]\\ncommonName=supplied\\n\\
+             [v3]\\nbasicConstraints=CA:FALSE\\nsubjectAltName=DNS:localhost\\n' > ca.cnf \\
+             && : > index.txt && echo 01 > serial",
+        );
+        sh(
+            dir,
+            &format!(
+                "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+                 -subj /CN=localhost -keyout {name}.key -out {name}.csr && \
+                 openssl ca -selfsign -batch -config ca.cnf -extensions v3 -keyfile {name}.key \
+                 -in {name}.csr -startdate {start} -enddate {end} -out {name}.crt"
+            ),
+        );
+        let path = |ext: &str| {
+            dir.join(format!("{name}.{ext}"))
+                .to_string_lossy()
+                .into_owned()
+        };
+        (path("crt"), path("key"))
+    }
+
+    #[test]
+    fn check_names_what_is_wrong_with_the_files() {
+        let dir = std::env::temp_dir().join(format!("tenantpool-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = pair(&dir, "good", "20200101000000Z", "20991231000000Z");
+        assert_eq!(check_identity(&cert, &key), Vec::<String>::new());
+        assert!(acceptor_config(load_identity(&cert, &key).unwrap(), None, false).is_ok());
+        let (_, other_key) = pair(&dir, "other", "20200101000000Z", "20991231000000Z");
+        let p = check_identity(&cert, &other_key);
+        assert!(p.iter().any(|p| p.contains("not the one")), "{p:?}");
+        let (old, old_key) = pair(&dir, "old", "20200101000000Z", "20200102000000Z");
+        let p = check_identity(&old, &old_key);
+        assert!(p.iter().any(|p| p.contains("expired")), "{p:?}");
+        let missing = dir.join("missing.crt").to_string_lossy().into_owned();
+        assert!(!check_identity(&missing, &key).is_empty());
+        assert!(
+            !check_identity(&key, &key).is_empty(),
+            "a key is no certificate"
+        );
+    }
+}

@@ -3,7 +3,14 @@
 //! checks `tenantpool check` runs on certificate and key files. Nothing here is
 //! hand-written crypto: rustls does the protocol, webpki the certificate checks.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -256,6 +263,148 @@ impl ServerCertVerifier for AnyName {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+/// A socket to a client or to PostgreSQL: plain TCP, or TLS over it. The relay and the
+/// login speak to either the same way; the one difference that shows is [`Stream::
+/// poll_flush_pending`]: TLS may hold written bytes back until flushed.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stream::Plain(_) => write!(f, "Stream(tcp)"),
+            Stream::Tls(_) => write!(f, "Stream(tls)"),
+        }
+    }
+}
+
+impl Stream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// Ready when a read would find something (or the end): for TLS, bytes rustls has
+    /// already decrypted count too. Needs no read buffer.
+    pub fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::Tls(s) => {
+                let (tcp, buffered) = match &mut **s {
+                    tokio_rustls::TlsStream::Server(s) => {
+                        let (tcp, c) = s.get_mut();
+                        (tcp, c.process_new_packets())
+                    }
+                    tokio_rustls::TlsStream::Client(s) => {
+                        let (tcp, c) = s.get_mut();
+                        (tcp, c.process_new_packets())
+                    }
+                };
+                match buffered {
+                    Ok(state) if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() => {
+                        Poll::Ready(Ok(()))
+                    }
+                    Ok(_) => tcp.poll_read_ready(cx),
+                    // The next read reports the error.
+                    Err(_) => Poll::Ready(Ok(())),
+                }
+            }
+        }
+    }
+
+    /// Flushes what TLS still holds of earlier writes: `Ready` when nothing is left.
+    pub fn poll_flush_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(_) => Poll::Ready(Ok(())),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    /// Reads what is there without waiting (`WouldBlock` when nothing is).
+    pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.try_read_buf(buf),
+            Stream::Tls(s) => {
+                use std::future::Future;
+                use tokio::io::AsyncReadExt;
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let read = std::pin::pin!(s.read_buf(buf));
+                match read.poll(&mut cx) {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
     }
 }
 

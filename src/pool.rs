@@ -366,34 +366,39 @@ impl Pool {
     }
 
     /// Opens a connection with the slot's tenant's login into `slot`, first closing
-    /// `retire`, the idle connection of another login that held the slot. Dropped at any
-    /// point, or failing, it gives the slot back (after `retire` is closed).
+    /// `retire`, the idle connection of another login that held the slot.
+    ///
+    /// The work runs in a task of its own that owns the slot, so a checkout dropped
+    /// meanwhile cancels nothing half-way: a connection that comes of it goes to the pool
+    /// (to the next waiter, or idle), a failure gives the slot back, and a half-open socket
+    /// is never left to a backend PostgreSQL still counts.
     async fn open(
         self: &Arc<Self>,
         slot: Slot,
         retire: Option<ServerConn>,
     ) -> Result<PooledConn, CheckoutError> {
-        let slot = match retire {
-            None => slot,
-            Some(old) => {
+        let (tx, rx) = oneshot::channel();
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let slot = match retire {
                 // PostgreSQL ends the old backend before the new one starts: together they
-                // never outnumber max_connections, not even for a moment. The close runs in
-                // a task that keeps the slot if this checkout is dropped meanwhile.
-                let (tx, rx) = oneshot::channel();
-                self.close_then(old, slot, move |slot| {
-                    // Nobody to take it: dropped here, it is given back.
-                    let _ = tx.send(slot);
-                });
-                rx.await.map_err(|_| {
-                    CheckoutError::Unavailable("closing another login's connection failed".into())
-                })?
+                // never outnumber max_connections, not even for a moment.
+                Some(old) => Pool::close_in(old, slot).await,
+                None => slot,
+            };
+            let tenant = slot.tenant.expect("a checkout's slot is a tenant's");
+            let opened = match pool.connect(pool.tenants.get(tenant).login).await {
+                Ok(conn) => Ok(PooledConn::new(slot, conn)),
+                // The slot is given back here.
+                Err(e) => Err(CheckoutError::Unavailable(e)),
+            };
+            if let Err(Ok(mut conn)) = tx.send(opened) {
+                // Its checkout is gone: a fresh connection serves the next one.
+                conn.set_clean(true);
             }
-        };
-        let tenant = slot.tenant.expect("a checkout's slot is a tenant's");
-        match self.connect(self.tenants.get(tenant).login).await {
-            Ok(conn) => Ok(PooledConn::new(slot, conn)),
-            Err(e) => Err(CheckoutError::Unavailable(e)),
-        }
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(CheckoutError::Unavailable("connecting failed".into())))
     }
 
     /// Connects and logs in as `login`, updating the failure backoff either way. A success
@@ -657,43 +662,44 @@ impl Pool {
                 return;
             }
         }
-        let slot = slot.take();
-        slot.pool.clone().close_then(conn, slot, drop);
+        Pool::close_then(conn, slot.take(), drop);
     }
 
-    /// Closes `conn` in a task of its own, waiting until PostgreSQL has closed its end of
-    /// the socket (see [`ServerConn::close`]), while `slot` keeps counting it; then hands
-    /// the slot to `then` (which drops it to give it back, or passes it on). Never blocks
-    /// the caller and never holds the lock across the wait.
-    fn close_then(
-        self: &Arc<Self>,
-        conn: ServerConn,
-        mut slot: Slot,
-        then: impl FnOnce(Slot) + Send + 'static,
-    ) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            // No runtime (unit tests): end it at once.
-            conn.terminate();
-            drop(conn);
-            then(slot);
-            return;
-        };
-        self.lock().closing += 1;
-        slot.closing = true;
-        rt.spawn(async move {
-            let pool = slot.pool.clone();
-            let limit = pool.target.connect_timeout;
-            let pid = conn.backend_pid;
-            if !conn.close(&pool.target, limit).await {
-                tracing::warn!(
-                    backend_pid = pid,
-                    ?limit,
-                    "server connection not closed by PostgreSQL in time; its slot is given back anyway"
-                );
+    /// Closes `conn` in a task of its own (see [`Pool::close_in`]), then hands its slot to
+    /// `then` (which drops it to give it back). Never blocks the caller and never holds the
+    /// lock across the wait.
+    fn close_then(conn: ServerConn, slot: Slot, then: impl FnOnce(Slot) + Send + 'static) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { then(Pool::close_in(conn, slot).await) });
             }
-            slot.closed();
-            then(slot);
-        });
+            Err(_) => {
+                // No runtime (unit tests): end it at once.
+                conn.terminate();
+                drop(conn);
+                then(slot);
+            }
+        }
+    }
+
+    /// Closes `conn`, waiting until PostgreSQL has closed its end of the socket (see
+    /// [`ServerConn::close`]), while `slot` keeps counting it (as `closing` too); returns
+    /// the slot. Dropped meanwhile, the slot gives its counts back.
+    async fn close_in(conn: ServerConn, mut slot: Slot) -> Slot {
+        let pool = slot.pool.clone();
+        pool.lock().closing += 1;
+        slot.closing = true;
+        let limit = pool.target.connect_timeout;
+        let pid = conn.backend_pid;
+        if !conn.close(&pool.target, limit).await {
+            tracing::warn!(
+                backend_pid = pid,
+                ?limit,
+                "server connection not closed by PostgreSQL in time; its slot is given back anyway"
+            );
+        }
+        slot.closed();
+        slot
     }
 
     /// The latest ParameterStatus values of the server, connecting once if none is known.
@@ -942,7 +948,7 @@ impl Drop for Locked<'_> {
         // Without the pool (it is being dropped) there is nothing left to count.
         if let Some(pool) = self.pool.me.upgrade() {
             for conn in retiring {
-                pool.close_then(conn, Slot::counted(&pool, None), drop);
+                Pool::close_then(conn, Slot::counted(&pool, None), drop);
             }
         }
     }

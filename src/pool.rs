@@ -153,6 +153,8 @@ pub struct Pool {
     tenants: Arc<Tenants>,
     /// The server's ParameterStatus values from the latest login.
     params: Mutex<Option<ServerParams>>,
+    /// Woken when `params` is first set.
+    params_known: tokio::sync::Notify,
     pub stats: PoolStats,
 }
 
@@ -228,6 +230,7 @@ impl Pool {
             settings,
             tenants,
             params: Mutex::new(None),
+            params_known: tokio::sync::Notify::new(),
             stats: PoolStats::default(),
         })
     }
@@ -245,7 +248,12 @@ impl Pool {
         }
     }
 
-    /// Gets a server connection for one transaction (or session) of `tenant`.
+    /// Gets a server connection for one transaction (or session) of `tenant`, waiting up
+    /// to `wait_timeout` (`query_wait_timeout`) for one.
+    ///
+    /// When its own connect fails, the checkout waits on in the queue like any other: the
+    /// server is failing, so the probe reconnects (see the module docs) and the transaction
+    /// runs as soon as the server is back, or gets [`CheckoutError::Timeout`].
     ///
     /// Cancel-safe: dropped at any await (its client left, a login timeout), it gives back
     /// every count it took, through the guard that holds it at that point ([`Queued`],
@@ -254,6 +262,26 @@ impl Pool {
         self: &Arc<Self>,
         tenant: TenantId,
         wait_timeout: Duration,
+    ) -> Result<PooledConn, CheckoutError> {
+        let deadline = Instant::now() + wait_timeout;
+        loop {
+            match self.checkout_once(tenant, deadline).await {
+                Err(CheckoutError::Unavailable(e))
+                    if !self.lock().closed && Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %e, "connect failed; waiting for the server");
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// One try of [`Pool::checkout`]: a connection, a connect of its own (which may fail),
+    /// or a wait in the queue until `deadline`.
+    async fn checkout_once(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        deadline: Instant,
     ) -> Result<PooledConn, CheckoutError> {
         let waiting = {
             let mut st = self.lock();
@@ -299,7 +327,7 @@ impl Pool {
             rx: Some(rx),
         };
         let rx = queued.rx.as_mut().expect("queued with a receiver");
-        let grant = match tokio::time::timeout(wait_timeout, rx).await {
+        let grant = match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(g)) => Some(g),
             Ok(Err(_)) => None,
             Err(_) => match queued.leave() {
@@ -496,8 +524,7 @@ impl Pool {
                 Ok(conn) => {
                     let mut st = self.lock();
                     st.probing = false;
-                    slot.hand_over();
-                    self.hand_out(&mut st, Grant::Conn(conn));
+                    self.add_new(&mut st, slot, conn);
                     return;
                 }
                 // The backoff has grown; try again when it allows.
@@ -522,7 +549,11 @@ impl Pool {
                 }
             }
         }
+        let first = known.is_none();
         *known = Some(params.into());
+        if first {
+            self.params_known.notify_waiters();
+        }
     }
 
     /// After a slot was freed without a connection to hand on: let a waiter open one (or,
@@ -703,13 +734,18 @@ impl Pool {
     }
 
     /// The latest ParameterStatus values of the server, connecting once if none is known.
+    /// Logins that arrive together before any is known do not each need a connection: the
+    /// first connection's values answer them all.
     pub async fn server_params(self: &Arc<Self>) -> Result<ServerParams, String> {
-        if let Some(p) = self
-            .params
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        let known = || {
+            self.params
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        };
+        let mut first_known = std::pin::pin!(self.params_known.notified());
+        first_known.as_mut().enable();
+        if let Some(p) = known() {
             return Ok(p);
         }
         // The server has never been reached and is failing now: say so at once.
@@ -723,7 +759,15 @@ impl Pool {
             .iter()
             .find(|t| t.login == SHARED_LOGIN)
             .map_or(0, |t| t.id);
-        let conn = match self.checkout(tenant, self.target.connect_timeout).await {
+        // One try: a login gets its answer within connect_timeout.
+        let deadline = Instant::now() + self.target.connect_timeout;
+        let checkout = tokio::select! {
+            c = self.checkout_once(tenant, deadline) => c,
+            // Another connection brought them (a queued checkout dropped here leaves its
+            // queue).
+            () = first_known => return known().ok_or_else(|| "server sent no parameters".into()),
+        };
+        let conn = match checkout {
             Ok(c) => c,
             Err(CheckoutError::Timeout) => return Err("timed out waiting for the pool".into()),
             Err(CheckoutError::Unavailable(e)) => return Err(e),
@@ -731,11 +775,7 @@ impl Pool {
         let mut conn = conn;
         conn.set_clean(true);
         drop(conn);
-        self.params
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| "server sent no parameters".into())
+        known().ok_or_else(|| "server sent no parameters".into())
     }
 
     pub fn snapshot(&self) -> PoolSnapshot {
@@ -819,8 +859,18 @@ impl Pool {
             && let Ok(conn) = self.connect(SHARED_LOGIN).await
         {
             let mut st = self.lock();
-            slot.hand_over();
-            self.hand_out(&mut st, Grant::Conn(conn));
+            self.add_new(&mut st, slot, conn);
+        }
+    }
+
+    /// Puts a new connection opened in `slot` (of no tenant) into the pool: to a waiter, or
+    /// idle; closed if the pool was closed meanwhile.
+    fn add_new(&self, st: &mut State, slot: Slot, conn: ServerConn) {
+        slot.hand_over();
+        if st.closed {
+            st.retiring.push(conn);
+        } else {
+            self.hand_out(st, Grant::Conn(conn));
         }
     }
 
@@ -1354,14 +1404,25 @@ mod tests {
             assert_eq!((st.open, st.in_use[1], st.waiting), (4, 0, 0));
             assert_eq!(st.idle.pop().map(|c| c.login), Some(login));
         }
-        // A connect that fails gives its slot back.
+        // A connect that fails gives its slot back; the checkout waits on for the server
+        // (the probe tries meanwhile) and times out.
         pool.lock().open = 0;
-        assert!(matches!(
-            pool.checkout(1, Duration::from_secs(5)).await,
-            Err(CheckoutError::Unavailable(_))
-        ));
-        let st = pool.lock();
-        assert_eq!((st.open, st.in_use[1], st.connecting), (0, 0, 0));
+        assert_eq!(
+            pool.checkout(1, Duration::from_millis(300)).await.err(),
+            Some(CheckoutError::Timeout)
+        );
+        assert!(pool.stats.connects_failed.load(Ordering::Relaxed) >= 2);
+        // Once the probe has seen nobody waits, nothing is counted.
+        for _ in 0..100 {
+            let st = pool.lock();
+            if (st.open, st.in_use[1], st.connecting, st.waiting, st.probing) == (0, 0, 0, 0, false)
+            {
+                return;
+            }
+            drop(st);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("counts left behind");
     }
 
     #[tokio::test]

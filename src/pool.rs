@@ -24,7 +24,7 @@
 //! never sees more than `max_connections` backends of the pool, not even for a moment.
 //!
 //! When connecting fails, the pool is "down": new transactions queue instead of connecting,
-//! and one probe at a time tries again on a backoff schedule (100 ms doubling to 1 s). The
+//! and one probe at a time tries again on a backoff schedule (100 ms doubling to 500 ms). The
 //! first connection that succeeds, the probe's or anyone's, re-opens the pool at once: every
 //! waiter is handed a connection or a slot to connect in.
 //!
@@ -109,7 +109,13 @@ struct Waiter {
 struct Down {
     retry_at: Instant,
     delay: Duration,
+    /// The latest failure.
     error: String,
+    /// The first failure in a row, how many there have been, the last one logged as a
+    /// warning.
+    since: Instant,
+    failures: u32,
+    warned_at: Option<Instant>,
 }
 
 struct State {
@@ -194,7 +200,7 @@ pub struct IdleServer {
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest pause between two attempts while the server is failing: a server that comes
 /// back is found within about this long.
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 impl Pool {
     pub fn new(target: ServerTarget, settings: PoolSettings, tenants: Arc<Tenants>) -> Arc<Pool> {
@@ -442,8 +448,12 @@ impl Pool {
                 self.stats.connects_ok.fetch_add(1, Ordering::Relaxed);
                 self.remember_params(login.conn.login, login.params);
                 let mut st = self.lock();
-                if st.down.take().is_some() {
-                    tracing::info!("server reachable again");
+                if let Some(d) = st.down.take() {
+                    tracing::info!(
+                        down_for = ?d.since.elapsed(),
+                        failed_connects = d.failures,
+                        "server reachable again"
+                    );
                     self.dispatch(&mut st);
                 }
                 Ok(login.conn)
@@ -451,17 +461,37 @@ impl Pool {
             Err(e) => {
                 self.stats.connects_failed.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.lock();
-                let delay = st
-                    .down
-                    .as_ref()
-                    .map(|d| (d.delay * 2).min(BACKOFF_MAX))
-                    .unwrap_or(BACKOFF_MIN);
-                tracing::warn!(error = %e, retry_in = ?delay, "server connection failed");
-                st.down = Some(Down {
-                    retry_at: Instant::now() + delay,
-                    delay,
-                    error: e.clone(),
+                let now = Instant::now();
+                let mut down = st.down.take().unwrap_or(Down {
+                    retry_at: now,
+                    delay: BACKOFF_MIN / 2,
+                    error: String::new(),
+                    since: now,
+                    failures: 0,
+                    warned_at: None,
                 });
+                down.delay = (down.delay * 2).min(BACKOFF_MAX);
+                down.retry_at = now + down.delay;
+                down.failures += 1;
+                // One warning when it starts, when the error changes and every 30 s; the
+                // attempts in between (up to two a second) are debug lines.
+                let warn = down.error != e
+                    || down
+                        .warned_at
+                        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30));
+                if warn {
+                    down.warned_at = Some(now);
+                    tracing::warn!(
+                        error = %e,
+                        retry_in = ?down.delay,
+                        failed_connects = down.failures,
+                        "server connection failed"
+                    );
+                } else {
+                    tracing::debug!(error = %e, retry_in = ?down.delay, "server connection failed");
+                }
+                down.error.clone_from(&e);
+                st.down = Some(down);
                 self.ensure_probe(&mut st);
                 Err(e)
             }

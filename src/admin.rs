@@ -5,6 +5,7 @@
 //! PAUSE [tenant], RESUME [tenant], KILL tenant, RELOAD, SHUTDOWN.
 
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
@@ -67,9 +68,14 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, user: Arc<str>, shar
                     }
                 }
             }
-            match stream.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            match read_or_stop(&mut stream, &mut buf, &shared).await {
+                Some(true) => {}
+                Some(false) => return,
+                None => {
+                    // Shutdown: console sessions end, so they never hold the proxy up.
+                    let _ = stream.write_all(&PgError::shutting_down().to_bytes()).await;
+                    return;
+                }
             }
         };
         let frame = buf.split_to(len);
@@ -118,6 +124,23 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, user: Arc<str>, shar
     }
 }
 
+/// Reads what the client sends: `Some(true)` when bytes came, `Some(false)` when it left,
+/// `None` when the proxy is shutting down.
+async fn read_or_stop(stream: &mut TcpStream, buf: &mut BytesMut, shared: &Shared) -> Option<bool> {
+    loop {
+        let mut stop = pin!(shared.stop.notified());
+        stop.as_mut().enable();
+        if shared.stopping.load(Ordering::Acquire) {
+            return None;
+        }
+        tokio::select! {
+            r = stream.read_buf(buf) => return Some(matches!(r, Ok(n) if n > 0)),
+            // Shutdown, or a KILL (which does not concern the console): look again.
+            () = &mut stop => {}
+        }
+    }
+}
+
 /// Runs one command, appending its answer. Returns true when the session should end.
 fn run(sql: &str, shared: &Shared, out: &mut BytesMut) -> bool {
     let cmd = sql.trim().trim_end_matches(';').trim();
@@ -161,9 +184,10 @@ fn run(sql: &str, shared: &Shared, out: &mut BytesMut) -> bool {
             "RELOAD is not supported yet: restart tenantpool to apply a new config",
         )),
         ["SHUTDOWN"] => {
+            // The same graceful shutdown as SIGTERM; this session ends after the answer.
             let _ = shared.shutdown_tx.send(true);
             put_command_complete(out, "SHUTDOWN");
-            Ok(())
+            return true;
         }
         _ => Err(PgError::error(
             "42601",

@@ -9,6 +9,9 @@ use bytes::BytesMut;
 use pgwire::messages::Message;
 use pgwire::messages::response::ErrorResponse;
 
+/// The message of every [`PgError::client_io`].
+const CLIENT_IO: &str = "client connection failed: ";
+
 /// An error tenantpool sends to a client (an ErrorResponse).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgError {
@@ -109,6 +112,19 @@ impl PgError {
         )
     }
 
+    /// The server connection died while COMMIT, or a statement outside a transaction
+    /// block, was in flight: FATAL 08007 (transaction_resolution_unknown), and the client
+    /// is closed. The statement may or may not have committed, and nobody can tell the
+    /// client which; a connection kept open would hide that.
+    pub fn transaction_resolution_unknown(detail: &str) -> PgError {
+        PgError::fatal(
+            "08007",
+            format!(
+                "server connection lost while a statement that may commit was running; whether it committed is unknown: {detail}"
+            ),
+        )
+    }
+
     /// No server connection could be made: ERROR 08006 (FATAL during login).
     pub fn server_unavailable(detail: &str, fatal: bool) -> PgError {
         PgError {
@@ -126,6 +142,18 @@ impl PgError {
             code: Cow::Owned(code.to_string()),
             message: format!("server connection lost: {message}"),
         }
+    }
+
+    /// Reading from or writing to the client failed (it went away, a reset): FATAL 08006,
+    /// connection_failure, as PostgreSQL logs it. Never sent (the socket is gone); logged
+    /// as what it is, not as a protocol violation.
+    pub fn client_io(detail: impl std::fmt::Display) -> PgError {
+        PgError::fatal("08006", format!("{CLIENT_IO}{detail}"))
+    }
+
+    /// Is this a failed read or write on the client's socket ([`PgError::client_io`])?
+    pub fn is_client_io(&self) -> bool {
+        self.fatal && self.code == "08006" && self.message.starts_with(CLIENT_IO)
     }
 
     /// Malformed or oversized protocol message: FATAL 08P01.

@@ -15,12 +15,25 @@
 //! logins' connections are idle, and when a connection given back would go to a waiter of
 //! another login (that waiter gets a connect grant in the connection's slot instead).
 //!
+//! Counting: `open` (all connections, open, being opened or being closed) and each tenant's
+//! `in_use` are taken under the lock and owned from then on by exactly one [`Slot`] (inside a
+//! [`PooledConn`] once a connection exists), by the idle list, or by a grant on its way to a
+//! waiter. A slot dropped without having become a connection gives its counts back (and lets
+//! a waiter use them); a connection that is closed keeps its slot until PostgreSQL has closed
+//! its end of the socket (the backend is gone), in a small task of its own, so PostgreSQL
+//! never sees more than `max_connections` backends of the pool, not even for a moment.
+//!
+//! When connecting fails, the pool is "down": new transactions queue instead of connecting,
+//! and one probe at a time tries again on a backoff schedule (100 ms doubling to 500 ms). The
+//! first connection that succeeds, the probe's or anyone's, re-opens the pool at once: every
+//! waiter is handed a connection or a slot to connect in.
+//!
 //! All of this state sits behind one mutex held only for a few instructions; nothing in it
-//! awaits. Connecting happens outside the lock, against a reserved slot.
+//! awaits. Connecting and closing happen outside the lock, against a reserved slot.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -57,14 +70,23 @@ pub struct PoolStats {
     pub connects_failed: AtomicU64,
 }
 
-/// What a waiter is handed.
+/// What a waiter is handed, under the lock. Its counts (the tenant's `in_use`, and `open`
+/// for a connect) are taken before it is sent; the waiter turns it into a [`Slot`] or a
+/// [`PooledConn`] as soon as it receives it (or, gone, its [`Queued`] does).
 enum Grant {
     /// An idle connection, already counted against the waiter's tenant.
     Conn(ServerConn),
     /// A reserved slot: the waiter opens the connection itself, with its tenant's login,
     /// after closing the given idle connection of another login that held the slot.
     Connect(Option<ServerConn>),
-    /// The server is down; give up.
+    /// The pool is shutting down; give up.
+    Fail(String),
+}
+
+/// A grant, received: owned by guards that give its counts back if dropped.
+enum Granted {
+    Conn(PooledConn),
+    Connect(Slot, Option<ServerConn>),
     Fail(String),
 }
 
@@ -74,7 +96,6 @@ enum Take {
     /// Connect into a reserved slot, after closing the idle connection of another login
     /// that held the slot, if any.
     Connect(Option<ServerConn>),
-    Fail(String),
     Wait,
 }
 
@@ -84,18 +105,24 @@ struct Waiter {
     tx: oneshot::Sender<Grant>,
 }
 
-/// The server has been failing: new connections are not tried again before `retry_at`.
+/// The server has been failing: only the probe connects, not before `retry_at`.
 struct Down {
     retry_at: Instant,
     delay: Duration,
+    /// The latest failure.
     error: String,
+    /// The first failure in a row, how many there have been, the last one logged as a
+    /// warning.
+    since: Instant,
+    failures: u32,
+    warned_at: Option<Instant>,
 }
 
 struct State {
     idle: Vec<ServerConn>,
-    /// Connections open or being opened; never above `max_connections`.
+    /// Connections open, being opened or being closed; never above `max_connections`.
     open: u32,
-    /// Connections checked out (or being opened) per tenant.
+    /// Connections checked out (or being opened or closed for the tenant) per tenant.
     in_use: Vec<u32>,
     /// Waiters per tenant, FIFO.
     queues: Vec<VecDeque<Waiter>>,
@@ -107,6 +134,13 @@ struct State {
     waiting: u32,
     /// Connections being opened now.
     connecting: u32,
+    /// Connections being closed now (still counted in `open`).
+    closing: u32,
+    /// Connections taken out under the lock to be closed; [`Locked`] starts their closing
+    /// once the lock is released. Counted in `open` until closed.
+    retiring: Vec<ServerConn>,
+    /// A probe task is scheduled or connecting (see [`Pool::probe`]).
+    probing: bool,
     /// PAUSE: everything, or per tenant. Paused tenants' transactions wait.
     paused_all: bool,
     paused: Vec<bool>,
@@ -117,21 +151,28 @@ struct State {
 
 /// The shared pool.
 pub struct Pool {
+    /// The pool itself, for the tasks it starts (closing, probing).
+    me: Weak<Pool>,
     state: Mutex<State>,
     target: ServerTarget,
     settings: PoolSettings,
     tenants: Arc<Tenants>,
     /// The server's ParameterStatus values from the latest login.
     params: Mutex<Option<ServerParams>>,
+    /// Woken when `params` is first set.
+    params_known: tokio::sync::Notify,
     pub stats: PoolStats,
 }
 
 /// A point-in-time view of the pool, for the admin console and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSnapshot {
+    /// Connections open, being opened or being closed.
     pub open: u32,
     pub idle: u32,
     pub connecting: u32,
+    /// Connections being closed (PostgreSQL has not closed its end yet).
+    pub closing: u32,
     pub waiting: u32,
     pub in_use: Vec<u32>,
     /// Idle connections per tenant whose search_path they carry.
@@ -155,8 +196,11 @@ pub struct IdleServer {
     pub prepared: usize,
 }
 
+/// The first pause after a failed connect; it doubles with each failure in a row.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest pause between two attempts while the server is failing: a server that comes
+/// back is found within about this long.
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 impl Pool {
     pub fn new(target: ServerTarget, settings: PoolSettings, tenants: Arc<Tenants>) -> Arc<Pool> {
@@ -167,7 +211,8 @@ impl Pool {
                 .all(|t| (t.login as usize) < target.logins.len()),
             "every tenant's login is one of the target's"
         );
-        Arc::new(Pool {
+        Arc::new_cyclic(|me| Pool {
+            me: me.clone(),
             state: Mutex::new(State {
                 idle: Vec::with_capacity(settings.max_connections as usize),
                 open: 0,
@@ -178,6 +223,9 @@ impl Pool {
                 served: vec![0; n],
                 waiting: 0,
                 connecting: 0,
+                closing: 0,
+                retiring: Vec::new(),
+                probing: false,
                 paused_all: false,
                 paused: vec![false; n],
                 next_waiter: 0,
@@ -188,6 +236,7 @@ impl Pool {
             settings,
             tenants,
             params: Mutex::new(None),
+            params_known: tokio::sync::Notify::new(),
             stats: PoolStats::default(),
         })
     }
@@ -196,17 +245,49 @@ impl Pool {
         &self.target
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> Locked<'_> {
         // A panic while holding this lock would be a bug in a few lines of bookkeeping;
         // keep serving rather than poisoning every client.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        Locked {
+            pool: self,
+            st: Some(self.state.lock().unwrap_or_else(|e| e.into_inner())),
+        }
     }
 
-    /// Gets a server connection for one transaction (or session) of `tenant`.
+    /// Gets a server connection for one transaction (or session) of `tenant`, waiting up
+    /// to `wait_timeout` (`query_wait_timeout`) for one.
+    ///
+    /// When its own connect fails, the checkout waits on in the queue like any other: the
+    /// server is failing, so the probe reconnects (see the module docs) and the transaction
+    /// runs as soon as the server is back, or gets [`CheckoutError::Timeout`].
+    ///
+    /// Cancel-safe: dropped at any await (its client left, a login timeout), it gives back
+    /// every count it took, through the guard that holds it at that point ([`Queued`],
+    /// [`Slot`], [`PooledConn`]).
     pub async fn checkout(
         self: &Arc<Self>,
         tenant: TenantId,
         wait_timeout: Duration,
+    ) -> Result<PooledConn, CheckoutError> {
+        let deadline = Instant::now() + wait_timeout;
+        loop {
+            match self.checkout_once(tenant, deadline).await {
+                Err(CheckoutError::Unavailable(e))
+                    if !self.lock().closed && Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %e, "connect failed; waiting for the server");
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// One try of [`Pool::checkout`]: a connection, a connect of its own (which may fail),
+    /// or a wait in the queue until `deadline`.
+    async fn checkout_once(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        deadline: Instant,
     ) -> Result<PooledConn, CheckoutError> {
         let waiting = {
             let mut st = self.lock();
@@ -216,8 +297,9 @@ impl Pool {
                 ));
             }
             match self.try_take(&mut st, tenant) {
-                Take::Conn(conn) => return Ok(self.guard(conn, tenant)),
-                Take::Fail(e) => return Err(CheckoutError::Unavailable(e)),
+                Take::Conn(conn) => {
+                    return Ok(PooledConn::new(Slot::counted(self, Some(tenant)), conn));
+                }
                 Take::Connect(retire) => Err(retire),
                 Take::Wait => {
                     let (tx, rx) = oneshot::channel();
@@ -233,13 +315,16 @@ impl Pool {
                         tx,
                     });
                     st.waiting += 1;
+                    if st.down.is_some() {
+                        self.ensure_probe(&mut st);
+                    }
                     Ok((id, rx))
                 }
             }
         };
         let (id, rx) = match waiting {
             Ok(w) => w,
-            Err(retire) => return self.open_for(tenant, retire).await,
+            Err(retire) => return self.open(Slot::counted(self, Some(tenant)), retire).await,
         };
         let mut queued = Queued {
             pool: self,
@@ -248,10 +333,11 @@ impl Pool {
             rx: Some(rx),
         };
         let rx = queued.rx.as_mut().expect("queued with a receiver");
-        let grant = match tokio::time::timeout(wait_timeout, rx).await {
+        let grant = match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(g)) => Some(g),
             Ok(Err(_)) => None,
             Err(_) => match queued.leave() {
+                // The grant raced with the timeout: use it.
                 Some(g) => Some(g),
                 None => {
                     queued.rx = None;
@@ -260,26 +346,22 @@ impl Pool {
             },
         };
         queued.rx = None;
-        match grant {
-            Some(Grant::Conn(conn)) => Ok(self.guard(conn, tenant)),
-            Some(Grant::Connect(retire)) => self.open_for(tenant, retire).await,
-            Some(Grant::Fail(e)) => Err(CheckoutError::Unavailable(e)),
+        match grant.map(|g| self.accept(g, tenant)) {
+            Some(Granted::Conn(conn)) => Ok(conn),
+            Some(Granted::Connect(slot, retire)) => self.open(slot, retire).await,
+            Some(Granted::Fail(e)) => Err(CheckoutError::Unavailable(e)),
             None => Err(CheckoutError::Unavailable("pool closed".into())),
         }
     }
 
-    /// Takes back a grant counted against `tenant` that its waiter will not use.
-    fn give_back(&self, grant: Grant, tenant: TenantId) {
+    /// Puts a received grant, counted against `tenant`, into the guards that own its counts.
+    fn accept(self: &Arc<Self>, grant: Grant, tenant: TenantId) -> Granted {
         match grant {
-            // Untouched idle connections: back to the pool as they are.
-            Grant::Conn(conn) | Grant::Connect(Some(conn)) => self.checkin(conn, tenant, true),
-            Grant::Connect(None) => {
-                let mut st = self.lock();
-                st.open -= 1;
-                st.in_use[tenant as usize] -= 1;
-                self.after_close(&mut st);
+            Grant::Conn(conn) => {
+                Granted::Conn(PooledConn::new(Slot::counted(self, Some(tenant)), conn))
             }
-            Grant::Fail(_) => {}
+            Grant::Connect(retire) => Granted::Connect(Slot::counted(self, Some(tenant)), retire),
+            Grant::Fail(e) => Granted::Fail(e),
         }
     }
 
@@ -298,69 +380,63 @@ impl Pool {
             st.in_use[t] += 1;
             return Take::Conn(conn);
         }
-        let in_backoff = st
-            .down
-            .as_ref()
-            .is_some_and(|d| Instant::now() < d.retry_at);
-        if !in_backoff {
-            if st.open < self.settings.max_connections {
-                st.open += 1;
-                st.in_use[t] += 1;
-                return Take::Connect(None);
-            }
-            // The pool is full and every idle connection is of another login: the least
-            // recently used one gives its slot to this login.
-            if let Some(pos) = (0..st.idle.len()).min_by_key(|&i| st.idle[i].idle_since) {
-                let old = st.idle.swap_remove(pos);
-                st.in_use[t] += 1;
-                return Take::Connect(Some(old));
-            }
+        if st.down.is_some() {
+            // Only the probe connects while the server is failing; it re-opens the pool.
+            return Take::Wait;
         }
-        if in_backoff && st.open == 0 {
-            let e = st
-                .down
-                .as_ref()
-                .map(|d| d.error.clone())
-                .unwrap_or_default();
-            return Take::Fail(e);
+        if st.open < self.settings.max_connections {
+            st.open += 1;
+            st.in_use[t] += 1;
+            return Take::Connect(None);
+        }
+        // The pool is full and every idle connection is of another login: the least
+        // recently used one gives its slot to this login.
+        if let Some(pos) = (0..st.idle.len()).min_by_key(|&i| st.idle[i].idle_since) {
+            let old = st.idle.swap_remove(pos);
+            st.in_use[t] += 1;
+            return Take::Connect(Some(old));
         }
         Take::Wait
     }
 
-    fn guard(self: &Arc<Self>, conn: ServerConn, tenant: TenantId) -> PooledConn {
-        PooledConn {
-            pool: self.clone(),
-            conn: Some(conn),
-            tenant,
-            clean: false,
-        }
-    }
-
-    /// Opens a connection with `tenant`'s login into a slot already reserved for `tenant`,
-    /// first closing `retire`, the idle connection of another login that held the slot.
-    /// The slot is given back if no connection comes of it (connect failed, or the
-    /// checkout was dropped).
-    async fn open_for(
+    /// Opens a connection with the slot's tenant's login into `slot`, first closing
+    /// `retire`, the idle connection of another login that held the slot.
+    ///
+    /// The work runs in a task of its own that owns the slot, so a checkout dropped
+    /// meanwhile cancels nothing half-way: a connection that comes of it goes to the pool
+    /// (to the next waiter, or idle), a failure gives the slot back, and a half-open socket
+    /// is never left to a backend PostgreSQL still counts.
+    async fn open(
         self: &Arc<Self>,
-        tenant: TenantId,
+        slot: Slot,
         retire: Option<ServerConn>,
     ) -> Result<PooledConn, CheckoutError> {
-        let slot = Reserved { pool: self, tenant };
-        if let Some(old) = retire {
-            // PostgreSQL ends the old backend before the new one starts: together they
-            // never outnumber max_connections, not even for a moment.
-            old.close(self.target.connect_timeout).await;
-        }
-        match self.connect(self.tenants.get(tenant).login).await {
-            Ok(conn) => {
-                slot.keep();
-                Ok(self.guard(conn, tenant))
+        let (tx, rx) = oneshot::channel();
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let slot = match retire {
+                // PostgreSQL ends the old backend before the new one starts: together they
+                // never outnumber max_connections, not even for a moment.
+                Some(old) => Pool::close_in(old, slot).await,
+                None => slot,
+            };
+            let tenant = slot.tenant.expect("a checkout's slot is a tenant's");
+            let opened = match pool.connect(pool.tenants.get(tenant).login).await {
+                Ok(conn) => Ok(PooledConn::new(slot, conn)),
+                // The slot is given back here.
+                Err(e) => Err(CheckoutError::Unavailable(e)),
+            };
+            if let Err(Ok(mut conn)) = tx.send(opened) {
+                // Its checkout is gone: a fresh connection serves the next one.
+                conn.set_clean(true);
             }
-            Err(e) => Err(CheckoutError::Unavailable(e)),
-        }
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(CheckoutError::Unavailable("connecting failed".into())))
     }
 
-    /// Connects and logs in as `login`, updating the failure backoff either way.
+    /// Connects and logs in as `login`, updating the failure backoff either way. A success
+    /// after failures re-opens the pool: the waiters get connections or slots at once.
     async fn connect(&self, login: LoginId) -> Result<ServerConn, String> {
         let result = {
             self.lock().connecting += 1;
@@ -372,26 +448,117 @@ impl Pool {
                 self.stats.connects_ok.fetch_add(1, Ordering::Relaxed);
                 self.remember_params(login.conn.login, login.params);
                 let mut st = self.lock();
-                if st.down.take().is_some() {
-                    tracing::info!("server reachable again");
+                if let Some(d) = st.down.take() {
+                    tracing::info!(
+                        down_for = ?d.since.elapsed(),
+                        failed_connects = d.failures,
+                        "server reachable again"
+                    );
+                    self.dispatch(&mut st);
                 }
                 Ok(login.conn)
             }
             Err(e) => {
                 self.stats.connects_failed.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.lock();
-                let delay = st
-                    .down
-                    .as_ref()
-                    .map(|d| (d.delay * 2).min(BACKOFF_MAX))
-                    .unwrap_or(BACKOFF_MIN);
-                tracing::warn!(error = %e, retry_in = ?delay, "server connection failed");
-                st.down = Some(Down {
-                    retry_at: Instant::now() + delay,
-                    delay,
-                    error: e.clone(),
+                let now = Instant::now();
+                let mut down = st.down.take().unwrap_or(Down {
+                    retry_at: now,
+                    delay: BACKOFF_MIN / 2,
+                    error: String::new(),
+                    since: now,
+                    failures: 0,
+                    warned_at: None,
                 });
+                down.delay = (down.delay * 2).min(BACKOFF_MAX);
+                down.retry_at = now + down.delay;
+                down.failures += 1;
+                // One warning when it starts, when the error changes and every 30 s; the
+                // attempts in between (up to two a second) are debug lines.
+                let warn = down.error != e
+                    || down
+                        .warned_at
+                        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30));
+                if warn {
+                    down.warned_at = Some(now);
+                    tracing::warn!(
+                        error = %e,
+                        retry_in = ?down.delay,
+                        failed_connects = down.failures,
+                        "server connection failed"
+                    );
+                } else {
+                    tracing::debug!(error = %e, retry_in = ?down.delay, "server connection failed");
+                }
+                down.error.clone_from(&e);
+                st.down = Some(down);
+                self.ensure_probe(&mut st);
                 Err(e)
+            }
+        }
+    }
+
+    /// Starts the probe if the server is failing, clients wait, and none runs.
+    fn ensure_probe(&self, st: &mut State) {
+        if st.probing || st.closed || st.down.is_none() || st.waiting == 0 {
+            return;
+        }
+        let (Some(pool), Ok(rt)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        st.probing = true;
+        rt.spawn(pool.probe());
+    }
+
+    /// While the server is failing and clients wait: one connect at a time, each when the
+    /// backoff allows, with the login of the tenant whose turn is next. The first success
+    /// goes to a waiter, and [`Pool::connect`] hands the rest of the pool to the others.
+    /// Ends when the pool is up again, nobody waits, or no slot is free (a slot given back
+    /// starts it again).
+    async fn probe(self: Arc<Self>) {
+        loop {
+            let retry_at = {
+                let mut st = self.lock();
+                match &st.down {
+                    Some(d) if !st.closed && st.waiting > 0 => d.retry_at,
+                    _ => {
+                        st.probing = false;
+                        return;
+                    }
+                }
+            };
+            tokio::time::sleep_until(retry_at.into()).await;
+            let (slot, login) = {
+                let mut st = self.lock();
+                let due = match &st.down {
+                    Some(d) if !st.closed && st.waiting > 0 => d.retry_at <= Instant::now(),
+                    _ => {
+                        st.probing = false;
+                        return;
+                    }
+                };
+                if !due {
+                    // Another failure pushed the next attempt back.
+                    continue;
+                }
+                let next = st.ring.iter().copied().find(|&t| self.eligible(&st, t));
+                let Some(t) = next.filter(|_| st.open < self.settings.max_connections) else {
+                    st.probing = false;
+                    return;
+                };
+                st.open += 1;
+                (Slot::counted(&self, None), self.tenants.get(t).login)
+            };
+            match self.connect(login).await {
+                Ok(conn) => {
+                    let mut st = self.lock();
+                    st.probing = false;
+                    self.add_new(&mut st, slot, conn);
+                    return;
+                }
+                // The backoff has grown; try again when it allows.
+                Err(_) => drop(slot),
             }
         }
     }
@@ -412,30 +579,21 @@ impl Pool {
                 }
             }
         }
+        let first = known.is_none();
         *known = Some(params.into());
+        if first {
+            self.params_known.notify_waiters();
+        }
     }
 
-    /// After a slot was freed without a connection to hand on: let a waiter open one, or,
-    /// when the server is down and nothing is open, fail every waiter instead of letting
-    /// them hang until their timeout.
+    /// After a slot was freed without a connection to hand on: let a waiter open one (or,
+    /// while the server is failing, let the probe try).
     fn after_close(&self, st: &mut State) {
         if st.waiting == 0 || st.closed {
             return;
         }
-        let now = Instant::now();
-        if let Some(d) = &st.down
-            && now < d.retry_at
-        {
-            if st.open == 0 {
-                let err = d.error.clone();
-                for q in st.queues.iter_mut() {
-                    for w in q.drain(..) {
-                        let _ = w.tx.send(Grant::Fail(err.clone()));
-                    }
-                }
-                st.ring.clear();
-                st.waiting = 0;
-            }
+        if st.down.is_some() {
+            self.ensure_probe(st);
             return;
         }
         if st.open < self.settings.max_connections {
@@ -493,6 +651,14 @@ impl Pool {
         false
     }
 
+    /// May `t`'s next waiter be served now?
+    fn eligible(&self, st: &State, t: TenantId) -> bool {
+        !st.queues[t as usize].is_empty()
+            && st.in_use[t as usize] < self.tenants.get(t).max_server
+            && !st.paused_all
+            && !st.paused[t as usize]
+    }
+
     /// The tenant whose waiter gets the next connection. Tenants with waiters take turns
     /// in rounds: in each round every tenant below its cap is served once, in ring order
     /// (FIFO within a tenant). Within a round the order is free, so a connection goes back
@@ -505,15 +671,9 @@ impl Pool {
         preferred: Option<TenantId>,
         login: Option<LoginId>,
     ) -> Option<TenantId> {
-        let eligible = |st: &State, t: TenantId| {
-            !st.queues[t as usize].is_empty()
-                && st.in_use[t as usize] < self.tenants.get(t).max_server
-                && !st.paused_all
-                && !st.paused[t as usize]
-        };
         for _ in 0..2 {
             if let Some(p) = preferred
-                && eligible(st, p)
+                && self.eligible(st, p)
                 && st.served[p as usize] < st.round
             {
                 return Some(p);
@@ -521,7 +681,7 @@ impl Pool {
             if let Some(l) = login
                 && let Some(&t) = st.ring.iter().find(|&&t| {
                     self.tenants.get(t).login == l
-                        && eligible(st, t)
+                        && self.eligible(st, t)
                         && st.served[t as usize] < st.round
                 })
             {
@@ -530,12 +690,12 @@ impl Pool {
             if let Some(&t) = st
                 .ring
                 .iter()
-                .find(|&&t| eligible(st, t) && st.served[t as usize] < st.round)
+                .find(|&&t| self.eligible(st, t) && st.served[t as usize] < st.round)
             {
                 return Some(t);
             }
             // Everyone eligible has had a turn in this round: start the next one.
-            if !st.ring.iter().any(|&t| eligible(st, t)) {
+            if !st.ring.iter().any(|&t| self.eligible(st, t)) {
                 return None;
             }
             st.round += 1;
@@ -543,34 +703,84 @@ impl Pool {
         None
     }
 
-    /// Takes a connection back from a transaction or session.
-    fn checkin(&self, mut conn: ServerConn, tenant: TenantId, clean: bool) {
-        let mut st = self.lock();
-        st.in_use[tenant as usize] -= 1;
+    /// Takes a connection back from a transaction or session, with the slot that counts it.
+    /// A clean connection goes to the next waiter or the idle list (the slot's counts go
+    /// with it); any other is closed in its slot.
+    fn checkin(slot: &mut Slot, mut conn: ServerConn, clean: bool) {
+        let pool = &*slot.pool;
+        let tenant = slot
+            .tenant
+            .expect("a checked-out connection's slot is a tenant's");
         let now = Instant::now();
-        let expired = now.duration_since(conn.created) >= self.settings.lifetime;
-        if !clean || expired || st.closed {
-            st.open -= 1;
-            drop(st);
-            conn.terminate();
-            drop(conn);
-            let mut st = self.lock();
-            self.after_close(&mut st);
-            return;
+        let expired = now.duration_since(conn.created) >= pool.settings.lifetime;
+        if clean && !expired {
+            let mut st = pool.lock();
+            if !st.closed {
+                st.in_use[tenant as usize] -= 1;
+                slot.held = false;
+                conn.idle_since = now;
+                pool.hand_out(&mut st, Grant::Conn(conn));
+                return;
+            }
         }
-        conn.idle_since = now;
-        self.hand_out(&mut st, Grant::Conn(conn));
+        Pool::close_then(conn, slot.take(), drop);
+    }
+
+    /// Closes `conn` in a task of its own (see [`Pool::close_in`]), then hands its slot to
+    /// `then` (which drops it to give it back). Never blocks the caller and never holds the
+    /// lock across the wait.
+    fn close_then(conn: ServerConn, slot: Slot, then: impl FnOnce(Slot) + Send + 'static) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { then(Pool::close_in(conn, slot).await) });
+            }
+            Err(_) => {
+                // No runtime (unit tests): end it at once.
+                conn.terminate();
+                drop(conn);
+                then(slot);
+            }
+        }
+    }
+
+    /// Closes `conn`, waiting until PostgreSQL has closed its end of the socket (see
+    /// [`ServerConn::close`]), while `slot` keeps counting it (as `closing` too); returns
+    /// the slot. Dropped meanwhile, the slot gives its counts back.
+    async fn close_in(conn: ServerConn, mut slot: Slot) -> Slot {
+        let pool = slot.pool.clone();
+        pool.lock().closing += 1;
+        slot.closing = true;
+        let limit = pool.target.connect_timeout;
+        let pid = conn.backend_pid;
+        if !conn.close(&pool.target, limit).await {
+            tracing::warn!(
+                backend_pid = pid,
+                ?limit,
+                "server connection not closed by PostgreSQL in time; its slot is given back anyway"
+            );
+        }
+        slot.closed();
+        slot
     }
 
     /// The latest ParameterStatus values of the server, connecting once if none is known.
+    /// Logins that arrive together before any is known do not each need a connection: the
+    /// first connection's values answer them all.
     pub async fn server_params(self: &Arc<Self>) -> Result<ServerParams, String> {
-        if let Some(p) = self
-            .params
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        let known = || {
+            self.params
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        };
+        let mut first_known = std::pin::pin!(self.params_known.notified());
+        first_known.as_mut().enable();
+        if let Some(p) = known() {
             return Ok(p);
+        }
+        // The server has never been reached and is failing now: say so at once.
+        if let Some(d) = &self.lock().down {
+            return Err(d.error.clone());
         }
         // Any tenant will do (one of the shared login if there is one): the connection goes
         // straight back.
@@ -579,7 +789,15 @@ impl Pool {
             .iter()
             .find(|t| t.login == SHARED_LOGIN)
             .map_or(0, |t| t.id);
-        let conn = match self.checkout(tenant, self.target.connect_timeout).await {
+        // One try: a login gets its answer within connect_timeout.
+        let deadline = Instant::now() + self.target.connect_timeout;
+        let checkout = tokio::select! {
+            c = self.checkout_once(tenant, deadline) => c,
+            // Another connection brought them (a queued checkout dropped here leaves its
+            // queue).
+            () = first_known => return known().ok_or_else(|| "server sent no parameters".into()),
+        };
+        let conn = match checkout {
             Ok(c) => c,
             Err(CheckoutError::Timeout) => return Err("timed out waiting for the pool".into()),
             Err(CheckoutError::Unavailable(e)) => return Err(e),
@@ -587,11 +805,7 @@ impl Pool {
         let mut conn = conn;
         conn.set_clean(true);
         drop(conn);
-        self.params
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| "server sent no parameters".into())
+        known().ok_or_else(|| "server sent no parameters".into())
     }
 
     pub fn snapshot(&self) -> PoolSnapshot {
@@ -607,6 +821,7 @@ impl Pool {
             open: st.open,
             idle: st.idle.len() as u32,
             connecting: st.connecting,
+            closing: st.closing,
             waiting: st.waiting,
             in_use: st.in_use.clone(),
             idle_by_tenant,
@@ -637,7 +852,6 @@ impl Pool {
     /// to `min_idle`.
     pub async fn maintain(self: &Arc<Self>) {
         let now = Instant::now();
-        let mut to_close = Vec::new();
         let want_new = {
             let mut st = self.lock();
             if st.closed {
@@ -652,37 +866,41 @@ impl Pool {
                 let idle_long = idle_count > min_idle
                     && now.duration_since(c.idle_since) >= self.settings.idle_timeout;
                 if too_old || idle_long || c.is_broken_idle() {
-                    to_close.push(st.idle.swap_remove(i));
-                    st.open -= 1;
+                    let c = st.idle.swap_remove(i);
+                    st.retiring.push(c);
                 } else {
                     i += 1;
                 }
             }
-            let in_backoff = st.down.as_ref().is_some_and(|d| now < d.retry_at);
-            if !in_backoff && st.waiting > 0 {
+            if st.waiting > 0 {
                 self.dispatch(&mut st);
             }
-            let want = !in_backoff
+            let want = st.down.is_none()
                 && (st.idle.len() as u32) < self.settings.min_idle
                 && st.open < self.settings.max_connections;
             if want {
                 st.open += 1;
+                Some(Slot::counted(self, None))
+            } else {
+                None
             }
-            want
         };
-        close_all(to_close);
-        if want_new {
-            match self.connect(SHARED_LOGIN).await {
-                Ok(conn) => {
-                    let mut st = self.lock();
-                    self.hand_out(&mut st, Grant::Conn(conn));
-                }
-                Err(_) => {
-                    let mut st = self.lock();
-                    st.open -= 1;
-                    self.after_close(&mut st);
-                }
-            }
+        if let Some(slot) = want_new
+            && let Ok(conn) = self.connect(SHARED_LOGIN).await
+        {
+            let mut st = self.lock();
+            self.add_new(&mut st, slot, conn);
+        }
+    }
+
+    /// Puts a new connection opened in `slot` (of no tenant) into the pool: to a waiter, or
+    /// idle; closed if the pool was closed meanwhile.
+    fn add_new(&self, st: &mut State, slot: Slot, conn: ServerConn) {
+        slot.hand_over();
+        if st.closed {
+            st.retiring.push(conn);
+        } else {
+            self.hand_out(st, Grant::Conn(conn));
         }
     }
 
@@ -693,7 +911,8 @@ impl Pool {
             let (closed, short) = {
                 let st = self.lock();
                 let short = (st.idle.len() as u32) < self.settings.min_idle
-                    && st.open < self.settings.max_connections;
+                    && st.open < self.settings.max_connections
+                    && st.down.is_none();
                 (st.closed, short)
             };
             if closed {
@@ -731,12 +950,17 @@ impl Pool {
         self.dispatch(&mut st);
     }
 
-    /// Hands idle connections, then free slots, to waiters while some can take them.
+    /// Hands idle connections, then free slots, to waiters while some can take them (while
+    /// the server is failing, the probe takes the free slots).
     fn dispatch(&self, st: &mut State) {
         while let Some(conn) = st.idle.pop() {
             if !self.hand_out(st, Grant::Conn(conn)) {
                 break;
             }
+        }
+        if st.down.is_some() {
+            self.ensure_probe(st);
+            return;
         }
         while st.waiting > 0 && st.open < self.settings.max_connections {
             st.open += 1;
@@ -749,43 +973,64 @@ impl Pool {
 
     /// Closes the idle connections carrying `tenant`'s search_path (KILL).
     pub fn close_idle_of(&self, tenant: TenantId) {
-        let closed: Vec<ServerConn> = {
-            let mut st = self.lock();
-            let (keep, close): (Vec<_>, Vec<_>) = std::mem::take(&mut st.idle)
-                .into_iter()
-                .partition(|c| c.state.tenant() != Some(tenant));
-            st.idle = keep;
-            st.open -= close.len() as u32;
-            close
-        };
-        close_all(closed);
+        let mut st = self.lock();
+        let (keep, close): (Vec<_>, Vec<_>) = std::mem::take(&mut st.idle)
+            .into_iter()
+            .partition(|c| c.state.tenant() != Some(tenant));
+        st.idle = keep;
+        st.retiring.extend(close);
     }
 
     /// Closes idle connections and refuses new checkouts (shutdown).
     pub fn close(&self) {
-        let idle = {
-            let mut st = self.lock();
-            st.closed = true;
-            let n = st.idle.len() as u32;
-            st.open -= n;
-            for q in st.queues.iter_mut() {
-                for w in q.drain(..) {
-                    let _ = w.tx.send(Grant::Fail("tenantpool is shutting down".into()));
-                }
+        let mut st = self.lock();
+        st.closed = true;
+        for q in st.queues.iter_mut() {
+            for w in q.drain(..) {
+                let _ = w.tx.send(Grant::Fail("tenantpool is shutting down".into()));
             }
-            st.ring.clear();
-            st.waiting = 0;
-            std::mem::take(&mut st.idle)
-        };
-        close_all(idle);
+        }
+        st.ring.clear();
+        st.waiting = 0;
+        let idle = std::mem::take(&mut st.idle);
+        st.retiring.extend(idle);
     }
 }
 
-/// Ends connections taken out of the pool (their slots already given back or handed on);
-/// called without the lock.
-fn close_all(conns: impl IntoIterator<Item = ServerConn>) {
-    for c in conns {
-        c.terminate();
+/// The pool's lock. Connections put into `retiring` under it start closing (each in its
+/// slot, in a task of its own) once it is released.
+struct Locked<'a> {
+    pool: &'a Pool,
+    /// `None` only while dropping.
+    st: Option<MutexGuard<'a, State>>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.st.as_ref().expect("locked")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.st.as_mut().expect("locked")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let retiring = match self.st.as_mut() {
+            Some(st) if !st.retiring.is_empty() => std::mem::take(&mut st.retiring),
+            _ => return,
+        };
+        self.st = None;
+        // Without the pool (it is being dropped) there is nothing left to count.
+        if let Some(pool) = self.pool.me.upgrade() {
+            for conn in retiring {
+                Pool::close_then(conn, Slot::counted(&pool, None), drop);
+            }
+        }
     }
 }
 
@@ -800,18 +1045,90 @@ fn take_idle(st: &mut State, tenant: TenantId, login: LoginId) -> Option<ServerC
             .or_else(|| st.idle.iter().rposition(|c| c.login == login))?;
         let mut conn = st.idle.swap_remove(pos);
         if conn.is_broken_idle() {
-            st.open -= 1;
+            st.retiring.push(conn);
             continue;
         }
         return Some(conn);
     }
 }
 
+/// One counted place in the pool: one of `open`, and one of `tenant`'s `in_use` when it
+/// has a tenant. Every count the pool hands out is owned by one of these from the moment
+/// its holder has it (a checkout, a probe, a connection being closed) until it is handed on
+/// (to the idle list or another waiter) or dropped. Dropped while still counted, it gives
+/// the counts back and lets a waiter connect in the freed slot.
+struct Slot {
+    pool: Arc<Pool>,
+    tenant: Option<TenantId>,
+    /// Still counted by this slot.
+    held: bool,
+    /// Counted in `closing` too: its connection is being closed.
+    closing: bool,
+}
+
+impl Slot {
+    /// Takes over counts just taken under the lock.
+    fn counted(pool: &Arc<Pool>, tenant: Option<TenantId>) -> Slot {
+        Slot {
+            pool: pool.clone(),
+            tenant,
+            held: true,
+            closing: false,
+        }
+    }
+
+    /// Its counts now belong to something else (a connection in `idle`, another waiter's
+    /// grant). May be called under the lock.
+    fn hand_over(mut self) {
+        self.held = false;
+    }
+
+    /// Moves the counts out into a new slot, leaving this one empty.
+    fn take(&mut self) -> Slot {
+        let s = Slot {
+            pool: self.pool.clone(),
+            tenant: self.tenant,
+            held: self.held,
+            closing: self.closing,
+        };
+        self.held = false;
+        self.closing = false;
+        s
+    }
+
+    /// The connection it held is closed; the slot is counted on as a plain one.
+    fn closed(&mut self) {
+        if self.closing {
+            self.pool.lock().closing -= 1;
+            self.closing = false;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.held && !self.closing {
+            return;
+        }
+        let mut st = self.pool.lock();
+        if self.closing {
+            st.closing -= 1;
+        }
+        if self.held {
+            st.open -= 1;
+            if let Some(t) = self.tenant {
+                st.in_use[t as usize] -= 1;
+            }
+            self.pool.after_close(&mut st);
+        }
+    }
+}
+
 /// A checkout queued as a waiter. Dropped before its grant was taken (its checkout was
 /// dropped, e.g. by a login timeout), it leaves its queue, and a grant already sent to it
-/// goes back to the pool: no slot is lost.
+/// goes back to the pool through the guards that own it: no count is lost.
 struct Queued<'a> {
-    pool: &'a Pool,
+    pool: &'a Arc<Pool>,
     tenant: TenantId,
     id: u64,
     /// `None` once the grant was taken (or there is none).
@@ -839,34 +1156,20 @@ impl Queued<'_> {
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        if self.rx.is_some()
-            && let Some(grant) = self.leave()
-        {
-            self.pool.give_back(grant, self.tenant);
+        if self.rx.is_none() {
+            return;
         }
-    }
-}
-
-/// A slot reserved for a new connection of `tenant` (counted in `open` and the tenant's
-/// `in_use`). Dropped, it gives the slot back and lets a waiter use it; [`Reserved::keep`]
-/// once the connection exists.
-struct Reserved<'a> {
-    pool: &'a Pool,
-    tenant: TenantId,
-}
-
-impl Reserved<'_> {
-    fn keep(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Reserved<'_> {
-    fn drop(&mut self) {
-        let mut st = self.pool.lock();
-        st.open -= 1;
-        st.in_use[self.tenant as usize] -= 1;
-        self.pool.after_close(&mut st);
+        match self.leave().map(|g| self.pool.accept(g, self.tenant)) {
+            // Untouched idle connections go back as they are (the waiter's turn is over).
+            Some(Granted::Conn(mut conn)) => conn.set_clean(true),
+            Some(Granted::Connect(slot, Some(old))) => {
+                let mut conn = PooledConn::new(slot, old);
+                conn.set_clean(true);
+            }
+            // Dropped: the slot is given back.
+            Some(Granted::Connect(slot, None)) => drop(slot),
+            Some(Granted::Fail(_)) | None => {}
+        }
     }
 }
 
@@ -879,18 +1182,26 @@ impl Drop for Connecting<'_> {
     }
 }
 
-/// A checked-out server connection. Dropping it gives the connection back to the pool if
-/// the holder marked it clean (idle, outside any transaction, nothing outstanding);
-/// otherwise the connection is closed, so a half-finished transaction never reaches
-/// another client.
+/// A checked-out server connection, in the slot that counts it. Dropping it gives the
+/// connection back to the pool if the holder marked it clean (idle, outside any
+/// transaction, nothing outstanding); otherwise the connection is closed, so a
+/// half-finished transaction never reaches another client, and its slot is given back once
+/// PostgreSQL has closed its end.
 pub struct PooledConn {
-    pool: Arc<Pool>,
+    slot: Slot,
     conn: Option<ServerConn>,
-    tenant: TenantId,
     clean: bool,
 }
 
 impl PooledConn {
+    fn new(slot: Slot, conn: ServerConn) -> PooledConn {
+        PooledConn {
+            slot,
+            conn: Some(conn),
+            clean: false,
+        }
+    }
+
     /// Marks whether the connection may be reused as it is.
     pub fn set_clean(&mut self, clean: bool) {
         self.clean = clean;
@@ -913,7 +1224,7 @@ impl std::ops::DerefMut for PooledConn {
 impl Drop for PooledConn {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.pool.checkin(conn, self.tenant, self.clean);
+            Pool::checkin(&mut self.slot, conn, self.clean);
         }
     }
 }
@@ -1123,14 +1434,25 @@ mod tests {
             assert_eq!((st.open, st.in_use[1], st.waiting), (4, 0, 0));
             assert_eq!(st.idle.pop().map(|c| c.login), Some(login));
         }
-        // A connect that fails gives its slot back.
+        // A connect that fails gives its slot back; the checkout waits on for the server
+        // (the probe tries meanwhile) and times out.
         pool.lock().open = 0;
-        assert!(matches!(
-            pool.checkout(1, Duration::from_secs(5)).await,
-            Err(CheckoutError::Unavailable(_))
-        ));
-        let st = pool.lock();
-        assert_eq!((st.open, st.in_use[1], st.connecting), (0, 0, 0));
+        assert_eq!(
+            pool.checkout(1, Duration::from_millis(300)).await.err(),
+            Some(CheckoutError::Timeout)
+        );
+        assert!(pool.stats.connects_failed.load(Ordering::Relaxed) >= 2);
+        // Once the probe has seen nobody waits, nothing is counted.
+        for _ in 0..100 {
+            let st = pool.lock();
+            if (st.open, st.in_use[1], st.connecting, st.waiting, st.probing) == (0, 0, 0, 0, false)
+            {
+                return;
+            }
+            drop(st);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("counts left behind");
     }
 
     #[tokio::test]

@@ -7,7 +7,9 @@
 //! client may have left session state on it, so the pool can decide who may use it and what
 //! a checkout must reset.
 
+use std::future::Future;
 use std::io;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -441,22 +443,62 @@ impl ServerConn {
 
     /// Sends a Terminate so PostgreSQL ends the backend cleanly; best effort, never blocks.
     pub fn terminate(&self) {
-        let _ = self.stream.try_write(b"X\0\0\0\x04");
+        let _ = self.stream.try_write(TERMINATE);
     }
 
-    /// Sends a Terminate and waits (up to `limit`) until PostgreSQL closes its end of the
-    /// socket, which it does only once the backend has exited and left its connection slot
-    /// (PostgreSQL keeps the socket open until then for such a "synchronous close").
-    pub async fn close(mut self, limit: Duration) {
-        let ended = async {
-            self.stream.write_all(b"X\0\0\0\x04").await?;
-            let mut scratch = [0u8; 256];
-            while self.stream.read(&mut scratch).await? > 0 {}
-            io::Result::Ok(())
-        };
-        let _ = tokio::time::timeout(limit, ended).await;
+    /// Ends the connection: sends a Terminate and waits (up to `limit`) until PostgreSQL
+    /// closes its end of the socket, which it does only once the backend has exited and
+    /// left its connection slot (PostgreSQL keeps the socket open until then for such a
+    /// "synchronous close"). A backend that has not gone after a short grace is busy (a
+    /// query its client left running, which it would finish before reading the Terminate):
+    /// it is sent a cancel request. Returns whether PostgreSQL closed the socket in time.
+    pub async fn close(mut self, target: &ServerTarget, limit: Duration) -> bool {
+        let (pid, secret) = (self.backend_pid, self.backend_secret);
+        let (mut rd, mut wr) = self.stream.split();
+        let mut ended = pin!(async move {
+            // Written while the answers to whatever is running are read and dropped, so a
+            // full socket buffer cannot hold the Terminate back.
+            let terminate = async {
+                let _ = wr.write_all(TERMINATE).await;
+                std::future::pending::<()>().await
+            };
+            let drained = async {
+                let mut scratch = [0u8; 1024];
+                while let Ok(n) = rd.read(&mut scratch).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                () = terminate => {}
+                () = drained => {}
+            }
+        });
+        let deadline = tokio::time::Instant::now() + limit;
+        if tokio::time::timeout(CLOSE_GRACE.min(limit), &mut ended)
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        let mut cancel = pin!(send_cancel(target, pid, secret));
+        let mut cancel_done = false;
+        let waited = std::future::poll_fn(|cx| {
+            if !cancel_done && cancel.as_mut().poll(cx).is_ready() {
+                cancel_done = true;
+            }
+            ended.as_mut().poll(cx)
+        });
+        tokio::time::timeout_at(deadline, waited).await.is_ok()
     }
 }
+
+/// A Terminate message.
+const TERMINATE: &[u8] = b"X\0\0\0\x04";
+
+/// How long a backend asked to end may take before it is taken for busy and cancelled.
+const CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 /// Does a buffer of whole server messages hold an ErrorResponse?
 fn contains_error(mut buf: &[u8]) -> bool {

@@ -14,6 +14,9 @@
 //!   `pg_advisory_*`, `hold` — other session state (settings, temp tables, notifications,
 //!   locks, cursors WITH HOLD).
 //! * [`STATEMENTS`]: `prepare` — SQL-level prepared statements the proxy does not track.
+//! * [`COMMITS`]: `commit`, `end`, `prepare` — the statement may end (commit, or prepare)
+//!   the transaction block it runs in: if the server connection is lost while it runs, its
+//!   outcome is in doubt (08007) rather than a plain failure.
 //!
 //! A hit costs a cheap re-assertion of the tenant's search_path and role (or a full reset
 //! before another client); a miss can leak state, so the words are broad. What it cannot
@@ -34,6 +37,8 @@ pub const STATEMENTS: Touched = 4;
 /// A hit inside a named Parse: when the proxy does not track named statements, the
 /// statement may run again later, unseen.
 pub const NAMED_PARSE: Touched = 8;
+/// May commit the open transaction block (`COMMIT`, `END`, `PREPARE TRANSACTION`).
+pub const COMMITS: Touched = 16;
 
 /// Bytes of an SQL identifier (non-ASCII too, as PostgreSQL's lexer has it). `$` is left
 /// out, although an identifier may contain it, so that `$$reset` in a dollar-quoted body
@@ -67,14 +72,16 @@ fn word_bits(head: &[u8], len: usize) -> Touched {
     let last = head[len - 1] | 0x20;
     let is = |w: &[u8]| head.eq_ignore_ascii_case(w);
     match (len, first, last) {
+        (3, b'e', b'd') if is(b"end") => COMMITS,
         (4, b'r', b'e') if is(b"role") => PATH,
         (4, b't', b'p') if is(b"temp") => STATE,
         (4, b'h', b'd') if is(b"hold") => STATE,
         (5, b'r', b't') if is(b"reset") => PATH | STATE,
         (6, b's', b'a') if is(b"schema") => PATH,
         (6, b'l', b'n') if is(b"listen") => STATE,
+        (6, b'c', b't') if is(b"commit") => COMMITS,
         (7, b'd', b'd') if is(b"discard") => PATH | STATE,
-        (7, b'p', b'e') if is(b"prepare") => STATE | STATEMENTS,
+        (7, b'p', b'e') if is(b"prepare") => STATE | STATEMENTS | COMMITS,
         (9, b't', b'y') if is(b"temporary") => STATE,
         (10, b's', b'g') if is(b"set_config") => PATH | STATE,
         (11, b's', b'h') if is(b"search_path") => PATH,
@@ -153,7 +160,7 @@ impl Sniffer {
                 self.len = len.min(255) as u8;
                 return bits;
             }
-            if len >= 4 {
+            if len >= 3 {
                 bits |= word_bits(&piece[start..start + len.min(KEPT)], len);
             }
         }
@@ -178,14 +185,22 @@ mod tests {
             sniff(b"select PG_CATALOG.SET_CONFIG('a','b',false)"),
             PATH | STATE
         );
-        assert_eq!(sniff(b"DO $$BEGIN SET ROLE other; END$$"), PATH);
+        // A false positive for COMMITS (the block's END): costs nothing unless the server
+        // connection is lost while it runs inside a transaction block.
+        assert_eq!(sniff(b"DO $$BEGIN SET ROLE other; END$$"), PATH | COMMITS);
         assert_eq!(sniff(b"SELECT roles, user_role, parole FROM t"), 0);
         assert_eq!(sniff(b"SELECT attempts, temperature FROM t"), 0);
         assert_eq!(sniff(b"CREATE TEMP TABLE x (a int)"), STATE);
         assert_eq!(sniff(b"SELECT pg_advisory_lock(1)"), STATE);
         assert_eq!(sniff(b"SELECT xpg_advisory_lock(1)"), 0);
         assert_eq!(sniff(b"reset all"), PATH | STATE);
-        assert_eq!(sniff(b"PREPARE p AS SELECT 1"), STATE | STATEMENTS);
+        assert_eq!(
+            sniff(b"PREPARE p AS SELECT 1"),
+            STATE | STATEMENTS | COMMITS
+        );
+        assert_eq!(sniff(b"COMMIT"), COMMITS);
+        assert_eq!(sniff(b"end;"), COMMITS);
+        assert_eq!(sniff(b"SELECT ended, commits, endx FROM t"), 0);
         assert_eq!(sniff(b"SET SCHEMA 'x'"), PATH);
         assert_eq!(sniff(b"SELECT * FROM information_schema.tables"), 0);
         assert_eq!(sniff(b"\"role\""), PATH);

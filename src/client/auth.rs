@@ -163,10 +163,7 @@ async fn send_auth(stream: &mut TcpStream, msg: Authentication) -> Result<(), Pg
     let mut out = BytesMut::with_capacity(128);
     msg.encode(&mut out)
         .map_err(|e| PgError::protocol_violation(e.to_string()))?;
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|e| PgError::protocol_violation(e.to_string()))
+    stream.write_all(&out).await.map_err(PgError::client_io)
 }
 
 /// Reads one whole password-family ('p') message body.
@@ -197,14 +194,9 @@ async fn read_password_message(
             }
         }
         buf.reserve(1024);
-        let n = stream
-            .read_buf(buf)
-            .await
-            .map_err(|e| PgError::protocol_violation(e.to_string()))?;
+        let n = stream.read_buf(buf).await.map_err(PgError::client_io)?;
         if n == 0 {
-            return Err(PgError::protocol_violation(
-                "client closed the connection during authentication",
-            ));
+            return Err(PgError::client_io("closed during authentication"));
         }
     }
 }

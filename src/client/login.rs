@@ -82,6 +82,10 @@ pub(super) async fn admit_client(
         {
             Ok(Ok(Some(reg))) => reg,
             Ok(Ok(None)) => return None,
+            Ok(Err(e)) if e.is_client_io() => {
+                tracing::info!(client = %peer, error = %e, "client connection lost during login");
+                return None;
+            }
             Ok(Err(e)) => {
                 tracing::info!(client = %peer, error = %e, "login refused");
                 let _ = stream.write_all(&e.to_bytes()).await;
@@ -152,10 +156,7 @@ async fn login(
         startup::Target::Admin => {
             let mut out = BytesMut::new();
             crate::admin::welcome(&mut out, (0, 0));
-            stream
-                .write_all(&out)
-                .await
-                .map_err(|e| PgError::protocol_violation(e.to_string()))?;
+            stream.write_all(&out).await.map_err(PgError::client_io)?;
             tracing::info!(client = %peer, user = %admitted.user, "admin console opened");
             return Ok(Some(Login::Admin(admitted.user, conn_count)));
         }

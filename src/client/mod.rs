@@ -149,6 +149,11 @@ impl Session {
             let error = match self.boxed_transaction().await {
                 Ok(true) => None,
                 Ok(false) => return "closed",
+                // The socket failed: nothing can be sent on it.
+                Err(e) if e.is_client_io() => {
+                    tracing::debug!(client = %self.reg.client.addr, error = %e, "client I/O failed");
+                    return "client I/O error";
+                }
                 Err(e) => Some(self.boxed_send_error(e)),
             };
             if let Some(fut) = error {
@@ -302,7 +307,7 @@ impl Session {
         self.stream
             .write_all(bytes)
             .await
-            .map_err(|e| PgError::protocol_violation(e.to_string()))
+            .map_err(PgError::client_io)
     }
 
     /// Answers every batch the client has sent (and that will not reach a server) with

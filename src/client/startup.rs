@@ -73,10 +73,7 @@ pub async fn read_first_packet(stream: &mut TcpStream) -> Result<FirstPacket, Pg
                         "invalid length of startup packet",
                     ));
                 }
-                stream
-                    .write_all(b"N")
-                    .await
-                    .map_err(|e| PgError::protocol_violation(e.to_string()))?;
+                stream.write_all(b"N").await.map_err(PgError::client_io)?;
             }
             CANCEL_REQUEST_CODE => {
                 if len != 16 {
@@ -136,10 +133,7 @@ pub async fn admit(
         NegotiateProtocolVersion::new(196_608, unsupported)
             .encode(&mut out)
             .map_err(|e| PgError::protocol_violation(e.to_string()))?;
-        stream
-            .write_all(&out)
-            .await
-            .map_err(|e| PgError::protocol_violation(e.to_string()))?;
+        stream.write_all(&out).await.map_err(PgError::client_io)?;
     }
     if params.contains_key("replication") {
         return Err(PgError::unsupported(
@@ -262,8 +256,5 @@ pub async fn welcome(
     }
     let _ = BackendKeyData::new(key.0, SecretKey::I32(key.1)).encode(&mut out);
     put_ready_for_query(&mut out, b'I');
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|e| PgError::protocol_violation(e.to_string()))
+    stream.write_all(&out).await.map_err(PgError::client_io)
 }

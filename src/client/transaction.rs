@@ -15,7 +15,7 @@ use crate::pool::{CheckoutError, PooledConn};
 use crate::registry::{STATE_ACTIVE, STATE_IDLE, STATE_WAITING};
 use crate::server::{ConnWork, ServerConn};
 use crate::session_state::{Policy, Reset};
-use crate::sniff::{NAMED_PARSE, STATEMENTS};
+use crate::sniff::{COMMITS, NAMED_PARSE, STATEMENTS};
 
 use super::relay::{self, Relay, RelayEnd, ServerScan};
 use super::{Session, params};
@@ -188,6 +188,7 @@ impl Session {
         let mid_message = relay.sscan.mid_message() || !relay.sout.is_empty();
         let owes_nothing = relay.owes_nothing();
         let status = relay.sscan.status;
+        let sent = relay.counts.bytes_in > 0;
         let mut touched = relay.sscan.touched;
         // The statement tracker must have heard every reply; if not (the server went away,
         // or replies and requests disagreed), undo what the missing replies would have
@@ -249,7 +250,22 @@ impl Session {
                     Some((code, msg)) if code.len() == 5 => PgError::server_ended(&code, &msg),
                     _ => PgError::server_lost(&why),
                 };
+                // A request of the client reached the server and is unanswered. Run outside
+                // a transaction block (the last ReadyForQuery said idle), or a COMMIT, it
+                // may have committed: the client cannot be told either way, so it is closed.
+                let in_flight = sent && (self.cscan.pending > 0 || self.cscan.unsynced);
+                let may_commit = status == b'I' || (status == b'T' && touched & COMMITS != 0);
+                if in_flight && may_commit {
+                    let err = PgError::transaction_resolution_unknown(&err.message);
+                    tracing::warn!(client = %self.reg.client.addr, error = %err, "server connection lost");
+                    return Err(err);
+                }
                 tracing::warn!(client = %self.reg.client.addr, error = %err, "server connection lost");
+                if session_mode {
+                    // The client's session is gone with its backend: it is told so (with
+                    // PostgreSQL's own error when there is one) and closed.
+                    return Err(PgError { fatal: true, ..err });
+                }
                 if mid_message {
                     // Part of a message already reached the client: the stream cannot be
                     // repaired, so the client connection ends.

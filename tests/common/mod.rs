@@ -22,7 +22,19 @@ pub struct Pg {
     pub port: u16,
     pub user: String,
     pub password: String,
+    /// The cluster this test process started (none with `TENANTPOOL_TEST_PG`).
+    cluster: Option<Cluster>,
     _child: Option<Mutex<Child>>,
+}
+
+/// What it takes to stop and start the harness's own cluster again.
+struct Cluster {
+    bin: PathBuf,
+    data: PathBuf,
+    dir: PathBuf,
+    /// The postgres options it runs with (port, socket directory, settings).
+    options: String,
+    root: bool,
 }
 
 static PG: OnceLock<Pg> = OnceLock::new();
@@ -70,6 +82,7 @@ fn start_pg() -> Pg {
             port: 5432,
             user: "postgres".into(),
             password: String::new(),
+            cluster: None,
             _child: None,
         };
         for kv in spec.split_whitespace() {
@@ -124,13 +137,20 @@ fn start_pg() -> Pg {
         String::from_utf8_lossy(&out.stderr)
     );
     let port = free_port();
+    let options = format!(
+        "-p {port} -k '{dir}' -c listen_addresses=127.0.0.1 -c max_connections=300 \
+         -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+        dir = dir.display(),
+    );
     // The server runs under a shell that stops it and removes the cluster when this test
-    // process exits (its stdin, our pipe, then reaches EOF).
+    // process exits (its stdin, our pipe, then reaches EOF). It stops whatever postmaster
+    // runs on the data directory then: a test may have restarted it (`Pg::start`).
     let script = format!(
-        "'{postgres}' -D '{data}' -p {port} -k '{dir}' -c listen_addresses=127.0.0.1 \
-         -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-         > '{dir}/postgres.log' 2>&1 & pid=$!; read _unused; kill -INT $pid; wait $pid; rm -rf '{dir}'",
+        "'{postgres}' -D '{data}' {options} > '{dir}/postgres.log' 2>&1 & pid=$!; \
+         read _unused; '{pg_ctl}' -D '{data}' -m fast -w stop > /dev/null 2>&1; wait $pid; \
+         rm -rf '{dir}'",
         postgres = bin.join("postgres").display(),
+        pg_ctl = bin.join("pg_ctl").display(),
         data = data.display(),
         dir = dir.display(),
     );
@@ -146,6 +166,13 @@ fn start_pg() -> Pg {
         port,
         user: "postgres".into(),
         password: password.into(),
+        cluster: Some(Cluster {
+            bin: bin.clone(),
+            data,
+            dir: dir.clone(),
+            options,
+            root,
+        }),
         _child: Some(Mutex::new(child)),
     };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -191,6 +218,88 @@ impl Pg {
             "host={} port={} user={user} password={password} dbname={db}",
             self.host, self.port
         )
+    }
+
+    /// Can this test process stop and start the server (it started it itself)?
+    pub fn controllable(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Runs pg_ctl on the harness's cluster (as the postgres user when root).
+    fn pg_ctl(&self, args: &[&str]) {
+        let c = self
+            .cluster
+            .as_ref()
+            .expect("the cluster was not started by this test process");
+        let pg_ctl = c.bin.join("pg_ctl");
+        let mut cmd = if c.root {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(&pg_ctl);
+            cmd
+        } else {
+            Command::new(&pg_ctl)
+        };
+        let out = cmd
+            .arg("-D")
+            .arg(&c.data)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the server (`-m fast`: sessions are terminated) and waits until it is gone.
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts the stopped server again with the same options, without waiting for it to
+    /// accept connections (see [`Pg::wait_ready`]).
+    pub fn start(&self) {
+        let c = self.cluster.as_ref().expect("own cluster");
+        let log = c.dir.join("postgres.log");
+        self.pg_ctl(&["-W", "-l", log.to_str().unwrap(), "-o", &c.options, "start"]);
+    }
+
+    /// Stops and starts the server (`-m fast`), waiting until it accepts connections.
+    pub fn restart(&self) {
+        self.stop();
+        self.start();
+        self.wait_ready();
+    }
+
+    /// Does the server accept a login now?
+    pub async fn accepts(&self) -> bool {
+        let s = self.conn_str(&self.user, &self.password, "postgres");
+        match tokio_postgres::connect(&s, tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                drop(client);
+                let _ = conn.await;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits (up to a minute) until the server accepts connections.
+    pub fn wait_ready(&self) {
+        let bin = &self.cluster.as_ref().expect("own cluster").bin;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !Command::new(bin.join("pg_isready"))
+            .args(["-h", &self.host, "-p", &self.port.to_string(), "-q"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+        {
+            assert!(Instant::now() < deadline, "PostgreSQL did not come back");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A direct (not proxied) connection as the superuser.
@@ -432,6 +541,25 @@ impl Proxy {
 
     pub async fn connect(&self, tenant: &str) -> tokio_postgres::Client {
         connect_str(&self.conn_str(tenant)).await
+    }
+
+    /// Starts a graceful shutdown (as SIGTERM does) without waiting for it.
+    pub fn shutdown(&self) {
+        self.handle.shutdown();
+    }
+
+    /// Has the proxy's `run()` returned (its thread ended) within `limit`?
+    pub async fn stopped_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops the proxy and waits for it.

@@ -95,11 +95,16 @@ impl PgError {
     }
 
     /// A transaction queued longer than `query_wait_timeout`: ERROR 53300, connection stays.
-    pub fn query_wait_timeout(tenant: &str) -> PgError {
+    /// `down` is why the server cannot be reached, when that is why.
+    pub fn query_wait_timeout(tenant: &str, down: Option<&str>) -> PgError {
+        let why = match down {
+            Some(d) => format!(" (the server cannot be reached: {d})"),
+            None => String::new(),
+        };
         PgError::error(
             "53300",
             format!(
-                "query_wait_timeout: no server connection for tenant \"{tenant}\" became free in time"
+                "query_wait_timeout: no server connection for tenant \"{tenant}\" became free in time{why}"
             ),
         )
     }

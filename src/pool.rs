@@ -981,6 +981,11 @@ impl Pool {
         st.retiring.extend(close);
     }
 
+    /// Why connecting to the server fails now, when it does.
+    pub fn down_reason(&self) -> Option<String> {
+        self.lock().down.as_ref().map(|d| d.error.clone())
+    }
+
     /// Closes idle connections and refuses new checkouts (shutdown).
     pub fn close(&self) {
         let mut st = self.lock();

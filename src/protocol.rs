@@ -178,6 +178,27 @@ pub fn escape_literal(s: &str) -> String {
     out
 }
 
+/// The messages at the front of `buf`, as (tag, body): the body of the last one may be
+/// cut short. Stops at a partial header or a bad length.
+pub fn frames(mut buf: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    std::iter::from_fn(move || {
+        let (tag, Ok(len)) = header(buf)? else {
+            return None;
+        };
+        let body = &buf[HEADER_LEN..len.min(buf.len())];
+        buf = &buf[len.min(buf.len())..];
+        Some((tag, body))
+    })
+}
+
+/// The SQLSTATE and message of the first ErrorResponse in `buf`, if any (empty strings for
+/// one cut short).
+pub fn first_error(buf: &[u8]) -> Option<(String, String)> {
+    let (_, body) = frames(buf).find(|(tag, _)| *tag == b'E')?;
+    let field = |c| error_field(body, c).unwrap_or("").to_string();
+    Some((field(b'C'), field(b'M')))
+}
+
 /// Finds the first field with `code` in an ErrorResponse/NoticeResponse body (after the
 /// header). The body must be a complete, bounded message body.
 pub fn error_field(body: &[u8], code: u8) -> Option<&str> {

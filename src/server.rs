@@ -295,7 +295,7 @@ impl ServerConn {
             match self.stream.try_read_buf(&mut self.buf) {
                 Ok(0) => return true,
                 Ok(_) => {
-                    if contains_error(&self.buf) {
+                    if crate::protocol::first_error(&self.buf).is_some() {
                         return true;
                     }
                     if self.buf.len() > SERVER_BUF * 4 {
@@ -499,20 +499,6 @@ const TERMINATE: &[u8] = b"X\0\0\0\x04";
 
 /// How long a backend asked to end may take before it is taken for busy and cancelled.
 const CLOSE_GRACE: Duration = Duration::from_millis(100);
-
-/// Does a buffer of whole server messages hold an ErrorResponse?
-fn contains_error(mut buf: &[u8]) -> bool {
-    while let Some((tag, Ok(len))) = crate::protocol::header(buf) {
-        if tag == b'E' {
-            return true;
-        }
-        if len > buf.len() {
-            return false;
-        }
-        buf = &buf[len..];
-    }
-    false
-}
 
 /// Sends a CancelRequest for a server backend over a short new connection.
 pub async fn send_cancel(target: &ServerTarget, pid: i32, secret: i32) -> io::Result<()> {

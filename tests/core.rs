@@ -487,6 +487,33 @@ async fn server_connection_lost_mid_transaction() {
     proxy.stop();
 }
 
+/// Session mode: the client's backend killed while the client is idle ends the client's
+/// session with PostgreSQL's own FATAL, instead of a silent new backend without its temp
+/// tables and settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_backend_killed_while_idle_closes_the_client() {
+    let db = TestDb::create("session_lost", &["acme"]).await;
+    let proxy = Proxy::start(db.config(2, "[proxy]\npool_mode = \"session\""));
+    let client = proxy.connect("acme").await;
+    client
+        .batch_execute("CREATE TEMP TABLE mine (x int)")
+        .await
+        .unwrap();
+    let pid = names(
+        &client
+            .simple_query("SELECT pg_backend_pid()")
+            .await
+            .unwrap(),
+    )
+    .remove(0);
+    let su = pg().superuser("postgres").await;
+    terminate_backend(&su, &pid).await;
+    let err = client.simple_query("SELECT * FROM mine").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err}");
+    assert!(client.is_closed() || client.simple_query("SELECT 1").await.is_err());
+    proxy.stop();
+}
+
 /// The server is down: clients get a clear error at once instead of hanging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_down_gives_a_clear_error() {

@@ -656,6 +656,12 @@ async fn queued_transactions_time_out_cleanly_while_the_server_is_down() {
         let (r, took, c) = t.await.unwrap();
         let e = r.expect_err("the server is down");
         assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+        // It says why: the server cannot be reached, and what connecting said.
+        let msg = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("the server cannot be reached"), "{msg}");
         assert!(took >= Duration::from_millis(900), "gave up after {took:?}");
         assert!(took < Duration::from_secs(10), "took {took:?}");
         assert!(!c.is_closed());

@@ -39,7 +39,10 @@ async fn validate_settings(
         .checkout(tenant, wait)
         .await
         .map_err(|e| match e {
-            CheckoutError::Timeout => PgError::query_wait_timeout(&shared.tenants.get(tenant).name),
+            CheckoutError::Timeout => PgError::query_wait_timeout(
+                &shared.tenants.get(tenant).name,
+                shared.pool.down_reason().as_deref(),
+            ),
             CheckoutError::Unavailable(m) => PgError::server_unavailable(&m, true),
         })?;
     let replies = super::transaction::prepare(shared, &mut conn, tenant, client, settings);

@@ -104,7 +104,7 @@ impl Session {
         let tmetrics = &shared.metrics.tenants[self.reg.tenant as usize];
         let stats = &tenant.stats;
         let session_mode = shared.config.proxy.pool_mode == PoolMode::Session;
-        let mut conn = match self.take_held() {
+        let mut conn = match self.take_held()? {
             Some(conn) => conn,
             None => match self.checkout(&shared).await {
                 Ok(c) => c,
@@ -112,7 +112,10 @@ impl Session {
                     let err = match e {
                         CheckoutError::Timeout => {
                             stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                            PgError::query_wait_timeout(&tenant.name)
+                            PgError::query_wait_timeout(
+                                &tenant.name,
+                                shared.pool.down_reason().as_deref(),
+                            )
                         }
                         CheckoutError::Unavailable(msg) => PgError::server_unavailable(&msg, false),
                     };
@@ -337,13 +340,26 @@ impl Session {
     }
 
     /// Session mode: the connection kept from the last transaction, if it is still alive.
-    fn take_held(&mut self) -> Option<PooledConn> {
-        let mut conn = *self.held.take()?;
-        if conn.is_broken_idle() {
-            conn.set_clean(false);
-            return None;
+    /// The client's session ends with it if it died while the client was idle: FATAL,
+    /// with PostgreSQL's own error when it sent one (the contract's session-mode row).
+    fn take_held(&mut self) -> Result<Option<PooledConn>, PgError> {
+        let Some(held) = self.held.take() else {
+            return Ok(None);
+        };
+        let mut conn = *held;
+        if !conn.is_broken_idle() {
+            return Ok(Some(conn));
         }
-        Some(conn)
+        conn.set_clean(false);
+        let why = crate::protocol::first_error(&conn.buf);
+        Err(match why {
+            Some((code, message)) if code.len() == 5 => PgError {
+                fatal: true,
+                code: code.into(),
+                message,
+            },
+            _ => PgError::fatal("08006", "server closed the connection unexpectedly"),
+        })
     }
 
     /// Takes a server connection from the pool, counting the wait.

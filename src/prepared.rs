@@ -42,7 +42,7 @@ pub const MAX_CLIENT_STATEMENT_BYTES: usize = 16 << 20;
 /// Longest statement or portal name the proxy reads.
 const MAX_NAME: usize = 1024;
 /// Query messages up to this size are read whole to spot DEALLOCATE and DISCARD ALL.
-const MAX_INSPECTED_QUERY: usize = 512;
+pub const MAX_INSPECTED_QUERY: usize = 512;
 
 /// A fast, non-cryptographic hasher for the maps the relay looks up on every Bind (statement
 /// ids the proxy makes; a client's own statement names, which can only slow that client's
@@ -593,6 +593,11 @@ impl<'a> Tracker<'a> {
                     if body.first() == Some(&0) {
                         self.pass(out, pos, len, have, Some(Kind::One(b'1')));
                     } else if body.is_empty() {
+                        if whole {
+                            // No name at all: waiting would hold the connection (and buffer
+                            // what the client sends next) forever.
+                            return Err(PgError::protocol_violation("malformed Parse message"));
+                        }
                         return Ok(());
                     } else if len - HEADER_LEN > MAX_CLIENT_STATEMENT_BYTES {
                         let e = PgError::too_many_statements("the statement is too long");
@@ -1174,8 +1179,9 @@ fn put_close(out: &mut Out, name: &[u8]) {
 }
 
 /// The few SQL commands about prepared statements the proxy must see.
+#[doc(hidden)]
 #[derive(Debug, PartialEq, Eq)]
-enum SqlCommand {
+pub enum SqlCommand {
     DeallocateAll,
     Deallocate(Vec<u8>),
     DiscardAll,
@@ -1183,8 +1189,9 @@ enum SqlCommand {
 }
 
 /// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` as a whole query string
-/// (one statement, an optional `;`, no comments).
-fn sql_command(text: &[u8]) -> SqlCommand {
+/// (one statement, an optional `;`, no comments). Public for the fuzz targets' model server.
+#[doc(hidden)]
+pub fn sql_command(text: &[u8]) -> SqlCommand {
     // Most queries: not a D word.
     if !matches!(text.trim_ascii_start().first(), Some(b'd' | b'D')) {
         return SqlCommand::Other;
@@ -1481,6 +1488,27 @@ mod tests {
         assert_eq!(t.expecting(), 0);
         assert!(!t.server.touch(stmt.id));
         assert!(t.client.get(b"s").is_some());
+    }
+
+    #[test]
+    fn a_parse_without_a_body_is_a_violation_not_a_wait() {
+        // Found by the tracker fuzz target: `P` with length 4 was waited on for ever.
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        let mut input = msg(b'P', b"");
+        input.extend(msg(b'S', b""));
+        let (mut pos, mut out) = (0, Out::default());
+        let e = t
+            .rewrite(&input, &mut pos, input.len(), &mut out)
+            .unwrap_err();
+        assert_eq!(e.code, "08P01");
+        // A Parse whose body has not come yet: wait for it.
+        let input = msg(b'P', b"a\0SELECT 1\0\0\0");
+        let (mut pos, mut out) = (0, Out::default());
+        t.rewrite(&input, &mut pos, 5, &mut out).unwrap();
+        assert_eq!(pos, 0);
     }
 
     #[test]

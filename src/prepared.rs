@@ -982,6 +982,12 @@ impl<'a> Tracker<'a> {
             let e = self.server.expect.pop_front().expect("front exists");
             self.skipped(e);
         }
+        if self.server.expect.front_kind().is_none() {
+            // The client's Sync has not come yet: the server ignores everything until it,
+            // so what the client sends until then is skipped here too (PostgreSQL flushes
+            // an error at once: a client may well send more after it came back).
+            self.skip_to_sync = true;
+        }
     }
 
     /// Undoes what a message that failed or never ran would have done.
@@ -1509,6 +1515,34 @@ mod tests {
         let (mut pos, mut out) = (0, Out::default());
         t.rewrite(&input, &mut pos, 5, &mut out).unwrap();
         assert_eq!(pos, 0);
+    }
+
+    #[test]
+    fn messages_after_an_error_already_answered_are_skipped_as_the_server_skips_them() {
+        // PostgreSQL flushes an ErrorResponse at once and then ignores everything up to the
+        // next Sync. Messages the client sends after the error came back must be skipped
+        // by the proxy too: not answered by it, not expected from the server.
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        server.insert(cache.intern(0, b"SELECT 1\0\0\0"), 10);
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        rewrite_all(&mut t, &msg(b'P', b"a\0SELECT bad\0\0\0"));
+        assert!(!t.reply(b'3', None));
+        assert!(!t.reply(b'E', Some("42601")));
+        assert_eq!(t.expecting(), 0);
+        // Then: a Parse the proxy would answer itself, one it would send, and Sync.
+        let mut input = msg(b'P', b"c\0SELECT 1\0\0\0");
+        input.extend(msg(b'P', b"b\0SELECT 2\0\0\0"));
+        input.extend(msg(b'S', b""));
+        assert_eq!(rewrite_all(&mut t, &input), msg(b'S', b""));
+        let mut back = Out::default();
+        assert_eq!(t.answer(b'I', &mut back), Answered::default());
+        assert!(back.is_empty(), "no ParseComplete after the error");
+        assert!(!t.reply(b'Z', None));
+        assert!(!t.desync);
+        assert_eq!(t.expecting(), 0);
+        assert!(t.client.is_empty());
     }
 
     #[test]

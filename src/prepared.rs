@@ -927,6 +927,7 @@ impl<'a> Tracker<'a> {
             b'Z' => {
                 // Pops through the Sync/Query this answers; anything before it did not get
                 // its reply (should not happen): treated as skipped.
+                let mut undo = Vec::new();
                 loop {
                     let Some(e) = self.server.expect.pop_front() else {
                         self.desync = true;
@@ -939,8 +940,9 @@ impl<'a> Tracker<'a> {
                         break;
                     }
                     self.desync = true;
-                    self.skipped(e);
+                    undo.push(e);
                 }
+                self.undo(undo);
             }
             _ => {
                 if self
@@ -965,13 +967,14 @@ impl<'a> Tracker<'a> {
             // A query's error, or one at Sync: ReadyForQuery follows.
             return;
         }
+        let mut undo = Vec::new();
         if let Some(e) = self.server.expect.pop_front() {
             if let Act::Uses(id) = e.act
                 && code == Some("26000")
             {
                 self.server.remove(id);
             }
-            self.skipped(e);
+            undo.push(e);
         }
         while self
             .server
@@ -979,14 +982,22 @@ impl<'a> Tracker<'a> {
             .front_kind()
             .is_some_and(|k| k != Kind::Sync)
         {
-            let e = self.server.expect.pop_front().expect("front exists");
-            self.skipped(e);
+            undo.push(self.server.expect.pop_front().expect("front exists"));
         }
+        self.undo(undo);
         if self.server.expect.front_kind().is_none() {
             // The client's Sync has not come yet: the server ignores everything until it,
             // so what the client sends until then is skipped here too (PostgreSQL flushes
             // an error at once: a client may well send more after it came back).
             self.skip_to_sync = true;
+        }
+    }
+
+    /// Undoes what messages that failed or never ran (in stream order) would have done:
+    /// last first, so that a Parse then a Close of one name leaves it as it was before both.
+    fn undo(&mut self, skipped: Vec<Expect>) {
+        for e in skipped.into_iter().rev() {
+            self.skipped(e);
         }
     }
 
@@ -1078,9 +1089,11 @@ impl<'a> Tracker<'a> {
 
     /// The relay ends without the replies (server lost): undo what they would have undone.
     pub fn abandon(&mut self) {
+        let mut undo = Vec::new();
         while let Some(e) = self.server.expect.pop_front() {
-            self.skipped(e);
+            undo.push(e);
         }
+        self.undo(undo);
     }
 }
 
@@ -1543,6 +1556,37 @@ mod tests {
         assert!(!t.desync);
         assert_eq!(t.expecting(), 0);
         assert!(t.client.is_empty());
+    }
+
+    #[test]
+    fn skipped_messages_are_undone_last_first() {
+        // Found by the tracker fuzz target: Parse "x" then Close "x" in a batch that an
+        // earlier error skipped left "x" with the client (the Close's undo came last).
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        let mut input = msg(b'D', b"Snope\0");
+        input.extend(msg(b'P', b"x\0SELECT 1\0\0\0"));
+        input.extend(msg(b'C', b"Sx\0"));
+        input.extend(msg(b'S', b""));
+        rewrite_all(&mut t, &input);
+        assert!(t.client.is_empty());
+        assert!(!t.reply(b'E', Some("26000")));
+        assert!(t.client.is_empty(), "neither the Parse nor the Close ran");
+        assert!(!t.reply(b'Z', None));
+        assert_eq!(t.expecting(), 0);
+        assert!(!t.desync);
+        // A DEALLOCATE then a Parse of the same name, skipped: the old statement is back.
+        let old = cache.intern(0, b"SELECT 2\0\0\0");
+        t.client.insert((*b"y").into(), old.clone());
+        let mut input = msg(b'D', b"Snope\0");
+        input.extend(msg(b'C', b"Sy\0"));
+        input.extend(msg(b'P', b"y\0SELECT 3\0\0\0"));
+        input.extend(msg(b'S', b""));
+        rewrite_all(&mut t, &input);
+        assert!(!t.reply(b'E', Some("26000")));
+        assert_eq!(t.client.get(b"y").map(|s| s.id), Some(old.id));
     }
 
     #[test]

@@ -637,7 +637,11 @@ impl<'a> Tracker<'a> {
                     let Some((&what, rest)) = body.split_first() else {
                         return Err(PgError::protocol_violation("malformed message"));
                     };
-                    let name = cstr(rest).map(|(n, _)| n).unwrap_or(rest);
+                    let Some((name, _)) = cstr(rest) else {
+                        // No NUL: PostgreSQL ends the connection (08P01), so does the proxy
+                        // (it answered a Close like that itself).
+                        return Err(PgError::protocol_violation("malformed message"));
+                    };
                     match (tag, what) {
                         (b'D', b'S') if !name.is_empty() => {
                             self.describe(name, out, pos, len);
@@ -1528,6 +1532,21 @@ mod tests {
         let (mut pos, mut out) = (0, Out::default());
         t.rewrite(&input, &mut pos, 5, &mut out).unwrap();
         assert_eq!(pos, 0);
+    }
+
+    #[test]
+    fn describe_or_close_without_a_nul_is_a_violation() {
+        // Found by the tracker fuzz target: the proxy answered CloseComplete to a Close whose
+        // name had no terminator, where PostgreSQL ends the connection.
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        for m in [msg(b'C', b"Sname"), msg(b'D', b"Sname"), msg(b'C', b"P")] {
+            let (mut pos, mut out) = (0, Out::default());
+            let e = t.rewrite(&m, &mut pos, m.len(), &mut out).unwrap_err();
+            assert_eq!(e.code, "08P01");
+        }
     }
 
     #[test]

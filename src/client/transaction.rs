@@ -107,7 +107,9 @@ impl Session {
         let mut conn = match self.take_held() {
             Some(conn) => conn,
             None => match self.checkout(&shared).await {
-                Ok(c) => c,
+                Ok(Some(c)) => c,
+                // The client went away while queued: nothing of its batch ran.
+                Ok(None) => return Ok(false),
                 Err(e) => {
                     let err = match e {
                         CheckoutError::Timeout => {
@@ -325,8 +327,14 @@ impl Session {
         Some(conn)
     }
 
-    /// Takes a server connection from the pool, counting the wait.
-    async fn checkout(&mut self, shared: &Arc<Shared>) -> Result<PooledConn, CheckoutError> {
+    /// Takes a server connection from the pool, counting the wait. `None` when the client
+    /// closed its socket meanwhile: it leaves the queue (as in PgBouncer) instead of taking a
+    /// connection only to find nobody there (which closes the connection when the client left
+    /// a batch open, so every such client also cost a new server login).
+    async fn checkout(
+        &mut self,
+        shared: &Arc<Shared>,
+    ) -> Result<Option<PooledConn>, CheckoutError> {
         let tenant = shared.tenants.get(self.reg.tenant);
         let stats = &tenant.stats;
         stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -336,7 +344,10 @@ impl Session {
             .store(STATE_WAITING, Ordering::Relaxed);
         let wait_start = Instant::now();
         let wait = shared.config.limits.query_wait_timeout.0;
-        let checkout = shared.pool.checkout(self.reg.tenant, wait).await;
+        let checkout = tokio::select! {
+            c = shared.pool.checkout(self.reg.tenant, wait) => c.map(Some),
+            () = closed(&self.stream) => Ok(None),
+        };
         let waited = wait_start.elapsed();
         stats.waiting.fetch_sub(1, Ordering::Relaxed);
         stats
@@ -370,5 +381,16 @@ impl Session {
             list.sort();
             Arc::new(params::Settings::new(list))
         };
+    }
+}
+
+/// Resolves once the client has closed its socket (end of stream or an error); never while
+/// it is open, whether or not it sent more (that waits in the socket for the relay).
+async fn closed(stream: &tokio::net::TcpStream) {
+    let mut byte = [0u8; 1];
+    if let Ok(n) = stream.peek(&mut byte).await
+        && n > 0
+    {
+        std::future::pending::<()>().await;
     }
 }

@@ -186,6 +186,9 @@ async fn a_client_gone_while_queued_leaves_the_queue_and_runs_nothing() {
         }
     };
     assert!(waiting(1).await, "the raw client queues");
+    // More bytes while queued (read, so that the end of the stream is seen behind them).
+    raw.send(b"Q\0\0").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     drop(raw);
     assert!(waiting(0).await, "it leaves the queue when it closes");
     holder.simple_query("COMMIT").await.unwrap();

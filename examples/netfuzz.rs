@@ -169,7 +169,7 @@ const SQL: [&str; 30] = [
     "",
 ];
 
-const NAMES: [&[u8]; 6] = [b"", b"a", b"b", b"_tp1", b"s0", b"A"];
+const NAMES: [&str; 6] = ["", "a", "b", "_tp1", "s0", "A"];
 
 /// One valid frontend message of a random type.
 fn valid_message(rng: &mut Rng) -> Vec<u8> {
@@ -180,30 +180,30 @@ fn valid_message(rng: &mut Rng) -> Vec<u8> {
             b'Q'
         }
         2 | 3 => {
-            cstr(&mut body, *rng.pick(&NAMES));
+            cstr(&mut body, rng.pick(&NAMES).as_bytes());
             cstr(&mut body, rng.pick(&SQL).as_bytes());
             body.extend_from_slice(&[0, 0]);
             b'P'
         }
         4 | 5 => {
-            cstr(&mut body, *rng.pick(&NAMES));
-            cstr(&mut body, *rng.pick(&NAMES));
+            cstr(&mut body, rng.pick(&NAMES).as_bytes());
+            cstr(&mut body, rng.pick(&NAMES).as_bytes());
             body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
             b'B'
         }
         6 => {
-            cstr(&mut body, *rng.pick(&NAMES));
+            cstr(&mut body, rng.pick(&NAMES).as_bytes());
             body.extend_from_slice(&(rng.below(3) as u32).to_be_bytes());
             b'E'
         }
         7 => {
             body.push(*rng.pick(b"SP"));
-            cstr(&mut body, *rng.pick(&NAMES));
+            cstr(&mut body, rng.pick(&NAMES).as_bytes());
             b'D'
         }
         8 => {
             body.push(*rng.pick(b"SP"));
-            cstr(&mut body, *rng.pick(&NAMES));
+            cstr(&mut body, rng.pick(&NAMES).as_bytes());
             b'C'
         }
         9 | 10 => b'S',

@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     while !i.is_empty() {
         let n = i.byte() as usize;
         let mut batch = client_stream(&mut Input::new(i.bytes(n)));
-        if i.byte() % 4 != 0 {
+        if !i.byte().is_multiple_of(4) {
             put_msg(&mut batch, b'S', b"");
         }
         let Some(reply) = answer_alone(&mut client, &cache, 0, &batch) else {

@@ -19,7 +19,7 @@ fn scan_split(data: &[u8], rng: &mut Rng, s: &mut ClientScan) -> Option<usize> {
         assert!(end <= buf.len(), "past the input");
         fwd = end;
         // The relay forwards some of what passed: it leaves the buffer's front.
-        let gone = (rng.next() as usize) % (fwd + 1);
+        let gone = (rng.next_u64() as usize) % (fwd + 1);
         buf.drain(..gone);
         fwd -= gone;
         passed += gone;

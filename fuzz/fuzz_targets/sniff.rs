@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let mut bits = 0;
     for piece in split(text, &mut rng) {
         bits |= s.feed(piece, false);
-        if rng.next() % 4 == 0 {
+        if rng.next_u64().is_multiple_of(4) {
             bits |= s.feed(&[], false);
         }
     }

@@ -23,7 +23,7 @@ impl Rng {
         Rng(u64::from_le_bytes(s))
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -34,7 +34,7 @@ impl Rng {
     /// The size of the next read: mostly a few bytes (cutting headers and names), sometimes
     /// a lot, sometimes nothing.
     pub fn chunk(&mut self) -> usize {
-        let r = self.next();
+        let r = self.next_u64();
         match r % 8 {
             0 => 0,
             1..=4 => 1 + (r >> 8) as usize % 7,
@@ -197,13 +197,21 @@ pub fn client_stream(i: &mut Input<'_>) -> Vec<u8> {
                 b'E'
             }
             6 => {
-                body.push(if i.byte() % 3 == 0 { b'P' } else { b'S' });
+                body.push(if i.byte().is_multiple_of(3) {
+                    b'P'
+                } else {
+                    b'S'
+                });
                 body.extend(name(i));
                 body.push(0);
                 b'D'
             }
             7 => {
-                body.push(if i.byte() % 3 == 0 { b'P' } else { b'S' });
+                body.push(if i.byte().is_multiple_of(3) {
+                    b'P'
+                } else {
+                    b'S'
+                });
                 body.extend(name(i));
                 body.push(0);
                 b'C'

@@ -42,7 +42,7 @@ pub const MAX_CLIENT_STATEMENT_BYTES: usize = 16 << 20;
 /// Longest statement or portal name the proxy reads.
 const MAX_NAME: usize = 1024;
 /// Query messages up to this size are read whole to spot DEALLOCATE and DISCARD ALL.
-const MAX_INSPECTED_QUERY: usize = 512;
+pub const MAX_INSPECTED_QUERY: usize = 512;
 
 /// A fast, non-cryptographic hasher for the maps the relay looks up on every Bind (statement
 /// ids the proxy makes; a client's own statement names, which can only slow that client's
@@ -595,6 +595,11 @@ impl<'a> Tracker<'a> {
                     } else if len == HEADER_LEN {
                         return Err(PgError::protocol_violation("malformed Parse message"));
                     } else if body.is_empty() {
+                        if whole {
+                            // No name at all: waiting would hold the connection (and buffer
+                            // what the client sends next) forever.
+                            return Err(PgError::protocol_violation("malformed Parse message"));
+                        }
                         return Ok(());
                     } else if len - HEADER_LEN > MAX_CLIENT_STATEMENT_BYTES {
                         let e = PgError::too_many_statements("the statement is too long");
@@ -634,7 +639,11 @@ impl<'a> Tracker<'a> {
                     let Some((&what, rest)) = body.split_first() else {
                         return Err(PgError::protocol_violation("malformed message"));
                     };
-                    let name = cstr(rest).map(|(n, _)| n).unwrap_or(rest);
+                    let Some((name, _)) = cstr(rest) else {
+                        // No NUL: PostgreSQL ends the connection (08P01), so does the proxy
+                        // (it answered a Close like that itself).
+                        return Err(PgError::protocol_violation("malformed message"));
+                    };
                     match (tag, what) {
                         (b'D', b'S') if !name.is_empty() => {
                             self.describe(name, out, pos, len);
@@ -924,6 +933,7 @@ impl<'a> Tracker<'a> {
             b'Z' => {
                 // Pops through the Sync/Query this answers; anything before it did not get
                 // its reply (should not happen): treated as skipped.
+                let mut undo = Vec::new();
                 loop {
                     let Some(e) = self.server.expect.pop_front() else {
                         self.desync = true;
@@ -936,8 +946,9 @@ impl<'a> Tracker<'a> {
                         break;
                     }
                     self.desync = true;
-                    self.skipped(e);
+                    undo.push(e);
                 }
+                self.undo(undo);
             }
             _ => {
                 if self
@@ -962,13 +973,14 @@ impl<'a> Tracker<'a> {
             // A query's error, or one at Sync: ReadyForQuery follows.
             return;
         }
+        let mut undo = Vec::new();
         if let Some(e) = self.server.expect.pop_front() {
             if let Act::Uses(id) = e.act
                 && code == Some("26000")
             {
                 self.server.remove(id);
             }
-            self.skipped(e);
+            undo.push(e);
         }
         while self
             .server
@@ -976,7 +988,21 @@ impl<'a> Tracker<'a> {
             .front_kind()
             .is_some_and(|k| k != Kind::Sync)
         {
-            let e = self.server.expect.pop_front().expect("front exists");
+            undo.push(self.server.expect.pop_front().expect("front exists"));
+        }
+        self.undo(undo);
+        if self.server.expect.front_kind().is_none() {
+            // The client's Sync has not come yet: the server ignores everything until it,
+            // so what the client sends until then is skipped here too (PostgreSQL flushes
+            // an error at once: a client may well send more after it came back).
+            self.skip_to_sync = true;
+        }
+    }
+
+    /// Undoes what messages that failed or never ran (in stream order) would have done:
+    /// last first, so that a Parse then a Close of one name leaves it as it was before both.
+    fn undo(&mut self, skipped: Vec<Expect>) {
+        for e in skipped.into_iter().rev() {
             self.skipped(e);
         }
     }
@@ -1069,9 +1095,11 @@ impl<'a> Tracker<'a> {
 
     /// The relay ends without the replies (server lost): undo what they would have undone.
     pub fn abandon(&mut self) {
+        let mut undo = Vec::new();
         while let Some(e) = self.server.expect.pop_front() {
-            self.skipped(e);
+            undo.push(e);
         }
+        self.undo(undo);
     }
 }
 
@@ -1176,8 +1204,9 @@ fn put_close(out: &mut Out, name: &[u8]) {
 }
 
 /// The few SQL commands about prepared statements the proxy must see.
+#[doc(hidden)]
 #[derive(Debug, PartialEq, Eq)]
-enum SqlCommand {
+pub enum SqlCommand {
     DeallocateAll,
     Deallocate(Vec<u8>),
     DiscardAll,
@@ -1185,8 +1214,9 @@ enum SqlCommand {
 }
 
 /// Recognises `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` as a whole query string
-/// (one statement, an optional `;`, no comments).
-fn sql_command(text: &[u8]) -> SqlCommand {
+/// (one statement, an optional `;`, no comments). Public for the fuzz targets' model server.
+#[doc(hidden)]
+pub fn sql_command(text: &[u8]) -> SqlCommand {
     // Most queries: not a D word.
     if !matches!(text.trim_ascii_start().first(), Some(b'd' | b'D')) {
         return SqlCommand::Other;
@@ -1524,6 +1554,101 @@ mod tests {
         assert_eq!(t.expecting(), 0);
         assert!(!t.server.touch(stmt.id));
         assert!(t.client.get(b"s").is_some());
+    }
+
+    #[test]
+    fn a_parse_without_a_body_is_a_violation_not_a_wait() {
+        // Found by the tracker fuzz target: `P` with length 4 was waited on for ever.
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        let mut input = msg(b'P', b"");
+        input.extend(msg(b'S', b""));
+        let (mut pos, mut out) = (0, Out::default());
+        let e = t
+            .rewrite(&input, &mut pos, input.len(), &mut out)
+            .unwrap_err();
+        assert_eq!(e.code, "08P01");
+        // A Parse whose body has not come yet: wait for it.
+        let input = msg(b'P', b"a\0SELECT 1\0\0\0");
+        let (mut pos, mut out) = (0, Out::default());
+        t.rewrite(&input, &mut pos, 5, &mut out).unwrap();
+        assert_eq!(pos, 0);
+    }
+
+    #[test]
+    fn describe_or_close_without_a_nul_is_a_violation() {
+        // Found by the tracker fuzz target: the proxy answered CloseComplete to a Close whose
+        // name had no terminator, where PostgreSQL ends the connection.
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        for m in [msg(b'C', b"Sname"), msg(b'D', b"Sname"), msg(b'C', b"P")] {
+            let (mut pos, mut out) = (0, Out::default());
+            let e = t.rewrite(&m, &mut pos, m.len(), &mut out).unwrap_err();
+            assert_eq!(e.code, "08P01");
+        }
+    }
+
+    #[test]
+    fn messages_after_an_error_already_answered_are_skipped_as_the_server_skips_them() {
+        // PostgreSQL flushes an ErrorResponse at once and then ignores everything up to the
+        // next Sync. Messages the client sends after the error came back must be skipped
+        // by the proxy too: not answered by it, not expected from the server.
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        server.insert(cache.intern(0, b"SELECT 1\0\0\0"), 10);
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        rewrite_all(&mut t, &msg(b'P', b"a\0SELECT bad\0\0\0"));
+        assert!(!t.reply(b'3', None));
+        assert!(!t.reply(b'E', Some("42601")));
+        assert_eq!(t.expecting(), 0);
+        // Then: a Parse the proxy would answer itself, one it would send, and Sync.
+        let mut input = msg(b'P', b"c\0SELECT 1\0\0\0");
+        input.extend(msg(b'P', b"b\0SELECT 2\0\0\0"));
+        input.extend(msg(b'S', b""));
+        assert_eq!(rewrite_all(&mut t, &input), msg(b'S', b""));
+        let mut back = Out::default();
+        assert_eq!(t.answer(b'I', &mut back), Answered::default());
+        assert!(back.is_empty(), "no ParseComplete after the error");
+        assert!(!t.reply(b'Z', None));
+        assert!(!t.desync);
+        assert_eq!(t.expecting(), 0);
+        assert!(t.client.is_empty());
+    }
+
+    #[test]
+    fn skipped_messages_are_undone_last_first() {
+        // Found by the tracker fuzz target: Parse "x" then Close "x" in a batch that an
+        // earlier error skipped left "x" with the client (the Close's undo came last).
+        let cache = Arc::new(StatementCache::default());
+        let mut client = ClientStatements::default();
+        let mut server = ServerStatements::default();
+        let mut t = Tracker::new(&mut client, &mut server, &cache, 0, 10);
+        let mut input = msg(b'D', b"Snope\0");
+        input.extend(msg(b'P', b"x\0SELECT 1\0\0\0"));
+        input.extend(msg(b'C', b"Sx\0"));
+        input.extend(msg(b'S', b""));
+        rewrite_all(&mut t, &input);
+        assert!(t.client.is_empty());
+        assert!(!t.reply(b'E', Some("26000")));
+        assert!(t.client.is_empty(), "neither the Parse nor the Close ran");
+        assert!(!t.reply(b'Z', None));
+        assert_eq!(t.expecting(), 0);
+        assert!(!t.desync);
+        // A DEALLOCATE then a Parse of the same name, skipped: the old statement is back.
+        let old = cache.intern(0, b"SELECT 2\0\0\0");
+        t.client.insert((*b"y").into(), old.clone());
+        let mut input = msg(b'D', b"Snope\0");
+        input.extend(msg(b'C', b"Sy\0"));
+        input.extend(msg(b'P', b"y\0SELECT 3\0\0\0"));
+        input.extend(msg(b'S', b""));
+        rewrite_all(&mut t, &input);
+        assert!(!t.reply(b'E', Some("26000")));
+        assert_eq!(t.client.get(b"y").map(|s| s.id), Some(old.id));
     }
 
     #[test]

@@ -245,9 +245,10 @@ impl Out {
     }
 }
 
-#[cfg(test)]
 impl Out {
-    /// The bytes the queue would send, given the read buffer it covers.
+    /// The bytes the queue would send, given the read buffer it covers (tests and fuzz
+    /// targets).
+    #[doc(hidden)]
     pub fn flatten(&self, buf: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
         let (mut at_buf, mut at_own) = (0, 0);

@@ -161,6 +161,46 @@ async fn query_wait_timeout_errors_and_the_client_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_while_queued_leaves_the_queue_and_runs_nothing() {
+    // Found with benches/netfuzz.sh: clients that sent a batch and closed while queued
+    // stayed queued until query_wait_timeout, and each then took a server connection only
+    // to find nobody there (closing it when the batch was left open): a backlog that made
+    // ordinary clients time out (53300).
+    let db = TestDb::create("queue_leaver", &["acme"]).await;
+    let proxy = Proxy::start(db.config(1, "[proxy]\nauth_method = \"trust\""));
+    let holder = proxy.connect("acme").await;
+    holder.simple_query("BEGIN").await.unwrap();
+    let mut raw = Raw::login(proxy.addr, "acme").await;
+    raw.send(&query("INSERT INTO leads (name) VALUES ('gone')"))
+        .await;
+    let waiting = |n: u32| {
+        let shared = proxy.shared.clone();
+        async move {
+            for _ in 0..500 {
+                if shared.pool.snapshot().waiting == n {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        }
+    };
+    assert!(waiting(1).await, "the raw client queues");
+    // More bytes while queued (read, so that the end of the stream is seen behind them).
+    raw.send(b"Q\0\0").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(raw);
+    assert!(waiting(0).await, "it leaves the queue when it closes");
+    holder.simple_query("COMMIT").await.unwrap();
+    let rows = holder
+        .simple_query("SELECT count(*) FROM leads WHERE name = 'gone'")
+        .await
+        .unwrap();
+    assert_eq!(first(&rows), "0", "its INSERT never ran");
+    proxy.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_caps_reject_and_recover() {
     let db = TestDb::create("client_caps", &["acme", "globex"]).await;
     let proxy = Proxy::start(db.config(

@@ -102,15 +102,18 @@ pub fn session_settings(
             format!("unrecognized configuration parameter \"{name}\""),
         ));
     }
-    // Later values win (options after the packet's own parameters), as in PostgreSQL.
+    // Later values win (options after the packet's own parameters), as in PostgreSQL. A
+    // stable sort by name keeps a name's values in their order: the last one of each run
+    // wins. (Not a search per name: a 10 kB startup packet holds ~1,500 names, and that
+    // quadratic pass cost ~20 ms of CPU before authentication.)
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     let mut dedup: Vec<(String, String)> = Vec::with_capacity(out.len());
     for (k, v) in out {
-        match dedup.iter_mut().find(|(n, _)| *n == k) {
-            Some(e) => e.1 = v,
-            None => dedup.push((k, v)),
+        match dedup.last_mut() {
+            Some(e) if e.0 == k => e.1 = v,
+            _ => dedup.push((k, v)),
         }
     }
-    dedup.sort();
     Ok(dedup)
 }
 
@@ -318,6 +321,27 @@ mod tests {
         );
         p.insert("options".to_string(), "-c x;drop=1".to_string());
         assert_eq!(session_settings(&p).unwrap_err().code, "42704");
+    }
+
+    #[test]
+    fn many_parameters_cost_little() {
+        // The startup fuzz target ran slowly on packets full of parameters: deduplication
+        // searched the list once per name (~20 ms for a 10 kB packet, before authentication).
+        let mut p = std::collections::BTreeMap::new();
+        for i in 0..20_000 {
+            p.insert(format!("k{i}"), i.to_string());
+        }
+        p.insert("options".into(), "-c k7=x -c k7=y".into());
+        let t = std::time::Instant::now();
+        let s = session_settings(&p).unwrap();
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(s.len(), 20_000);
+        assert!(s.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(s.iter().find(|(n, _)| n == "k7").unwrap().1, "y");
     }
 
     #[test]

@@ -62,6 +62,7 @@ enum SniffText {
     /// A Parse whose first body byte (empty name or not) has not been seen.
     Parse,
     NamedParse,
+    UnnamedParse,
 }
 
 impl ClientScan {
@@ -139,8 +140,12 @@ impl ClientScan {
 
     /// Sniffs a piece of a Query or Parse body; `last` when it ends the message.
     fn sniff_body(&mut self, piece: &[u8], last: bool) {
-        if self.sniff == SniffText::Parse && piece.first().is_some_and(|&b| b != 0) {
-            self.sniff = SniffText::NamedParse;
+        if self.sniff == SniffText::Parse {
+            // Decided by the body's first byte only (the scanner never passes an empty piece).
+            self.sniff = match piece.first() {
+                Some(&b) if b != 0 => SniffText::NamedParse,
+                _ => SniffText::UnnamedParse,
+            };
         }
         let bits = self.sniffer.feed(piece, last);
         if bits != 0 {
@@ -846,6 +851,22 @@ mod tests {
         assert_eq!(s.scan(b"GET / HTTP/1.1", 0).unwrap_err().code, "08P01");
         let mut s = ClientScan::default();
         assert_eq!(s.scan(b"Q\0\0", 0).unwrap(), 0);
+    }
+
+    #[test]
+    fn client_scan_tells_a_named_parse_by_its_first_byte_only() {
+        // Found by the client_scan fuzz target: an unnamed Parse read in two pieces, the
+        // second not starting with NUL, was taken for a named one.
+        let b = b"P\0\0\0\x13\0DISCARD ALL\0\0\0";
+        for cut in 0..=b.len() {
+            let mut s = ClientScan::default();
+            let end = s.scan(&b[..cut], 0).unwrap();
+            s.scan(b, end).unwrap();
+            assert_eq!(s.touched, PATH | STATE, "cut at {cut}");
+        }
+        let mut s = ClientScan::default();
+        s.scan(b"P\0\0\0\x14x\0DISCARD ALL\0\0\0", 0).unwrap();
+        assert_eq!(s.touched, PATH | STATE | NAMED_PARSE);
     }
 
     #[test]

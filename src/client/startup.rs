@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use pgwire::messages::Message;
 use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey, Startup,
@@ -43,69 +43,107 @@ pub enum FirstPacket {
     Cancel { pid: i32, secret: i32 },
 }
 
+/// What one startup-phase packet asks for.
+pub enum Packet {
+    /// SSLRequest or GSSENCRequest: answered 'N' (no encryption), and another packet follows.
+    EncryptionRequest,
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    Startup(Box<Startup>),
+}
+
+/// The total length of a startup-phase packet from its 4-byte length prefix (which counts
+/// itself), if it is one PostgreSQL would read.
+pub fn packet_len(len_bytes: [u8; 4]) -> Result<usize, PgError> {
+    let len = i32::from_be_bytes(len_bytes);
+    if len < 8 || len as usize > MAX_STARTUP_LEN {
+        return Err(PgError::protocol_violation(
+            "invalid length of startup packet",
+        ));
+    }
+    Ok(len as usize)
+}
+
+/// Decides what one whole startup-phase packet is: `packet` is exactly the packet, its
+/// length prefix included (as [`packet_len`] accepted it).
+pub fn decode_packet(packet: &[u8]) -> Result<Packet, PgError> {
+    let Some(prefix) = packet.first_chunk::<4>() else {
+        return Err(PgError::protocol_violation("incomplete startup packet"));
+    };
+    let len = packet_len(*prefix)?;
+    if packet.len() != len {
+        return Err(PgError::protocol_violation("incomplete startup packet"));
+    }
+    let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+    match code {
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => {
+            if len != 8 {
+                return Err(PgError::protocol_violation(
+                    "invalid length of startup packet",
+                ));
+            }
+            Ok(Packet::EncryptionRequest)
+        }
+        CANCEL_REQUEST_CODE => {
+            if len != 16 {
+                return Err(PgError::protocol_violation(
+                    "invalid length of cancel request",
+                ));
+            }
+            let pid = i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+            let secret = i32::from_be_bytes([packet[12], packet[13], packet[14], packet[15]]);
+            Ok(Packet::Cancel { pid, secret })
+        }
+        _ => {
+            let major = code >> 16;
+            let minor = code & 0xffff;
+            if major != 3 {
+                return Err(PgError::unsupported(format!(
+                    "unsupported frontend protocol {major}.{minor}: tenantpool supports 3.0"
+                )));
+            }
+            if len <= 8 {
+                return Err(PgError::protocol_violation(
+                    "invalid length of startup packet",
+                ));
+            }
+            // The frame is exact and bounded, as pgwire's decoder requires.
+            let mut frame = BytesMut::from(packet);
+            let startup = Startup::decode(&mut frame, &Default::default())
+                .map_err(|e| PgError::protocol_violation(format!("invalid startup packet: {e}")))?
+                .ok_or_else(|| PgError::protocol_violation("incomplete startup packet"))?;
+            Ok(Packet::Startup(Box::new(startup)))
+        }
+    }
+}
+
 /// Reads packets until a StartupMessage or CancelRequest, answering SSLRequest and
-/// GSSENCRequest with 'N' (no encryption offered).
+/// GSSENCRequest with 'N' (no encryption offered). What each packet is, is decided by
+/// [`decode_packet`].
 pub async fn read_first_packet(stream: &mut TcpStream) -> Result<FirstPacket, PgError> {
+    let mut packet = Vec::new();
     loop {
         let mut len_bytes = [0u8; 4];
         stream
             .read_exact(&mut len_bytes)
             .await
             .map_err(|_| PgError::protocol_violation("incomplete startup packet"))?;
-        let len = i32::from_be_bytes(len_bytes);
-        if len < 8 || len as usize > MAX_STARTUP_LEN {
-            return Err(PgError::protocol_violation(
-                "invalid length of startup packet",
-            ));
-        }
-        let mut packet = BytesMut::with_capacity(len as usize);
-        packet.put_slice(&len_bytes);
-        packet.resize(len as usize, 0);
+        let len = packet_len(len_bytes)?;
+        packet.clear();
+        packet.extend_from_slice(&len_bytes);
+        packet.resize(len, 0);
         stream
             .read_exact(&mut packet[4..])
             .await
             .map_err(|_| PgError::protocol_violation("incomplete startup packet"))?;
-        let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
-        match code {
-            SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => {
-                if len != 8 {
-                    return Err(PgError::protocol_violation(
-                        "invalid length of startup packet",
-                    ));
-                }
-                stream.write_all(b"N").await.map_err(PgError::client_io)?;
+        match decode_packet(&packet)? {
+            Packet::EncryptionRequest => {
+                stream.write_all(b"N").await.map_err(PgError::client_io)?
             }
-            CANCEL_REQUEST_CODE => {
-                if len != 16 {
-                    return Err(PgError::protocol_violation(
-                        "invalid length of cancel request",
-                    ));
-                }
-                let pid = i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
-                let secret = i32::from_be_bytes([packet[12], packet[13], packet[14], packet[15]]);
-                return Ok(FirstPacket::Cancel { pid, secret });
-            }
-            _ => {
-                let major = code >> 16;
-                let minor = code & 0xffff;
-                if major != 3 {
-                    return Err(PgError::unsupported(format!(
-                        "unsupported frontend protocol {major}.{minor}: tenantpool supports 3.0"
-                    )));
-                }
-                if len as usize <= 8 {
-                    return Err(PgError::protocol_violation(
-                        "invalid length of startup packet",
-                    ));
-                }
-                // The frame is exact and bounded, as pgwire's decoder requires.
-                let startup = Startup::decode(&mut packet, &Default::default())
-                    .map_err(|e| {
-                        PgError::protocol_violation(format!("invalid startup packet: {e}"))
-                    })?
-                    .ok_or_else(|| PgError::protocol_violation("incomplete startup packet"))?;
-                return Ok(FirstPacket::Startup(Box::new(startup)));
-            }
+            Packet::Cancel { pid, secret } => return Ok(FirstPacket::Cancel { pid, secret }),
+            Packet::Startup(s) => return Ok(FirstPacket::Startup(s)),
         }
     }
 }
@@ -257,4 +295,63 @@ pub async fn welcome(
     let _ = BackendKeyData::new(key.0, SecretKey::I32(key.1)).encode(&mut out);
     put_ready_for_query(&mut out, b'I');
     stream.write_all(&out).await.map_err(PgError::client_io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(code: u32, body: &[u8]) -> Vec<u8> {
+        let mut p = ((8 + body.len()) as u32).to_be_bytes().to_vec();
+        p.extend_from_slice(&code.to_be_bytes());
+        p.extend_from_slice(body);
+        p
+    }
+
+    #[test]
+    fn decodes_each_kind_of_first_packet() {
+        assert!(matches!(
+            decode_packet(&packet(SSL_REQUEST_CODE, b"")),
+            Ok(Packet::EncryptionRequest)
+        ));
+        assert!(matches!(
+            decode_packet(&packet(GSSENC_REQUEST_CODE, b"")),
+            Ok(Packet::EncryptionRequest)
+        ));
+        assert!(matches!(
+            decode_packet(&packet(CANCEL_REQUEST_CODE, b"\0\0\0\x07\xff\xff\xff\xfe")),
+            Ok(Packet::Cancel { pid: 7, secret: -2 })
+        ));
+        let Ok(Packet::Startup(s)) = decode_packet(&packet(0x0003_0000, b"user\0app\0\0")) else {
+            panic!("startup packet");
+        };
+        assert_eq!(s.parameters.get("user").map(String::as_str), Some("app"));
+    }
+
+    #[test]
+    fn refuses_bad_first_packets() {
+        let code = |p: &[u8]| decode_packet(p).err().map(|e| e.code.to_string());
+        // Lengths: short, over the limit, not the frame's.
+        assert_eq!(code(&[0, 0, 0, 7, 0, 0, 0]).as_deref(), Some("08P01"));
+        assert_eq!(code(&[0, 0, 0x27, 0x11]).as_deref(), Some("08P01"));
+        let mut p = packet(0x0003_0000, b"user\0app\0\0");
+        p.push(0);
+        assert_eq!(code(&p).as_deref(), Some("08P01"));
+        assert_eq!(code(&p[..3]).as_deref(), Some("08P01"));
+        // Requests with a body they must not have.
+        assert_eq!(
+            code(&packet(SSL_REQUEST_CODE, b"x")).as_deref(),
+            Some("08P01")
+        );
+        assert_eq!(
+            code(&packet(CANCEL_REQUEST_CODE, b"1234")).as_deref(),
+            Some("08P01")
+        );
+        // Protocol 2.0, and a 3.0 packet with no parameters at all.
+        assert_eq!(
+            code(&packet(0x0002_0000, b"user\0a\0\0")).as_deref(),
+            Some("0A000")
+        );
+        assert_eq!(code(&packet(0x0003_0000, b"")).as_deref(), Some("08P01"));
+    }
 }

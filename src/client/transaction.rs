@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
+use tokio::io::AsyncReadExt;
 
 use crate::Shared;
 use crate::config::{PoolMode, ResetPathAndRole};
@@ -106,8 +107,10 @@ impl Session {
         let session_mode = shared.config.proxy.pool_mode == PoolMode::Session;
         let mut conn = match self.take_held()? {
             Some(conn) => conn,
-            None => match self.checkout(&shared).await {
-                Ok(c) => c,
+            None => match self.checkout(&shared).await? {
+                Ok(Some(c)) => c,
+                // The client went away while queued: nothing of its batch ran.
+                Ok(None) => return Ok(false),
                 Err(e) => {
                     let err = match e {
                         CheckoutError::Timeout => {
@@ -362,8 +365,15 @@ impl Session {
         })
     }
 
-    /// Takes a server connection from the pool, counting the wait.
-    async fn checkout(&mut self, shared: &Arc<Shared>) -> Result<PooledConn, CheckoutError> {
+    /// Takes a server connection from the pool, counting the wait. `None` when the client
+    /// closed its socket meanwhile: it leaves the queue (as in PgBouncer) instead of taking a
+    /// connection only to find nobody there (which closes the connection when the client left
+    /// a batch open, so every such client also cost a new server login).
+    /// A protocol violation in what it sent meanwhile is the outer error.
+    async fn checkout(
+        &mut self,
+        shared: &Arc<Shared>,
+    ) -> Result<Result<Option<PooledConn>, CheckoutError>, PgError> {
         let tenant = shared.tenants.get(self.reg.tenant);
         let stats = &tenant.stats;
         stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -373,7 +383,31 @@ impl Session {
             .store(STATE_WAITING, Ordering::Relaxed);
         let wait_start = Instant::now();
         let wait = shared.config.limits.query_wait_timeout.0;
-        let checkout = shared.pool.checkout(self.reg.tenant, wait).await;
+        let mut checkout = std::pin::pin!(shared.pool.checkout(self.reg.tenant, wait));
+        let checkout = loop {
+            // Meanwhile the client's further bytes are read (and scanned) as the relay would,
+            // up to a bound, so that its closing is seen behind them.
+            let room = self.buf.len() < QUEUED_READ_MAX && !self.cscan.terminated;
+            if room && self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(relay::CLIENT_BUF);
+            }
+            if !room {
+                tokio::select! {
+                    c = &mut checkout => break Ok(c.map(Some)),
+                    () = closed(&self.stream) => break Ok(Ok(None)),
+                }
+            }
+            tokio::select! {
+                c = &mut checkout => break Ok(c.map(Some)),
+                r = self.stream.read_buf(&mut self.buf) => match r {
+                    Ok(0) | Err(_) => break Ok(Ok(None)),
+                    Ok(_) => match self.cscan.scan(&self.buf, self.cfwd) {
+                        Ok(end) => self.cfwd = end,
+                        Err(e) => break Err(e),
+                    },
+                },
+            }
+        };
         let waited = wait_start.elapsed();
         stats.waiting.fetch_sub(1, Ordering::Relaxed);
         stats
@@ -407,5 +441,20 @@ impl Session {
             list.sort();
             Arc::new(params::Settings::new(list))
         };
+    }
+}
+
+/// Bytes a queued client's buffer may hold before the proxy stops reading it (and then
+/// notices its closing only if nothing more is waiting in the socket).
+const QUEUED_READ_MAX: usize = 4 * relay::CLIENT_BUF;
+
+/// Resolves once the client has closed its socket (end of stream or an error); never while
+/// it is open, whether or not it sent more (that waits in the socket for the relay).
+async fn closed(stream: &tokio::net::TcpStream) {
+    let mut byte = [0u8; 1];
+    if let Ok(n) = stream.peek(&mut byte).await
+        && n > 0
+    {
+        std::future::pending::<()>().await;
     }
 }

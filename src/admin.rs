@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use crate::tls::Stream;
 use bytes::BytesMut;
 use pgwire::messages::Message;
 use pgwire::messages::startup::{Authentication, BackendKeyData, SecretKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::config::PoolMode;
@@ -49,7 +49,7 @@ pub fn welcome(out: &mut BytesMut, key: (i32, i32)) {
 }
 
 /// Serves an admin session until the client leaves.
-pub async fn serve(mut stream: TcpStream, peer: SocketAddr, user: Arc<str>, shared: Arc<Shared>) {
+pub async fn serve(mut stream: Stream, peer: SocketAddr, user: Arc<str>, shared: Arc<Shared>) {
     let mut buf = BytesMut::with_capacity(1024);
     let mut skipping = false;
     loop {
@@ -126,7 +126,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, user: Arc<str>, shar
 
 /// Reads what the client sends: `Some(true)` when bytes came, `Some(false)` when it left,
 /// `None` when the proxy is shutting down.
-async fn read_or_stop(stream: &mut TcpStream, buf: &mut BytesMut, shared: &Shared) -> Option<bool> {
+async fn read_or_stop(stream: &mut Stream, buf: &mut BytesMut, shared: &Shared) -> Option<bool> {
     loop {
         let mut stop = pin!(shared.stop.notified());
         stop.as_mut().enable();

@@ -729,7 +729,7 @@ impl Pool {
     /// Closes `conn` in a task of its own (see [`Pool::close_in`]), then hands its slot to
     /// `then` (which drops it to give it back). Never blocks the caller and never holds the
     /// lock across the wait.
-    fn close_then(conn: ServerConn, slot: Slot, then: impl FnOnce(Slot) + Send + 'static) {
+    fn close_then(mut conn: ServerConn, slot: Slot, then: impl FnOnce(Slot) + Send + 'static) {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move { then(Pool::close_in(conn, slot).await) });
@@ -1318,7 +1318,7 @@ mod tests {
         stream.set_nonblocking(true).unwrap();
         let now = Instant::now();
         let mut conn = ServerConn {
-            stream: tokio::net::TcpStream::from_std(stream).unwrap(),
+            stream: crate::tls::Stream::Plain(tokio::net::TcpStream::from_std(stream).unwrap()),
             buf: Default::default(),
             id: 0,
             backend_pid: 0,

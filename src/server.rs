@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 
 use crate::config::Config;
 use crate::session_state::{RESET_SEARCH_PATH, SessionState};
+use crate::tls::Stream;
 
 /// A server login, by its index in [`ServerTarget::logins`]: [`SHARED_LOGIN`] is
 /// `[server] user`, the others are tenants' own `server_user`s.
@@ -74,7 +75,7 @@ impl ServerTarget {
 /// An open, logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read from the server and not yet forwarded. Kept for the connection's life:
     /// there are few server connections, and this avoids an allocation per transaction.
     pub buf: BytesMut,
@@ -154,7 +155,7 @@ async fn connect_inner(
     let sock = socket2::SockRef::from(&stream);
     let _ = sock.set_keepalive(true);
 
-    let mut stream = stream;
+    let mut stream = Stream::Plain(stream);
     let mut out = BytesMut::with_capacity(256);
     // The search_path and role the connection starts with are also what RESET, DISCARD
     // ALL and `SET ... TO DEFAULT` go back to, whatever ALTER ROLE or ALTER DATABASE say:
@@ -442,8 +443,8 @@ impl ServerConn {
     }
 
     /// Sends a Terminate so PostgreSQL ends the backend cleanly; best effort, never blocks.
-    pub fn terminate(&self) {
-        let _ = self.stream.try_write(TERMINATE);
+    pub fn terminate(&mut self) {
+        self.stream.try_write(TERMINATE);
     }
 
     /// Ends the connection: sends a Terminate and waits (up to `limit`) until PostgreSQL
@@ -454,7 +455,7 @@ impl ServerConn {
     /// it is sent a cancel request. Returns whether PostgreSQL closed the socket in time.
     pub async fn close(mut self, target: &ServerTarget, limit: Duration) -> bool {
         let (pid, secret) = (self.backend_pid, self.backend_secret);
-        let (mut rd, mut wr) = self.stream.split();
+        let (mut rd, mut wr) = tokio::io::split(&mut self.stream);
         let mut ended = pin!(async move {
             // Written while the answers to whatever is running are read and dropped, so a
             // full socket buffer cannot hold the Terminate back.

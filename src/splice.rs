@@ -10,9 +10,9 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::tls::Stream;
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
-use tokio::net::TcpStream;
 
 /// One piece of an outgoing stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub struct Out {
     segs: VecDeque<Seg>,
     /// Bytes made by the proxy; consumed from the front as `Own` segments are written.
     own: BytesMut,
+    /// Written to a TLS stream, which may hold the last bytes back until flushed.
+    unflushed: bool,
 }
 
 /// An arena that grew past this (many statements prepared in one batch) is freed once
@@ -41,8 +43,9 @@ const MAX_KEPT_OWN: usize = 64 * 1024;
 const MAX_SLICES: usize = 16;
 
 impl Out {
+    /// Nothing left to write (or, on TLS, to flush).
     pub fn is_empty(&self) -> bool {
-        self.segs.is_empty()
+        self.segs.is_empty() && !self.unflushed
     }
 
     /// Bytes of the read buffer the queue covers (sent or dropped).
@@ -117,6 +120,7 @@ impl Out {
     pub fn clear(&mut self) -> usize {
         let n = self.buf_len();
         self.segs.clear();
+        self.unflushed = false;
         self.reset_own();
         n
     }
@@ -136,7 +140,7 @@ impl Out {
     #[inline]
     fn write_slices(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         buf: &BytesMut,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<usize>> {
@@ -177,10 +181,17 @@ impl Out {
     /// is advanced past what was consumed.
     pub fn poll_write(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         buf: &mut BytesMut,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<(usize, usize)>> {
+        if self.segs.is_empty() {
+            // All written to TLS: what it holds back goes out now.
+            std::task::ready!(stream.poll_flush_pending(cx))?;
+            self.unflushed = false;
+            return Poll::Ready(Ok((0, 0)));
+        }
+        self.unflushed |= stream.is_tls();
         if let (1, Some(&Seg::Buf(n))) = (self.segs.len(), self.segs.front()) {
             // The common case: one run of forwarded bytes.
             let w = match Pin::new(&mut *stream).poll_write(cx, &buf[..n]) {
@@ -296,7 +307,7 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut a = TcpStream::connect(addr).await.unwrap();
+        let mut a = Stream::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
         let (mut b, _) = listener.accept().await.unwrap();
         let mut buf = BytesMut::from(&b"hello, cruel world!"[..]);
         let mut o = Out::default();

@@ -332,6 +332,20 @@ impl Stream {
         }
     }
 
+    /// Writes what the socket takes now, best effort (a Terminate on the way out).
+    pub fn try_write(&mut self, bytes: &[u8]) {
+        match self {
+            Stream::Plain(s) => {
+                let _ = s.try_write(bytes);
+            }
+            Stream::Tls(s) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let _ = Pin::new(&mut **s).poll_write(&mut cx, bytes);
+                let _ = Pin::new(&mut **s).poll_flush(&mut cx);
+            }
+        }
+    }
+
     /// Reads what is there without waiting (`WouldBlock` when nothing is).
     pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use crate::tls::Stream;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::BytesMut;
@@ -14,7 +15,6 @@ use pgwire::api::auth::sasl::scram::{ScramSecret, ScramServerAuth, gen_salted_pa
 use pgwire::messages::Message;
 use pgwire::messages::startup::{Authentication, PasswordMessageFamily};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::config::{AuthMethod, Config};
 use crate::error::PgError;
@@ -141,7 +141,7 @@ const MAX_AUTH_MESSAGE: usize = 10_000;
 /// Runs the configured exchange with the client. On success the client is authenticated
 /// (AuthenticationOk is not sent yet). `buf` is the connection's read buffer.
 pub async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     method: AuthMethod,
     user_name: &str,
@@ -159,7 +159,7 @@ pub async fn authenticate(
     }
 }
 
-async fn send_auth(stream: &mut TcpStream, msg: Authentication) -> Result<(), PgError> {
+async fn send_auth(stream: &mut Stream, msg: Authentication) -> Result<(), PgError> {
     let mut out = BytesMut::with_capacity(128);
     msg.encode(&mut out)
         .map_err(|e| PgError::protocol_violation(e.to_string()))?;
@@ -168,7 +168,7 @@ async fn send_auth(stream: &mut TcpStream, msg: Authentication) -> Result<(), Pg
 
 /// Reads one whole password-family ('p') message body.
 async fn read_password_message(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<BytesMut, PgError> {
     loop {
@@ -202,7 +202,7 @@ async fn read_password_message(
 }
 
 async fn md5(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     user_name: &str,
     user: Option<&User>,
@@ -246,7 +246,7 @@ fn sasl_initial_well_formed(body: &[u8]) -> bool {
 }
 
 async fn scram(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     user_name: &str,
     user: Option<&User>,

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::error::PgError;
@@ -16,6 +15,7 @@ use crate::pool::CheckoutError;
 use crate::prepared::ClientStatements;
 use crate::registry::ClientSlot;
 use crate::tenant::TenantId;
+use crate::tls::Stream;
 
 use super::relay::ClientScan;
 use super::startup::{self, FirstPacket};
@@ -70,11 +70,12 @@ async fn validate_settings(
 /// Logs a client in within `client_login_timeout`; `None` when it was refused (it has been
 /// told why) or it was a cancel request.
 pub(super) async fn admit_client(
-    mut stream: TcpStream,
+    stream: tokio::net::TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
 ) -> Option<Session> {
     let _ = stream.set_nodelay(true);
+    let mut stream = Stream::Plain(stream);
     let login_timeout = shared.config.limits.client_login_timeout.0;
     // Over max_client_conn the startup packet is still read, to name the tenant in the
     // refusal's metric, but nothing else is done.
@@ -130,7 +131,7 @@ enum Login {
 }
 
 async fn login(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     conn_count: Option<ConnCount>,

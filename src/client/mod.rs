@@ -23,12 +23,12 @@ use std::task::Poll;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::error::PgError;
 use crate::prepared::ClientStatements;
 use crate::protocol::{header, put_ready_for_query};
+use crate::tls::Stream;
 
 use login::Registration;
 use relay::{CLIENT_BUF, ClientScan};
@@ -40,7 +40,7 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Written as a plain function returning a future so that the task's state is just the
 /// (boxed) login and then the session: an idle client's task stays a few hundred bytes.
 pub fn serve<T: Send + 'static>(
-    stream: TcpStream,
+    stream: tokio::net::TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     alive: T,
@@ -57,7 +57,7 @@ pub fn serve<T: Send + 'static>(
 
 /// A logged-in client.
 struct Session {
-    stream: TcpStream,
+    stream: Stream,
     /// Read buffer; empty and unallocated while the client is idle.
     buf: BytesMut,
     /// Bytes at the front of `buf` scanned and ready for the server.
@@ -209,7 +209,7 @@ impl Session {
     async fn wait_for_data(&mut self) -> Wake {
         while self.buf.is_empty() {
             let shared = &*self.reg.shared;
-            let stream = &self.stream;
+            let stream = &mut self.stream;
             let mut stop = pin!(shared.stop.notified());
             stop.as_mut().enable();
             if shared.stopping.load(Ordering::Acquire) {

@@ -14,13 +14,13 @@ use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 
 use crate::error::PgError;
 use crate::prepared::Tracker;
 use crate::protocol::{HEADER_LEN, MAX_CLIENT_MESSAGE_LEN, header, is_frontend_tag};
 use crate::sniff::{NAMED_PARSE, PATH, STATE, STATEMENTS, Sniffer, Touched};
 use crate::splice::Out;
+use crate::tls::Stream;
 
 /// Read buffer size of a client with data in flight.
 pub const CLIENT_BUF: usize = 8 * 1024;
@@ -483,12 +483,12 @@ pub enum ClientWait {
 
 /// Everything the relay moves and tracks; borrowed from the session and the server conn.
 pub struct Relay<'a> {
-    pub client: &'a mut TcpStream,
+    pub client: &'a mut Stream,
     pub cbuf: &'a mut BytesMut,
     /// Bytes at the front of `cbuf` the client scanner has checked.
     pub cfwd: &'a mut usize,
     pub cscan: &'a mut ClientScan,
-    pub server: &'a mut TcpStream,
+    pub server: &'a mut Stream,
     pub sbuf: &'a mut BytesMut,
     pub sscan: ServerScan,
     /// What goes to the server: injected queries first, then the client's bytes.
@@ -797,7 +797,7 @@ impl Relay<'_> {
 
 /// Reads what is available into `buf` (growing it to at least `CLIENT_BUF` free bytes).
 fn poll_read_some(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<usize>> {

@@ -4,13 +4,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::tls::Stream;
 use bytes::BytesMut;
 use pgwire::messages::Message;
 use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey, Startup,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::config::{ADMIN_DATABASES, TenantFrom};
@@ -122,7 +122,7 @@ pub fn decode_packet(packet: &[u8]) -> Result<Packet, PgError> {
 /// Reads packets until a StartupMessage or CancelRequest, answering SSLRequest and
 /// GSSENCRequest with 'N' (no encryption offered). What each packet is, is decided by
 /// [`decode_packet`].
-pub async fn read_first_packet(stream: &mut TcpStream) -> Result<FirstPacket, PgError> {
+pub async fn read_first_packet(stream: &mut Stream) -> Result<FirstPacket, PgError> {
     let mut packet = Vec::new();
     loop {
         let mut len_bytes = [0u8; 4];
@@ -151,7 +151,7 @@ pub async fn read_first_packet(stream: &mut TcpStream) -> Result<FirstPacket, Pg
 /// Admits a client: negotiates the protocol version, authenticates, finds the tenant and
 /// takes client slots. On success the client has been sent AuthenticationOk.
 pub async fn admit(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     startup: Startup,
     shared: &Shared,
@@ -270,7 +270,7 @@ pub async fn admit(
 /// The values are the server's, as the client's own settings change them: what PostgreSQL
 /// reported when the settings were applied, else the values as the client gave them.
 pub async fn welcome(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     server_params: &[(String, String)],
     settings: &params::Settings,
     key: (i32, i32),

@@ -394,7 +394,7 @@ impl Session {
             if !room {
                 tokio::select! {
                     c = &mut checkout => break Ok(c.map(Some)),
-                    () = closed(&self.stream) => break Ok(Ok(None)),
+                    () = closed(self.stream.tcp()) => break Ok(Ok(None)),
                 }
             }
             tokio::select! {

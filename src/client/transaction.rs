@@ -393,11 +393,15 @@ impl Session {
             }
             if !room {
                 tokio::select! {
+                    biased;
                     c = &mut checkout => break Ok(c.map(Some)),
                     () = closed(self.stream.tcp()) => break Ok(Ok(None)),
                 }
             }
+            // The checkout first: a free connection is the common case, and then the
+            // client's socket is not touched.
             tokio::select! {
+                biased;
                 c = &mut checkout => break Ok(c.map(Some)),
                 r = self.stream.read_buf(&mut self.buf) => match r {
                     Ok(0) | Err(_) => break Ok(Ok(None)),

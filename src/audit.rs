@@ -110,7 +110,10 @@ async fn fallback_warnings(conn: &mut ServerConn, config: &Config) -> Result<Vec
 /// proxy: these connections are outside the pool). A role that cannot be checked (the
 /// server is down, a password is wrong) is reported as such.
 pub async fn server_roles(config: &Config) -> Vec<String> {
-    let target = ServerTarget::from_config(config);
+    let target = match ServerTarget::from_config(config) {
+        Ok(t) => t,
+        Err(e) => return vec![format!("could not check the server roles: {e}")],
+    };
     let mut warnings = Vec::new();
     for login in 0..target.logins.len() as LoginId {
         let user = &target.login(login).user;

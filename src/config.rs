@@ -46,6 +46,10 @@ pub enum AuthMethod {
     Md5,
     #[serde(rename = "trust")]
     Trust,
+    /// A TLS client certificate signed by `tls_client_ca_file` whose common name is the
+    /// user name (PgBouncer's `auth_type = cert`).
+    #[serde(rename = "cert")]
+    Cert,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -53,6 +57,8 @@ pub enum AuthMethod {
 pub enum TenantFrom {
     Database,
     User,
+    /// The TLS server name: `acme.<sni_domain>` is tenant `acme`.
+    Sni,
 }
 
 /// When a server connection gets its tenant's search_path and the server role set again
@@ -82,6 +88,7 @@ pub enum ServerTls {
     Disable,
     Prefer,
     Require,
+    VerifyCa,
     VerifyFull,
 }
 
@@ -102,6 +109,8 @@ pub struct ProxyConfig {
     pub client_tls: ClientTls,
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
+    pub tls_client_ca_file: Option<String>,
+    pub sni_domain: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -119,6 +128,8 @@ impl Default for ProxyConfig {
             client_tls: ClientTls::Disable,
             tls_cert_file: None,
             tls_key_file: None,
+            tls_client_ca_file: None,
+            sni_domain: None,
         }
     }
 }
@@ -163,6 +174,11 @@ pub struct ServerConfig {
     pub tls: ServerTls,
     #[serde(default)]
     pub tls_ca_file: Option<String>,
+    /// A client certificate tenantpool presents to the server.
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
 }
 
 fn default_host() -> String {
@@ -499,6 +515,78 @@ impl Config {
         }
     }
 
+    /// The TLS keys, and the files they name (readable, a key that is the certificate's,
+    /// a certificate within its validity period).
+    fn validate_tls(&self, p: &mut Vec<String>) {
+        let proxy = &self.proxy;
+        let tls_on = proxy.client_tls != ClientTls::Disable;
+        match (&proxy.tls_cert_file, &proxy.tls_key_file) {
+            (Some(c), Some(k)) => {
+                for problem in crate::tls::check_identity(c, k) {
+                    p.push(format!("proxy.tls_cert_file/tls_key_file: {problem}"));
+                }
+            }
+            (None, None) if !tls_on => {}
+            _ => p.push(format!(
+                "proxy.tls_cert_file and proxy.tls_key_file: both are needed{}",
+                if tls_on {
+                    " (client_tls is not \"disable\")"
+                } else {
+                    ""
+                }
+            )),
+        }
+        if let Some(ca) = &proxy.tls_client_ca_file {
+            if let Err(e) = crate::tls::load_roots(ca) {
+                p.push(format!("proxy.tls_client_ca_file: {e}"));
+            }
+            if !tls_on {
+                p.push("proxy.tls_client_ca_file: client_tls is \"disable\"".into());
+            }
+        }
+        if proxy.auth_method == AuthMethod::Cert
+            && (proxy.client_tls != ClientTls::Require || proxy.tls_client_ca_file.is_none())
+        {
+            p.push(
+                "proxy.auth_method = \"cert\": needs client_tls = \"require\" and tls_client_ca_file"
+                    .into(),
+            );
+        }
+        match (&proxy.tenant_from, &proxy.sni_domain) {
+            (TenantFrom::Sni, None) => {
+                p.push("proxy.tenant_from = \"sni\": needs proxy.sni_domain".into())
+            }
+            (TenantFrom::Sni, Some(_)) if !tls_on => p.push(
+                "proxy.tenant_from = \"sni\": needs client_tls other than \"disable\"".into(),
+            ),
+            (_, Some(d)) if d.is_empty() || d.starts_with('.') => p.push(format!(
+                "proxy.sni_domain: \"{d}\" is not a domain such as \"db.example.com\""
+            )),
+            _ => {}
+        }
+        let server = &self.server;
+        match (&server.tls_cert_file, &server.tls_key_file) {
+            (Some(c), Some(k)) => {
+                for problem in crate::tls::check_identity(c, k) {
+                    p.push(format!("server.tls_cert_file/tls_key_file: {problem}"));
+                }
+            }
+            (None, None) => {}
+            _ => p.push("server.tls_cert_file and server.tls_key_file: both or neither".into()),
+        }
+        if let Some(ca) = &server.tls_ca_file
+            && let Err(e) = crate::tls::load_roots(ca)
+        {
+            p.push(format!("server.tls_ca_file: {e}"));
+        }
+        if matches!(server.tls, ServerTls::VerifyCa | ServerTls::VerifyFull)
+            && server.tls_ca_file.is_none()
+            && let Err(e) = crate::tls::system_roots()
+        {
+            p.push(format!("server.tls: {e}"));
+        }
+    }
+
     /// Checks everything that parsing alone does not; reports all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
@@ -519,19 +607,7 @@ impl Config {
         if self.proxy.max_client_conn == 0 {
             p.push("proxy.max_client_conn: must be at least 1".into());
         }
-        if self.proxy.client_tls != ClientTls::Disable {
-            p.push(
-                "proxy.client_tls: only \"disable\" is supported in this version (TLS is not built yet)"
-                    .into(),
-            );
-        }
-        match self.server.tls {
-            ServerTls::Disable | ServerTls::Prefer => {}
-            _ => p.push(
-                "server.tls: only \"disable\" and \"prefer\" (which falls back to plain TCP) are supported in this version"
-                    .into(),
-            ),
-        }
+        self.validate_tls(&mut p);
         if self.server.max_connections == 0 {
             p.push("server.max_connections: must be at least 1".into());
         }
@@ -650,9 +726,10 @@ impl Config {
                     "users.{name}: give one of password, password_env or scram"
                 ));
             }
-            if given == 0 && self.proxy.auth_method != AuthMethod::Trust {
+            if given == 0 && !matches!(self.proxy.auth_method, AuthMethod::Trust | AuthMethod::Cert)
+            {
                 p.push(format!(
-                    "users.{name}: needs password, password_env or scram (auth_method is not trust)"
+                    "users.{name}: needs password, password_env or scram (auth_method is not trust or cert)"
                 ));
             }
             if let Some(v) = &u.password_env

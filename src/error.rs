@@ -78,6 +78,34 @@ impl PgError {
         PgError::fatal("28000", format!("user \"{user}\" may not open {what}"))
     }
 
+    /// `client_tls = "require"` and the client did not ask for TLS: FATAL 28000.
+    pub fn tls_required() -> PgError {
+        PgError::fatal(
+            "28000",
+            "TLS is required: connect with sslmode=require (or stronger)",
+        )
+    }
+
+    /// `auth_method = "cert"` and no verified client certificate names the user: FATAL
+    /// 28000, as PostgreSQL's cert authentication.
+    pub fn certificate_failed(user: &str) -> PgError {
+        PgError::fatal(
+            "28000",
+            format!("certificate authentication failed for user \"{user}\""),
+        )
+    }
+
+    /// The tenant named by the TLS server name and the one named by dbname differ: FATAL
+    /// 28000.
+    pub fn tenant_mismatch(by_name: &str, by_db: &str) -> PgError {
+        PgError::fatal(
+            "28000",
+            format!(
+                "the TLS server name names tenant \"{by_name}\" but dbname names tenant \"{by_db}\""
+            ),
+        )
+    }
+
     /// No user in the startup packet: FATAL 28000, as PostgreSQL says it.
     pub fn no_user() -> PgError {
         PgError::fatal(

@@ -42,6 +42,8 @@ use crate::tenant::Tenants;
 /// State every client task shares.
 pub struct Shared {
     pub config: Config,
+    /// TLS towards clients, when `client_tls` is not `disable`.
+    pub tls: Option<Arc<tls::Listener>>,
     pub tenants: Arc<Tenants>,
     pub users: UserDb,
     pub pool: Arc<Pool>,
@@ -100,7 +102,11 @@ impl Proxy {
         let listener = socket.listen(4096)?;
 
         let tenants = Arc::new(Tenants::from_config(&config));
-        let target = ServerTarget::from_config(&config);
+        let target = ServerTarget::from_config(&config)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tls = tls::Listener::from_config(&config)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
+            .map(Arc::new);
         let settings = PoolSettings {
             max_connections: config.server.max_connections,
             min_idle: config.server.min_idle,
@@ -123,6 +129,7 @@ impl Proxy {
         let settings = client::params::SettingsCache::default();
         let shared = Arc::new(Shared {
             config,
+            tls,
             tenants,
             users,
             pool,

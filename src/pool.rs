@@ -1247,7 +1247,7 @@ mod tests {
              [users.x]\npassword = \"p\"\n"
         ))
         .unwrap();
-        let target = ServerTarget::from_config(&config);
+        let target = ServerTarget::from_config(&config).unwrap();
         let settings = PoolSettings {
             max_connections: 4,
             min_idle: 0,

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256,
+};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,6 +43,8 @@ pub struct ServerTarget {
     /// Every login server connections use, by [`LoginId`]; never empty.
     pub logins: Vec<ServerLogin>,
     pub connect_timeout: Duration,
+    /// TLS towards the server, unless `server.tls = "disable"`.
+    pub tls: Option<std::sync::Arc<crate::tls::Connector>>,
 }
 
 /// A role tenantpool logs in as.
@@ -52,8 +56,8 @@ pub struct ServerLogin {
 
 impl ServerTarget {
     /// The server and its logins as the config names them (see [`Config::server_logins`]).
-    pub fn from_config(config: &Config) -> ServerTarget {
-        ServerTarget {
+    pub fn from_config(config: &Config) -> Result<ServerTarget, String> {
+        Ok(ServerTarget {
             host: config.server.host.clone(),
             port: config.server.port,
             database: config.server.database.clone(),
@@ -64,6 +68,21 @@ impl ServerTarget {
                 .map(|(user, password)| ServerLogin { user, password })
                 .collect(),
             connect_timeout: config.server.connect_timeout.0,
+            tls: crate::tls::Connector::from_config(config)?.map(std::sync::Arc::new),
+        })
+    }
+
+    /// A TCP connection to the server, with TLS negotiated when configured.
+    pub async fn open(&self) -> Result<Stream, String> {
+        let addr = format!("{}:{}", self.host, self.port);
+        let tcp = TcpStream::connect(&addr)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
+        match &self.tls {
+            None => Ok(Stream::Plain(tcp)),
+            Some(tls) => tls.negotiate(tcp, &self.host).await,
         }
     }
 
@@ -147,15 +166,7 @@ async fn connect_inner(
     pooled: bool,
 ) -> Result<Login, String> {
     let ServerLogin { user, password } = target.login(login);
-    let addr = format!("{}:{}", target.host, target.port);
-    let stream = TcpStream::connect(&addr)
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let sock = socket2::SockRef::from(&stream);
-    let _ = sock.set_keepalive(true);
-
-    let mut stream = Stream::Plain(stream);
+    let mut stream = target.open().await?;
     let mut out = BytesMut::with_capacity(256);
     // The search_path and role the connection starts with are also what RESET, DISCARD
     // ALL and `SET ... TO DEFAULT` go back to, whatever ALTER ROLE or ALTER DATABASE say:
@@ -213,17 +224,32 @@ async fn connect_inner(
             }
             Message::AuthenticationSasl(body) => {
                 let mut mechs = body.mechanisms();
-                let mut has_scram = false;
+                let (mut has_scram, mut has_plus) = (false, false);
                 while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechs)
                     .map_err(|e| e.to_string())?
                 {
                     has_scram |= m == SCRAM_SHA_256;
+                    has_plus |= m == SCRAM_SHA_256_PLUS;
                 }
-                if !has_scram {
-                    return Err("server offers no SASL mechanism tenantpool supports".into());
-                }
-                let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                // Over TLS, bound to the server's certificate when the server offers it
+                // (a man in the middle cannot relay the exchange); else say that this
+                // client could bind, so that a server stripped of -PLUS is noticed.
+                let end_point = stream
+                    .peer_certificate()
+                    .and_then(crate::tls::end_point_hash);
+                let (mechanism, binding) = match end_point {
+                    Some(hash) if has_plus => (
+                        SCRAM_SHA_256_PLUS,
+                        ChannelBinding::tls_server_end_point(hash),
+                    ),
+                    _ if !has_scram => {
+                        return Err("server offers no SASL mechanism tenantpool supports".into());
+                    }
+                    _ if stream.is_tls() => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                    _ => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                };
+                let s = ScramSha256::new(password()?.as_bytes(), binding);
+                frontend::sasl_initial_response(mechanism, s.message(), &mut out)
                     .map_err(|e| e.to_string())?;
                 scram = Some(s);
             }
@@ -503,10 +529,11 @@ const CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 /// Sends a CancelRequest for a server backend over a short new connection.
 pub async fn send_cancel(target: &ServerTarget, pid: i32, secret: i32) -> io::Result<()> {
-    let addr = format!("{}:{}", target.host, target.port);
-    let mut stream = tokio::time::timeout(target.connect_timeout, TcpStream::connect(&addr))
+    // Over TLS too when the server is reached that way (it may refuse plain TCP).
+    let mut stream = tokio::time::timeout(target.connect_timeout, target.open())
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+        .map_err(io::Error::other)?;
     let mut out = BytesMut::with_capacity(16);
     frontend::cancel_request(pid, secret, &mut out);
     stream.write_all(&out).await?;

@@ -296,6 +296,39 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// The server name the client asked for (SNI), on a TLS connection from a client.
+    pub fn sni(&self) -> Option<&str> {
+        match self {
+            Stream::Tls(s) => match &**s {
+                tokio_rustls::TlsStream::Server(s) => s.get_ref().1.server_name(),
+                tokio_rustls::TlsStream::Client(_) => None,
+            },
+            Stream::Plain(_) => None,
+        }
+    }
+
+    /// The common name of the certificate the peer presented (verified by rustls).
+    pub fn peer_common_name(&self) -> Option<String> {
+        let cert = self.peer_certificate()?;
+        x509_certificate::CapturedX509Certificate::from_der(cert.to_vec())
+            .ok()?
+            .subject_common_name()
+    }
+
+    /// The peer's (leaf) certificate, on TLS.
+    pub fn peer_certificate(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Tls(s) => {
+                let certs = match &**s {
+                    tokio_rustls::TlsStream::Server(s) => s.get_ref().1.peer_certificates(),
+                    tokio_rustls::TlsStream::Client(s) => s.get_ref().1.peer_certificates(),
+                }?;
+                certs.first().map(|c| c.as_ref())
+            }
+            Stream::Plain(_) => None,
+        }
+    }
+
     /// Ready when a read would find something (or the end): for TLS, bytes rustls has
     /// already decrypted count too. Needs no read buffer.
     pub fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -420,6 +453,151 @@ impl AsyncWrite for Stream {
             Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
+}
+
+/// What the listener needs to speak TLS with clients: the acceptor, and SCRAM bound to
+/// its certificate (SCRAM-SHA-256-PLUS, channel binding `tls-server-end-point`).
+pub struct Listener {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub scram: pgwire::api::auth::sasl::scram::ScramServerAuth,
+}
+
+impl Listener {
+    /// From `[proxy]`'s TLS keys; `None` when `client_tls = "disable"`.
+    pub fn from_config(config: &crate::config::Config) -> Result<Option<Listener>, String> {
+        let proxy = &config.proxy;
+        if proxy.client_tls == crate::config::ClientTls::Disable {
+            return Ok(None);
+        }
+        let (Some(cert), Some(key)) = (&proxy.tls_cert_file, &proxy.tls_key_file) else {
+            return Err("proxy.tls_cert_file and tls_key_file are needed".into());
+        };
+        let identity = load_identity(cert, key)?;
+        let require_client_cert = proxy.auth_method == crate::config::AuthMethod::Cert;
+        let config = acceptor_config(
+            identity,
+            proxy.tls_client_ca_file.as_deref(),
+            require_client_cert,
+        )?;
+        let pem = std::fs::read(cert).map_err(|e| format!("{cert}: {e}"))?;
+        let mut scram = pgwire::api::auth::sasl::scram::ScramServerAuth::new();
+        scram
+            .configure_certificate(&pem)
+            .map_err(|e| format!("{cert}: channel binding: {e}"))?;
+        Ok(Some(Listener {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            scram,
+        }))
+    }
+}
+
+/// How tenantpool speaks TLS to PostgreSQL (`[server] tls` other than `disable`).
+pub struct Connector {
+    connector: tokio_rustls::TlsConnector,
+    /// `prefer`: plain TCP when the server does not offer TLS.
+    optional: bool,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Connector(optional: {})", self.optional)
+    }
+}
+
+/// The SSLRequest packet.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+impl Connector {
+    /// From `[server]`'s TLS keys; `None` for `tls = "disable"`.
+    pub fn from_config(config: &crate::config::Config) -> Result<Option<Connector>, String> {
+        use crate::config::ServerTls;
+        let server = &config.server;
+        let verify = match server.tls {
+            ServerTls::Disable => return Ok(None),
+            ServerTls::Prefer | ServerTls::Require => Verify::None,
+            ServerTls::VerifyCa => Verify::Chain,
+            ServerTls::VerifyFull => Verify::Full,
+        };
+        let identity = match (&server.tls_cert_file, &server.tls_key_file) {
+            (Some(c), Some(k)) => Some(load_identity(c, k)?),
+            _ => None,
+        };
+        let config = connector_config(verify, server.tls_ca_file.as_deref(), identity)?;
+        Ok(Some(Connector {
+            connector: tokio_rustls::TlsConnector::from(config),
+            optional: server.tls == ServerTls::Prefer,
+        }))
+    }
+
+    /// Asks the server for TLS (SSLRequest) and does the handshake, with `host` as the
+    /// server name (SNI, and what verify-full checks). Plain TCP only when the server
+    /// declines and TLS is optional.
+    pub async fn negotiate(&self, mut tcp: TcpStream, host: &str) -> Result<Stream, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tcp.write_all(&SSL_REQUEST)
+            .await
+            .map_err(|e| format!("SSLRequest: {e}"))?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer)
+            .await
+            .map_err(|e| format!("SSLRequest: {e}"))?;
+        match answer[0] {
+            b'S' => {}
+            b'N' if self.optional => return Ok(Stream::Plain(tcp)),
+            b'N' => {
+                return Err(format!(
+                    "{host} does not accept TLS connections (server.tls requires TLS)"
+                ));
+            }
+            other => return Err(format!("{host} answered the SSLRequest with {other:#04x}")),
+        }
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| format!("\"{host}\" is not a host name TLS can verify"))?;
+        let tls = self
+            .connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {host} failed: {}", describe(&e)))?;
+        Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
+    }
+}
+
+/// Says what went wrong in a handshake the way an operator acts on it.
+pub fn describe(e: &io::Error) -> String {
+    let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    use rustls::CertificateError as C;
+    match err {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => {
+                "the certificate is signed by an unknown CA (see server.tls_ca_file)".into()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "the certificate does not name this host (name mismatch)".into()
+            }
+            C::Expired | C::ExpiredContext { .. } => "the certificate has expired".into(),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "the certificate is not valid yet".into()
+            }
+            C::Revoked => "the certificate is revoked".into(),
+            other => format!("invalid certificate: {other:?}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// The `tls-server-end-point` channel binding data of a certificate (RFC 5929): its hash
+/// with the algorithm of its signature, SHA-256 for SHA-1 and MD5.
+pub fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
+    use x509_certificate::SignatureAlgorithm as S;
+    let x509 = x509_certificate::CapturedX509Certificate::from_der(cert.to_vec()).ok()?;
+    let algorithm = match x509.signature_algorithm()? {
+        S::RsaSha384 | S::EcdsaSha384 => &ring::digest::SHA384,
+        S::RsaSha512 => &ring::digest::SHA512,
+        _ => &ring::digest::SHA256,
+    };
+    Some(ring::digest::digest(algorithm, cert).as_ref().to_vec())
 }
 
 /// What is wrong with a certificate and key pair, for `tenantpool check`: unreadable,

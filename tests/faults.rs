@@ -139,7 +139,7 @@ async fn cancelled_checkouts_give_back_every_count() {
         ),
     );
     let pool = Pool::new(
-        ServerTarget::from_config(&config),
+        ServerTarget::from_config(&config).unwrap(),
         PoolSettings {
             max_connections: max,
             min_idle: 0,

@@ -46,7 +46,7 @@ fn stream(mut data: &[u8]) {
             return;
         }
         match decode_packet(&data[..len]) {
-            Ok(Packet::EncryptionRequest) => {
+            Ok(Packet::EncryptionRequest { .. }) => {
                 assert_eq!(len, 8);
                 data = &data[len..];
             }

@@ -144,6 +144,7 @@ pub async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
     method: AuthMethod,
+    tls: Option<&crate::tls::Listener>,
     user_name: &str,
     user: Option<&User>,
 ) -> Result<(), PgError> {
@@ -155,7 +156,21 @@ pub async fn authenticate(
             Ok(())
         }
         AuthMethod::Md5 => md5(stream, buf, user_name, user).await,
-        AuthMethod::ScramSha256 => scram(stream, buf, user_name, user).await,
+        AuthMethod::ScramSha256 => {
+            // On TLS, SCRAM-SHA-256-PLUS too: channel binding to the certificate.
+            let bound = tls.filter(|_| stream.is_tls()).map(|t| &t.scram);
+            scram(stream, buf, bound, user_name, user).await
+        }
+        AuthMethod::Cert => {
+            // rustls verified the certificate against tls_client_ca_file during the
+            // handshake; its common name must be the user's name (as PostgreSQL's cert
+            // authentication without a user map).
+            let cn = stream.peer_common_name();
+            match (cn, user) {
+                (Some(cn), Some(_)) if cn == user_name => Ok(()),
+                _ => Err(PgError::certificate_failed(user_name)),
+            }
+        }
     }
 }
 
@@ -248,6 +263,7 @@ fn sasl_initial_well_formed(body: &[u8]) -> bool {
 async fn scram(
     stream: &mut Stream,
     buf: &mut BytesMut,
+    bound: Option<&ScramServerAuth>,
     user_name: &str,
     user: Option<&User>,
 ) -> Result<(), PgError> {
@@ -261,7 +277,11 @@ async fn scram(
             stored_key: rand::random::<[u8; 32]>().to_vec(),
             server_key: rand::random::<[u8; 32]>().to_vec(),
         });
-    send_auth(stream, Authentication::SASL(vec!["SCRAM-SHA-256".into()])).await?;
+    let mechanisms = match bound {
+        Some(_) => vec!["SCRAM-SHA-256-PLUS".into(), "SCRAM-SHA-256".into()],
+        None => vec!["SCRAM-SHA-256".into()],
+    };
+    send_auth(stream, Authentication::SASL(mechanisms)).await?;
 
     let mut body = read_password_message(stream, buf).await?;
     if !sasl_initial_well_formed(&body) {
@@ -271,7 +291,8 @@ async fn scram(
     let initial = PasswordMessageFamily::decode_body(&mut body, len, &Default::default())
         .and_then(|m| m.into_sasl_initial_response())
         .map_err(|e| PgError::protocol_violation(e.to_string()))?;
-    if initial.auth_method != "SCRAM-SHA-256" {
+    let plus = initial.auth_method == "SCRAM-SHA-256-PLUS" && bound.is_some();
+    if initial.auth_method != "SCRAM-SHA-256" && !plus {
         return Err(PgError::protocol_violation(format!(
             "SASL mechanism {} is not supported",
             initial.auth_method
@@ -280,7 +301,9 @@ async fn scram(
     let first = initial
         .data
         .ok_or_else(|| PgError::protocol_violation("empty SCRAM client-first message"))?;
-    let server = ScramServerAuth::new();
+    // With channel binding offered, pgwire also refuses a client that says it could bind
+    // but believes the server cannot (a downgrade).
+    let server = bound.cloned().unwrap_or_default();
     let (server_first, waiting) = server
         .on_client_first_message_with_secret(&first, keys.secret())
         .map_err(|e| PgError::protocol_violation(e.to_string()))?;

@@ -75,32 +75,37 @@ pub(super) async fn admit_client(
     shared: Arc<Shared>,
 ) -> Option<Session> {
     let _ = stream.set_nodelay(true);
-    let mut stream = Stream::Plain(stream);
     let login_timeout = shared.config.limits.client_login_timeout.0;
     // Over max_client_conn the startup packet is still read, to name the tenant in the
     // refusal's metric, but nothing else is done.
     let conn_count = ConnCount::try_take(&shared);
-    let reg =
-        match tokio::time::timeout(login_timeout, login(&mut stream, peer, &shared, conn_count))
-            .await
-        {
-            Ok(Ok(Some(reg))) => reg,
-            Ok(Ok(None)) => return None,
-            Ok(Err(e)) if e.is_client_io() => {
-                tracing::info!(client = %peer, error = %e, "client connection lost during login");
-                return None;
-            }
-            Ok(Err(e)) => {
-                tracing::info!(client = %peer, error = %e, "login refused");
-                let _ = stream.write_all(&e.to_bytes()).await;
-                return None;
-            }
-            Err(_) => {
-                tracing::info!(client = %peer, "login timed out");
-                let _ = stream.write_all(&PgError::login_timeout().to_bytes()).await;
-                return None;
-            }
-        };
+    // The client's stream as soon as there is one (plain, or TLS once negotiated), so
+    // that a refusal can be sent on it.
+    let mut slot = None;
+    let result = tokio::time::timeout(
+        login_timeout,
+        login(stream, &mut slot, peer, &shared, conn_count),
+    )
+    .await;
+    let mut stream = slot?;
+    let reg = match result {
+        Ok(Ok(Some(reg))) => reg,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) if e.is_client_io() => {
+            tracing::info!(client = %peer, error = %e, "client connection lost during login");
+            return None;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(client = %peer, error = %e, "login refused");
+            let _ = stream.write_all(&e.to_bytes()).await;
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(client = %peer, "login timed out");
+            let _ = stream.write_all(&PgError::login_timeout().to_bytes()).await;
+            return None;
+        }
+    };
     let reg = match reg {
         Login::Client(reg) => reg,
         Login::Admin(user, _conn_count) => {
@@ -131,12 +136,15 @@ enum Login {
 }
 
 async fn login(
-    stream: &mut Stream,
+    tcp: tokio::net::TcpStream,
+    slot: &mut Option<Stream>,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     conn_count: Option<ConnCount>,
 ) -> Result<Option<Login>, PgError> {
-    let startup = match startup::read_first_packet(stream).await? {
+    let first = startup::open(slot, tcp, shared.tls.as_deref(), peer).await?;
+    let stream = slot.as_mut().expect("open set it");
+    let startup = match first {
         FirstPacket::Cancel { pid, secret } => {
             if let Some((spid, ssecret)) = shared.registry.lookup(pid, secret) {
                 tracing::debug!(client = %peer, "forwarding cancel request");
@@ -146,6 +154,9 @@ async fn login(
         }
         FirstPacket::Startup(s) => s,
     };
+    if shared.config.proxy.client_tls == crate::config::ClientTls::Require && !stream.is_tls() {
+        return Err(PgError::tls_required());
+    }
     let mut buf = BytesMut::new();
     let admitted = startup::admit(stream, &mut buf, *startup, shared, conn_count.is_none()).await?;
     // admit refused every client over the limit.

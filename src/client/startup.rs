@@ -45,8 +45,11 @@ pub enum FirstPacket {
 
 /// What one startup-phase packet asks for.
 pub enum Packet {
-    /// SSLRequest or GSSENCRequest: answered 'N' (no encryption), and another packet follows.
-    EncryptionRequest,
+    /// SSLRequest (`ssl`) or GSSENCRequest: another packet follows, over TLS when an
+    /// SSLRequest was answered 'S'.
+    EncryptionRequest {
+        ssl: bool,
+    },
     Cancel {
         pid: i32,
         secret: i32,
@@ -84,7 +87,9 @@ pub fn decode_packet(packet: &[u8]) -> Result<Packet, PgError> {
                     "invalid length of startup packet",
                 ));
             }
-            Ok(Packet::EncryptionRequest)
+            Ok(Packet::EncryptionRequest {
+                ssl: code == SSL_REQUEST_CODE,
+            })
         }
         CANCEL_REQUEST_CODE => {
             if len != 16 {
@@ -119,12 +124,35 @@ pub fn decode_packet(packet: &[u8]) -> Result<Packet, PgError> {
     }
 }
 
-/// Reads packets until a StartupMessage or CancelRequest, answering SSLRequest and
-/// GSSENCRequest with 'N' (no encryption offered). What each packet is, is decided by
-/// [`decode_packet`].
-pub async fn read_first_packet(stream: &mut Stream) -> Result<FirstPacket, PgError> {
+/// The first byte of a TLS handshake record: a client that starts with it speaks TLS at
+/// once ("direct" TLS, PostgreSQL 17's `sslnegotiation=direct`).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Opens a client's connection: reads packets until a StartupMessage or CancelRequest.
+/// An SSLRequest is answered 'S' and the TLS handshake done when `tls` is set ('N'
+/// otherwise); a TLS handshake as the very first bytes is direct TLS, which must name
+/// ALPN `postgresql`; a GSSENCRequest gets 'N'. `slot` holds the stream from the start
+/// (so errors can be sent on it), upgraded in place to TLS. What each packet is, is
+/// decided by [`decode_packet`].
+pub async fn open(
+    slot: &mut Option<Stream>,
+    tcp: tokio::net::TcpStream,
+    tls: Option<&crate::tls::Listener>,
+    peer: std::net::SocketAddr,
+) -> Result<FirstPacket, PgError> {
+    let mut first = [0u8; 1];
+    *slot = Some(match tls {
+        Some(listener)
+            if tcp.peek(&mut first).await.map_err(PgError::client_io)? == 1
+                && first[0] == TLS_HANDSHAKE =>
+        {
+            accept(tcp, listener, true, peer).await?
+        }
+        _ => Stream::Plain(tcp),
+    });
     let mut packet = Vec::new();
     loop {
+        let stream = slot.as_mut().expect("set above");
         let mut len_bytes = [0u8; 4];
         stream
             .read_exact(&mut len_bytes)
@@ -139,13 +167,46 @@ pub async fn read_first_packet(stream: &mut Stream) -> Result<FirstPacket, PgErr
             .await
             .map_err(|_| PgError::protocol_violation("incomplete startup packet"))?;
         match decode_packet(&packet)? {
-            Packet::EncryptionRequest => {
+            Packet::EncryptionRequest { ssl: true } if tls.is_some() && !stream.is_tls() => {
+                stream.write_all(b"S").await.map_err(PgError::client_io)?;
+                // Nothing was read past the SSLRequest: whatever the client sent before
+                // the 'S' is part of the handshake (or breaks it), never a plaintext
+                // message taken for an encrypted one.
+                let Some(Stream::Plain(tcp)) = slot.take() else {
+                    unreachable!("checked: not TLS")
+                };
+                let listener = tls.expect("checked");
+                *slot = Some(accept(tcp, listener, false, peer).await?);
+            }
+            Packet::EncryptionRequest { .. } => {
                 stream.write_all(b"N").await.map_err(PgError::client_io)?
             }
             Packet::Cancel { pid, secret } => return Ok(FirstPacket::Cancel { pid, secret }),
             Packet::Startup(s) => return Ok(FirstPacket::Startup(s)),
         }
     }
+}
+
+/// The TLS handshake with a client. A failure cannot be told to the client in the protocol
+/// (rustls has sent it an alert): it is logged with its cause.
+async fn accept(
+    tcp: tokio::net::TcpStream,
+    listener: &crate::tls::Listener,
+    direct: bool,
+    peer: std::net::SocketAddr,
+) -> Result<Stream, PgError> {
+    let tls = match listener.acceptor.accept(tcp).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::info!(client = %peer, error = %crate::tls::describe(&e), "TLS handshake failed");
+            return Err(PgError::client_io(e));
+        }
+    };
+    if direct && tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN) {
+        tracing::info!(client = %peer, "direct TLS without ALPN \"postgresql\" refused");
+        return Err(PgError::client_io("direct TLS without ALPN postgresql"));
+    }
+    Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))))
 }
 
 /// Admits a client: negotiates the protocol version, authenticates, finds the tenant and
@@ -185,6 +246,28 @@ pub async fn admit(
         .ok_or_else(PgError::no_user)?
         .clone();
     let (user_name, tenant_name) = match shared.config.proxy.tenant_from {
+        TenantFrom::Sni => {
+            let domain = shared
+                .config
+                .proxy
+                .sni_domain
+                .as_deref()
+                .unwrap_or_default();
+            let tenant = sni_tenant(stream.sni(), domain)?;
+            // A dbname that is itself another tenant's name is a contradiction; any
+            // other dbname (the database's own name, say) is not about tenants.
+            if let Some(db) = params.get("database")
+                && db != &tenant
+                && !ADMIN_DATABASES.contains(&db.as_str())
+                && shared.tenants.lookup(db).is_some()
+            {
+                return Err(PgError::tenant_mismatch(&tenant, db));
+            }
+            let admin = params
+                .get("database")
+                .filter(|d| ADMIN_DATABASES.contains(&d.as_str()));
+            (raw_user.clone(), admin.cloned().unwrap_or(tenant))
+        }
         TenantFrom::Database => {
             let db = params
                 .get("database")
@@ -222,6 +305,7 @@ pub async fn admit(
         stream,
         buf,
         shared.config.proxy.auth_method,
+        shared.tls.as_deref(),
         &raw_user,
         user,
     )
@@ -263,6 +347,25 @@ pub async fn admit(
         target: Target::Tenant(tenant.id),
         settings,
     })
+}
+
+/// The tenant a TLS server name names: `acme.db.example.com` with `sni_domain =
+/// "db.example.com"` is `acme` (one label, case-insensitive).
+fn sni_tenant(sni: Option<&str>, domain: &str) -> Result<String, PgError> {
+    let name = sni.unwrap_or_default().to_ascii_lowercase();
+    let domain = domain.to_ascii_lowercase();
+    name.strip_suffix(&domain)
+        .and_then(|t| t.strip_suffix('.'))
+        .filter(|t| !t.is_empty() && !t.contains('.'))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            PgError::fatal(
+                "3D000",
+                format!(
+                    "no tenant in the TLS server name \"{name}\": connect to <tenant>.{domain}"
+                ),
+            )
+        })
 }
 
 /// Sends AuthenticationOk, the ParameterStatus values, the proxy-made BackendKeyData and
@@ -312,11 +415,11 @@ mod tests {
     fn decodes_each_kind_of_first_packet() {
         assert!(matches!(
             decode_packet(&packet(SSL_REQUEST_CODE, b"")),
-            Ok(Packet::EncryptionRequest)
+            Ok(Packet::EncryptionRequest { ssl: true })
         ));
         assert!(matches!(
             decode_packet(&packet(GSSENC_REQUEST_CODE, b"")),
-            Ok(Packet::EncryptionRequest)
+            Ok(Packet::EncryptionRequest { ssl: false })
         ));
         assert!(matches!(
             decode_packet(&packet(CANCEL_REQUEST_CODE, b"\0\0\0\x07\xff\xff\xff\xfe")),

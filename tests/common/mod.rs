@@ -22,6 +22,9 @@ pub struct Pg {
     pub port: u16,
     pub user: String,
     pub password: String,
+    /// The CA that signed the server's TLS certificate (which names `localhost` only);
+    /// `ca=PATH` in `TENANTPOOL_TEST_PG` for an existing server.
+    pub ca_file: Option<PathBuf>,
     /// The cluster this test process started (none with `TENANTPOOL_TEST_PG`).
     cluster: Option<Cluster>,
     _child: Option<Mutex<Child>>,
@@ -82,6 +85,7 @@ fn start_pg() -> Pg {
             port: 5432,
             user: "postgres".into(),
             password: String::new(),
+            ca_file: None,
             cluster: None,
             _child: None,
         };
@@ -92,6 +96,7 @@ fn start_pg() -> Pg {
                     "port" => pg.port = v.parse().expect("port"),
                     "user" => pg.user = v.into(),
                     "password" => pg.password = v.into(),
+                    "ca" => pg.ca_file = Some(v.into()),
                     _ => {}
                 }
             }
@@ -105,6 +110,11 @@ fn start_pg() -> Pg {
     let pwfile = dir.join("pw");
     std::fs::write(&pwfile, password).unwrap();
     let data = dir.join("data");
+    // TLS: a certificate for localhost signed by the tests' CA; the key readable by the
+    // server only (PostgreSQL insists).
+    let (server_crt, server_key) =
+        test_ca().issue(&dir, "server", "localhost", &["DNS:localhost"], false);
+    chmod(&server_key, 0o600);
     if root {
         chmod(&dir, 0o755);
         chmod(&pwfile, 0o644);
@@ -139,8 +149,11 @@ fn start_pg() -> Pg {
     let port = free_port();
     let options = format!(
         "-p {port} -k '{dir}' -c listen_addresses=127.0.0.1 -c max_connections=300 \
-         -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+         -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+         -c ssl=on -c ssl_cert_file='{crt}' -c ssl_key_file='{key}'",
         dir = dir.display(),
+        crt = server_crt.display(),
+        key = server_key.display(),
     );
     // The server runs under a shell that stops it and removes the cluster when this test
     // process exits (its stdin, our pipe, then reaches EOF). It stops whatever postmaster
@@ -166,6 +179,7 @@ fn start_pg() -> Pg {
         port,
         user: "postgres".into(),
         password: password.into(),
+        ca_file: Some(test_ca().crt.clone()),
         cluster: Some(Cluster {
             bin: bin.clone(),
             data,
@@ -193,6 +207,93 @@ fn start_pg() -> Pg {
         std::thread::sleep(Duration::from_millis(100));
     }
     pg
+}
+
+/// A certificate authority for the tests, made with the openssl command.
+pub struct TestCa {
+    pub crt: PathBuf,
+    key: PathBuf,
+}
+
+static CA: OnceLock<TestCa> = OnceLock::new();
+
+/// The tests' CA (one per test process).
+pub fn test_ca() -> &'static TestCa {
+    CA.get_or_init(|| TestCa::new(&tempdir("tenantpool-test-ca"), "tenantpool test CA"))
+}
+
+/// Runs a shell command in `dir`, panicking with its output when it fails.
+fn sh(dir: &std::path::Path, cmd: &str) {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestCa {
+    /// A new CA in `dir` (another one than [`test_ca`] when a test needs a stranger).
+    pub fn new(dir: &std::path::Path, name: &str) -> TestCa {
+        sh(
+            dir,
+            &format!(
+                "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+                 -subj '/CN={name}' -days 3650 -keyout ca.key -out ca.crt \
+                 -addext basicConstraints=critical,CA:TRUE \
+                 -addext keyUsage=critical,keyCertSign,cRLSign"
+            ),
+        );
+        TestCa {
+            crt: dir.join("ca.crt"),
+            key: dir.join("ca.key"),
+        }
+    }
+
+    /// A certificate and key in `dir`, files `<file>.crt`/`<file>.key`, with common name
+    /// `cn` and subject alternative names `sans` (`DNS:x`, `IP:y`), for a server or (with
+    /// `client`) a client.
+    pub fn issue(
+        &self,
+        dir: &std::path::Path,
+        file: &str,
+        cn: &str,
+        sans: &[&str],
+        client: bool,
+    ) -> (PathBuf, PathBuf) {
+        let usage = if client { "clientAuth" } else { "serverAuth" };
+        let san = if sans.is_empty() {
+            String::new()
+        } else {
+            format!("subjectAltName={}\n", sans.join(","))
+        };
+        std::fs::write(
+            dir.join(format!("{file}.ext")),
+            format!("[v3]\nbasicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n{san}"),
+        )
+        .unwrap();
+        sh(
+            dir,
+            &format!(
+                "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+                 -subj '/CN={cn}' -keyout {file}.key -out {file}.csr && \
+                 openssl x509 -req -in {file}.csr -CA '{ca}' -CAkey '{cakey}' -set_serial {serial} \
+                 -days 365 -extfile {file}.ext -extensions v3 -out {file}.crt",
+                ca = self.crt.display(),
+                cakey = self.key.display(),
+                // Unique without a serial file that tests issuing at once would share.
+                serial = rand::random::<u32>(),
+            ),
+        );
+        (
+            dir.join(format!("{file}.crt")),
+            dir.join(format!("{file}.key")),
+        )
+    }
 }
 
 fn chmod(p: &std::path::Path, mode: u32) {

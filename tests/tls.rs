@@ -1,0 +1,407 @@
+//! TLS on both sides: clients that ask for it (or must), direct TLS, SCRAM with channel
+//! binding, client certificates, the tenant from the server name; tenantpool's own
+//! connections to a PostgreSQL that requires or verifies TLS, and what an operator is told
+//! when that fails. The harness's PostgreSQL runs with TLS (a certificate for `localhost`
+//! signed by the tests' CA).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Runs psql with a connection string; its output, or its error text.
+fn psql_with(conn: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .arg(conn)
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A certificate for the proxy (localhost, 127.0.0.1 and `*.db.example.com`) and the TOML
+/// that turns client TLS on with it.
+fn proxy_tls(dir: &Path, mode: &str) -> String {
+    let (crt, key) = test_ca().issue(
+        dir,
+        "proxy",
+        "localhost",
+        &["DNS:localhost", "IP:127.0.0.1", "DNS:*.db.example.com"],
+        false,
+    );
+    format!(
+        "[proxy]\nclient_tls = \"{mode}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        crt.display(),
+        key.display()
+    )
+}
+
+fn conn(proxy: &Proxy, host: &str, tenant: &str, extra: &str) -> String {
+    format!(
+        "host={host} port={} user={APP_USER} password={APP_PASSWORD} dbname={tenant} {extra}",
+        proxy.addr.port()
+    )
+}
+
+/// client_tls = "require": TLS clients are served (verifying the proxy's certificate,
+/// binding SCRAM to it), a plaintext one is refused with FATAL 28000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_must_use_tls_and_may_bind_the_channel() {
+    let db = TestDb::create("tls_require", &["acme"]).await;
+    let dir = tempdir("tenantpool-tls-require");
+    let proxy = Proxy::start(db.config(2, &proxy_tls(&dir, "require")));
+    let ca = test_ca().crt.display().to_string();
+    let rows = "SELECT string_agg(name, ',' ORDER BY id) FROM leads";
+    let check = |host: &str, extra: &str| psql_with(&conn(&proxy, host, "acme", extra), rows);
+    assert_eq!(
+        check("127.0.0.1", "sslmode=require").unwrap(),
+        "acme-1,acme-2"
+    );
+    assert_eq!(
+        check(
+            "localhost",
+            &format!("sslmode=verify-full sslrootcert={ca}")
+        )
+        .unwrap(),
+        "acme-1,acme-2"
+    );
+    // SCRAM-SHA-256-PLUS: the exchange is bound to the proxy's certificate.
+    assert_eq!(
+        check("127.0.0.1", "sslmode=require channel_binding=require").unwrap(),
+        "acme-1,acme-2"
+    );
+    let plain = check("127.0.0.1", "sslmode=disable").unwrap_err();
+    assert!(plain.contains("TLS is required"), "{plain}");
+    // The session really is encrypted.
+    let ssl = psql_with(
+        &conn(&proxy, "127.0.0.1", "acme", "sslmode=require"),
+        "\\conninfo",
+    )
+    .unwrap();
+    assert!(ssl.contains("SSL connection"), "{ssl}");
+    proxy.stop();
+}
+
+/// client_tls = "prefer": both kinds of clients, in one proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_serves_plain_and_tls_clients() {
+    let db = TestDb::create("tls_prefer", &["acme"]).await;
+    let dir = tempdir("tenantpool-tls-prefer");
+    let proxy = Proxy::start(db.config(2, &proxy_tls(&dir, "prefer")));
+    for mode in ["disable", "require"] {
+        let got = psql_with(
+            &conn(&proxy, "127.0.0.1", "acme", &format!("sslmode={mode}")),
+            "SELECT count(*) FROM leads",
+        );
+        assert_eq!(got.unwrap(), "2", "sslmode={mode}");
+    }
+    proxy.stop();
+}
+
+/// A raw TLS client: the handshake on a fresh socket (direct TLS) or after an SSLRequest,
+/// with the given server name and ALPN.
+async fn tls_client(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    alpn: Option<&[u8]>,
+    direct: bool,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_file_iter(&test_ca().crt).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    if let Some(a) = alpn {
+        config.alpn_protocols = vec![a.to_vec()];
+    }
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    if !direct {
+        tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+        let mut s = [0u8; 1];
+        tcp.read_exact(&mut s).await?;
+        assert_eq!(s[0], b'S');
+    }
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// Logs in over `stream` (trust) and runs a query; the messages up to ReadyForQuery, or
+/// the first error's SQLSTATE.
+async fn run_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    params: &[(&str, &str)],
+    sql: &str,
+) -> Result<Vec<String>, String> {
+    let mut bytes = startup_packet(params);
+    bytes.extend(query(sql));
+    stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut rows = Vec::new();
+    let mut readies = 0;
+    loop {
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
+            if buf.len() < len {
+                break;
+            }
+            let m = Msg {
+                tag: buf[0],
+                body: buf[5..len].to_vec(),
+            };
+            buf.drain(..len);
+            match m.tag {
+                b'E' => return Err(m.field(b'C').unwrap_or_default()),
+                b'D' => rows.push(data_row(&m.body).join(",")),
+                b'Z' => {
+                    readies += 1;
+                    if readies == 2 {
+                        return Ok(rows);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("an answer")
+            .unwrap_or(0);
+        if n == 0 {
+            return Err("closed".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Direct TLS (PostgreSQL 17's `sslnegotiation=direct`): the handshake as the first bytes,
+/// ALPN `postgresql` required; the SSLRequest way works beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_with_alpn() {
+    let db = TestDb::create("tls_direct", &["acme"]).await;
+    let dir = tempdir("tenantpool-tls-direct");
+    let proxy = Proxy::start(db.config(
+        2,
+        &format!("{}auth_method = \"trust\"\n", proxy_tls(&dir, "require")),
+    ));
+    let params = [("user", APP_USER), ("database", "acme")];
+    let sql = "SELECT name FROM leads ORDER BY id";
+    let mut s = tls_client(proxy.addr, "localhost", Some(b"postgresql"), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        run_over(&mut s, &params, sql).await.unwrap(),
+        ["acme-1", "acme-2"]
+    );
+    let mut s = tls_client(proxy.addr, "localhost", None, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        run_over(&mut s, &params, sql).await.unwrap(),
+        ["acme-1", "acme-2"]
+    );
+    // Direct TLS without ALPN is refused (as PostgreSQL 17 does).
+    let refused = match tls_client(proxy.addr, "localhost", None, true).await {
+        Err(_) => true,
+        Ok(mut s) => run_over(&mut s, &params, sql).await.is_err(),
+    };
+    assert!(refused);
+    proxy.stop();
+}
+
+/// tenant_from = "sni": `acme.db.example.com` is tenant acme (a wildcard certificate serves
+/// every tenant); a dbname naming another tenant is refused; a name outside the domain is
+/// no tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_server_name_names_the_tenant() {
+    let db = TestDb::create("tls_sni", &["acme", "globex"]).await;
+    let dir = tempdir("tenantpool-tls-sni");
+    let proxy = Proxy::start(db.config(
+        2,
+        &format!(
+            "{}auth_method = \"trust\"\ntenant_from = \"sni\"\nsni_domain = \"db.example.com\"\n",
+            proxy_tls(&dir, "require")
+        ),
+    ));
+    let sql = "SELECT name FROM leads ORDER BY id";
+    for (sni, db_name, want) in [
+        ("acme.db.example.com", "app", Ok(vec!["acme-1", "acme-2"])),
+        (
+            "GLOBEX.db.example.com",
+            "globex",
+            Ok(vec!["globex-1", "globex-2"]),
+        ),
+        ("acme.db.example.com", "globex", Err("28000")),
+        ("nobody.db.example.com", "app", Err("3D000")),
+        ("localhost", "acme", Err("3D000")),
+    ] {
+        let mut s = tls_client(proxy.addr, sni, Some(b"postgresql"), true)
+            .await
+            .unwrap();
+        let got = run_over(&mut s, &[("user", APP_USER), ("database", db_name)], sql).await;
+        let want = want
+            .map(|v| v.into_iter().map(String::from).collect::<Vec<_>>())
+            .map_err(String::from);
+        assert_eq!(got, want, "{sni} {db_name}");
+    }
+    proxy.stop();
+}
+
+/// auth_method = "cert": a client certificate signed by tls_client_ca_file whose common
+/// name is the user logs in; another name, or none, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_authenticate() {
+    let db = TestDb::create("tls_cert", &["acme"]).await;
+    let dir = tempdir("tenantpool-tls-cert");
+    let (app_crt, app_key) = test_ca().issue(&dir, "app-client", APP_USER, &[], true);
+    let (other_crt, other_key) = test_ca().issue(&dir, "other-client", "mallory", &[], true);
+    // libpq refuses a key file others may read.
+    for k in [&app_key, &other_key] {
+        Command::new("chmod").arg("600").arg(k).status().unwrap();
+    }
+    let proxy = Proxy::start(db.config(
+        2,
+        &format!(
+            "{}auth_method = \"cert\"\ntls_client_ca_file = \"{}\"\n",
+            proxy_tls(&dir, "require"),
+            test_ca().crt.display()
+        ),
+    ));
+    let with = |crt: &Path, key: &Path| {
+        psql_with(
+            &format!(
+                "host=127.0.0.1 port={} user={APP_USER} dbname=acme sslmode=require sslcert={} sslkey={}",
+                proxy.addr.port(),
+                crt.display(),
+                key.display()
+            ),
+            "SELECT count(*) FROM leads",
+        )
+    };
+    assert_eq!(with(&app_crt, &app_key).unwrap(), "2");
+    let e = with(&other_crt, &other_key).unwrap_err();
+    assert!(e.contains("certificate authentication failed"), "{e}");
+    let none = psql_with(
+        &format!(
+            "host=127.0.0.1 port={} user={APP_USER} dbname=acme sslmode=require",
+            proxy.addr.port()
+        ),
+        "SELECT 1",
+    );
+    assert!(none.is_err());
+    proxy.stop();
+}
+
+/// `[server] tls`: require encrypts every server connection; verify-full checks the CA and
+/// the host name, verify-ca only the CA; a failure reaches the client as a clear 08006
+/// naming the cause. Over TLS tenantpool's own SCRAM login to PostgreSQL is bound to the
+/// server's certificate (PostgreSQL offers SCRAM-SHA-256-PLUS there): a wrong hash would
+/// fail every login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenantpool_speaks_tls_to_postgresql() {
+    let db = TestDb::create("tls_server", &["acme"]).await;
+    let ca = pg().ca_file.clone().expect("the test server has TLS");
+    let stranger_dir = tempdir("tenantpool-tls-stranger");
+    let stranger = TestCa::new(&stranger_dir, "a stranger CA");
+    let su = pg().superuser("postgres").await;
+    let cases = [
+        ("require", "127.0.0.1", None, None),
+        ("verify-full", "localhost", Some(&ca), None),
+        ("verify-ca", "127.0.0.1", Some(&ca), None),
+        ("verify-full", "127.0.0.1", Some(&ca), Some("name mismatch")),
+        (
+            "verify-full",
+            "localhost",
+            Some(&stranger.crt),
+            Some("unknown CA"),
+        ),
+    ];
+    for (mode, host, ca_file, failure) in cases {
+        let mut extra = format!("[server]\ntls = \"{mode}\"\nhost = \"{host}\"\n");
+        if let Some(f) = ca_file {
+            extra.push_str(&format!("tls_ca_file = \"{}\"\n", f.display()));
+        }
+        let proxy = Proxy::start(db.config(2, &extra));
+        let got = psql_with(
+            &conn(&proxy, "127.0.0.1", "acme", "sslmode=disable"),
+            "SELECT count(*) FROM leads",
+        );
+        match failure {
+            None => {
+                assert_eq!(got.as_deref(), Ok("2"), "{mode} {host}");
+                let encrypted: i64 = su
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                         WHERE a.usename = $1 AND s.ssl AND a.application_name <> $2",
+                        &[&db.role, &OWNER_APP],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert!(encrypted >= 1, "{mode}: no encrypted server connection");
+            }
+            Some(cause) => {
+                let e = got.unwrap_err();
+                assert!(e.contains(cause), "{mode} {host}: {e}");
+            }
+        }
+        proxy.stop();
+    }
+}
+
+/// `tenantpool check` reads the TLS files: a key that is not the certificate's, a missing
+/// file, TLS asked for without a certificate.
+#[test]
+fn check_names_tls_file_problems() {
+    let dir = tempdir("tenantpool-tls-check");
+    let (crt, _) = test_ca().issue(&dir, "a", "localhost", &["DNS:localhost"], false);
+    let (_, other_key) = test_ca().issue(&dir, "b", "localhost", &["DNS:localhost"], false);
+    let base = "[server]\ndatabase = \"d\"\nuser = \"u\"\n[tenants.acme]\nschema = \"s\"\n\
+                [users.app]\npassword = \"p\"\n";
+    let run = |proxy: &str| {
+        let path = dir.join("t.toml");
+        std::fs::write(&path, format!("[proxy]\n{proxy}\n{base}")).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tenantpool"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, text) = run(&format!(
+        "client_tls = \"require\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+        crt.display(),
+        other_key.display()
+    ));
+    assert!(
+        !ok && text.contains("not the one of the certificate"),
+        "{text}"
+    );
+    let (ok, text) = run("client_tls = \"require\"");
+    assert!(!ok && text.contains("tls_cert_file"), "{text}");
+    let (ok, text) = run(&format!(
+        "client_tls = \"require\"\ntls_cert_file = \"{}/missing.crt\"\ntls_key_file = \"{}\"",
+        dir.display(),
+        other_key.display()
+    ));
+    assert!(!ok && text.contains("missing.crt"), "{text}");
+}

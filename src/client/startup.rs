@@ -185,7 +185,8 @@ pub async fn admit(
         .ok_or_else(PgError::no_user)?
         .clone();
     let (user_name, tenant_name) = match shared.config.proxy.tenant_from {
-        TenantFrom::Database => {
+        // Domain is refused by validation until TLS SNI is there.
+        TenantFrom::Database | TenantFrom::Domain => {
             let db = params
                 .get("database")
                 .filter(|d| !d.is_empty())
@@ -203,7 +204,8 @@ pub async fn admit(
     };
     let settings = params::session_settings(&params)?;
 
-    let user = shared.users.get(&user_name);
+    let users = shared.users.load_full();
+    let user = users.get(&user_name);
     // Rejections are counted for configured tenants only (the label is never client input).
     let reject = |reason: usize| {
         if let Some(t) = shared.tenants.lookup(&tenant_name) {
@@ -214,7 +216,7 @@ pub async fn admit(
         reject(0);
         return Err(PgError::too_many_clients(&format!(
             "max_client_conn ({})",
-            shared.config.proxy.max_client_conn
+            shared.live.config().proxy.max_client_conn
         )));
     }
     // md5 hashes with the name the client sent (`app.acme` when the tenant is in it).
@@ -236,7 +238,7 @@ pub async fn admit(
     };
 
     if ADMIN_DATABASES.contains(&tenant_name.as_str()) {
-        if !shared.config.proxy.admin_users.contains(&user_name) {
+        if !shared.live.config().proxy.admin_users.contains(&user_name) {
             return Err(PgError::not_allowed(&user_name, "the admin console"));
         }
         return Ok(Admitted {

@@ -1045,4 +1045,66 @@ password = "secret"
         assert!(e.contains("tenants.e.server_password"), "{e}");
         assert!(e.contains("tenants.f.server_user"), "{e}");
     }
+
+    #[test]
+    fn plans_settings_directory_and_domain() {
+        let text = MIN.replace(
+            "[tenants.acme]\nschema = \"tenant_acme\"",
+            "[tenants.acme]\nschema = \"tenant_acme\"\nplan = \"pro\"\n\
+             [tenants.own]\nschema = \"o\"\nplan = \"pro\"\nmax_server_connections = 2\n\
+             [plans.pro]\nmax_server_connections = 7\n\
+             [tenant_defaults]\nsettings = { \"app.tenant\" = \"{tenant}\" }",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.tenant_max_server(&c.tenants["acme"]), 7);
+        assert_eq!(c.tenant_max_server(&c.tenants["own"]), 2);
+        assert_eq!(c.tenant_max_clients(&c.tenants["own"]), 1000);
+        let bad = text
+            .replace("plan = \"pro\"\nmax_server", "plan = \"gold\"\nmax_server")
+            .replace(
+                "\"app.tenant\" = ",
+                "\"search_path\" = \"x\", \"App Tenant\" = ",
+            )
+            + "[proxy]\ntenant_from = \"domain\"\n[directory]\nquery = \"\"\nrefresh = \"0s\"\n";
+        let e = problems(&bad);
+        for needle in [
+            "tenants.own.plan: \"gold\" is not a configured plan",
+            "tenant_defaults.settings: \"search_path\" is set by tenantpool",
+            "tenant_defaults.settings: \"App Tenant\" is not a setting name",
+            "proxy.tenant_from: \"domain\" needs TLS SNI, not available in this build",
+            "directory.query: must not be empty",
+            "directory.refresh: must be above 0",
+        ] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        // A directory may be the only source of tenants; users may name its tenants.
+        let dir_only = MIN.replace("[tenants.acme]\nschema = \"tenant_acme\"", "")
+            + "[directory]\nquery = \"SELECT 1\"\n";
+        let dir_only = dir_only.replace(
+            "password = \"secret\"",
+            "password = \"s\"\ntenants = [\"later\"]",
+        );
+        let c = Config::parse(&dir_only).unwrap();
+        let d = c.directory.unwrap();
+        assert_eq!((d.refresh, d.max_tenants), (Dur::secs(30), 10_000));
+    }
+
+    #[test]
+    fn keys_that_need_a_restart_keep_their_running_values() {
+        let running = Config::parse(MIN).unwrap();
+        let mut new = Config::parse(&MIN.replace(
+            "[server]\n",
+            "[proxy]\nlisten = \"127.0.0.1:7000\"\nmax_client_conn = 5\n[server]\nport = 6000\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            new.keep_restart_only(&running),
+            ["proxy.listen", "server.port"]
+        );
+        assert_eq!(
+            (new.proxy.listen.as_str(), new.server.port),
+            ("0.0.0.0:6432", 5432)
+        );
+        assert_eq!(new.proxy.max_client_conn, 5, "live keys stay as read");
+    }
 }

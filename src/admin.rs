@@ -89,7 +89,19 @@ pub async fn serve(mut stream: Stream, peer: SocketAddr, user: Arc<str>, shared:
                     .unwrap_or_default();
                 let sql = String::from_utf8_lossy(text).into_owned();
                 tracing::info!(client = %peer, user = %user, command = %sql.trim(), "admin command");
-                let stop = run(&sql, &shared, &mut out);
+                let stop = if is_reload(&sql) {
+                    // Reading the file and deriving SCRAM keys is blocking work: off the
+                    // workers that serve clients. Answered once the config is in force.
+                    let s = shared.clone();
+                    match tokio::task::spawn_blocking(move || crate::live::reload(&s)).await {
+                        Ok(Ok(_)) => put_command_complete(&mut out, "RELOAD"),
+                        Ok(Err(e)) => reload_refused(&e).encode(&mut out),
+                        Err(e) => reload_refused(&e.to_string()).encode(&mut out),
+                    }
+                    false
+                } else {
+                    run(&sql, &shared, &mut out)
+                };
                 put_ready_for_query(&mut out, b'I');
                 if stream.write_all(&out).await.is_err() || stop {
                     return;
@@ -141,6 +153,17 @@ async fn read_or_stop(stream: &mut Stream, buf: &mut BytesMut, shared: &Shared) 
     }
 }
 
+fn is_reload(sql: &str) -> bool {
+    sql.trim()
+        .trim_end_matches(';')
+        .trim()
+        .eq_ignore_ascii_case("RELOAD")
+}
+
+fn reload_refused(problems: &str) -> PgError {
+    PgError::error("F0000", format!("config reload refused: {problems}"))
+}
+
 /// Runs one command, appending its answer. Returns true when the session should end.
 fn run(sql: &str, shared: &Shared, out: &mut BytesMut) -> bool {
     let cmd = sql.trim().trim_end_matches(';').trim();
@@ -179,10 +202,10 @@ fn run(sql: &str, shared: &Shared, out: &mut BytesMut) -> bool {
             kill(shared, t);
             put_command_complete(out, "KILL");
         }),
-        // Answers once the new config is in force.
+        // Answers once the new config is in force (`serve` runs it off the workers).
         ["RELOAD"] => crate::live::reload(shared)
             .map(|_| put_command_complete(out, "RELOAD"))
-            .map_err(|e| PgError::error("F0000", format!("config reload refused: {e}"))),
+            .map_err(|e| reload_refused(&e)),
         ["SHUTDOWN"] => {
             // The same graceful shutdown as SIGTERM; this session ends after the answer.
             let _ = shared.shutdown_tx.send(true);

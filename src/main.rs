@@ -137,8 +137,10 @@ async fn wait_for_stop_signal(shared: std::sync::Arc<tenantpool::Shared>) {
             _ = int.recv() => return,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the config");
-                // The result is logged by reload itself.
-                let _ = tenantpool::live::reload(&shared);
+                // Blocking work (the file, SCRAM keys): off the workers. The result is
+                // logged by reload itself.
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || tenantpool::live::reload(&s)).await;
             }
         }
     }

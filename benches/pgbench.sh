@@ -11,6 +11,9 @@
 #   EXTRA_TOML='[metrics]' benches/pgbench.sh   # append config to tenantpool's TOML
 #   TARGETS="tenantpool metrics" benches/pgbench.sh   # metrics off vs on, same run
 #   TARGETS="tenantpool always" benches/pgbench.sh   # reset_path_and_role = "always" vs default
+#   TARGETS="tenantpool settings always always_settings" benches/pgbench.sh
+#       # tenant settings (two, as an RLS context) in the prelude: default mode (sent with a
+#       # reset only) and with reset_path_and_role = "always" (sent before every transaction)
 #   BEFORE_BIN=/tmp/tenantpool-old TARGETS="before tenantpool" benches/pgbench.sh   # before/after
 #   MODES="extended prepared" TARGETS="tenantpool untracked pgbouncer" benches/pgbench.sh
 #       # named prepared statements: tracked (default), untracked (max_prepared_statements = 0,
@@ -74,10 +77,11 @@ TP_PID=$!; PIDS+=("$TP_PID")
 
 # Variants: more tenantpools beside the first, the same config with one change each.
 declare -A VPORT VPID
-start_variant() { # name, lines for [proxy], more TOML, binary (default: this build)
-  local name=$1 proxy_extra=$2 extra=$3 bin=${4:-$ROOT/target/release/tenantpool} port
+start_variant() { # name, lines for [proxy], more TOML, binary (default: this build), lines for [tenant_defaults]
+  local name=$1 proxy_extra=$2 extra=$3 bin=${4:-$ROOT/target/release/tenantpool} td_extra=${5:-} port
   port=$(freeport)
-  sed -e "s/^listen = \"127.0.0.1:$TPPORT\"/listen = \"127.0.0.1:$port\"${proxy_extra:+\n$proxy_extra}/" "$WORK/tenantpool.toml" > "$WORK/tenantpool-$name.toml"
+  sed -e "s/^listen = \"127.0.0.1:$TPPORT\"/listen = \"127.0.0.1:$port\"${proxy_extra:+\n$proxy_extra}/" \
+      -e "s/^\[tenant_defaults\]$/[tenant_defaults]${td_extra:+\n$td_extra}/" "$WORK/tenantpool.toml" > "$WORK/tenantpool-$name.toml"
   [ -n "$extra" ] && printf '%b\n' "$extra" >> "$WORK/tenantpool-$name.toml"
   RUST_LOG=warn "$bin" --config "$WORK/tenantpool-$name.toml" ${WORKERS:+--workers "$WORKERS"} >"$WORK/tenantpool-$name.log" 2>&1 &
   VPID[$name]=$!; VPORT[$name]=$port; PIDS+=($!)
@@ -88,6 +92,10 @@ start_variant() { # name, lines for [proxy], more TOML, binary (default: this bu
 if [[ " $TARGETS " == *" metrics "* ]]; then start_variant metrics "" "[metrics]\nlisten = \"127.0.0.1:$(freeport)\""; fi
 if [[ " $TARGETS " == *" untracked "* ]]; then start_variant untracked "max_prepared_statements = 0" ""; fi
 if [[ " $TARGETS " == *" always "* ]]; then start_variant always 'reset_path_and_role = "always"' ""; fi
+# settings: two tenant settings (an RLS context) in every prelude.
+TENANT_SETTINGS='settings = { "app.tenant" = "{tenant}", "app.tenant_id" = "7c9e6679-7425-40de-944b-e07fc1f90ae7" }'
+if [[ " $TARGETS " == *" settings "* ]]; then start_variant settings "" "" "" "$TENANT_SETTINGS"; fi
+if [[ " $TARGETS " == *" always_settings "* ]]; then start_variant always_settings 'reset_path_and_role = "always"' "" "" "$TENANT_SETTINGS"; fi
 if [[ " $TARGETS " == *" before "* ]]; then start_variant before "" "" "${BEFORE_BIN:?set BEFORE_BIN to an older tenantpool binary}"; fi
 
 # PgBouncer, one pool in transaction mode with the same size, search_path set on connect.
@@ -153,7 +161,7 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
 
 printf "pgbench %s, %ss per run, pool %s, tenants %s, %s cores\n" "$SCRIPT" "$DURATION" "$POOL" "$TENANTS" "$(nproc)"
 COLS=()
-for target in direct tenantpool before metrics untracked always pgbouncer; do
+for target in direct tenantpool before metrics untracked always settings always_settings pgbouncer; do
   [[ " $TARGETS " == *" $target "* ]] || continue
   [ "$target" = pgbouncer ] && [ -z "$PB_PID" ] && continue
   COLS+=("$target")

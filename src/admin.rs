@@ -89,7 +89,19 @@ pub async fn serve(mut stream: Stream, peer: SocketAddr, user: Arc<str>, shared:
                     .unwrap_or_default();
                 let sql = String::from_utf8_lossy(text).into_owned();
                 tracing::info!(client = %peer, user = %user, command = %sql.trim(), "admin command");
-                let stop = run(&sql, &shared, &mut out);
+                let stop = if is_reload(&sql) {
+                    // Reading the file and deriving SCRAM keys is blocking work: off the
+                    // workers that serve clients. Answered once the config is in force.
+                    let s = shared.clone();
+                    match tokio::task::spawn_blocking(move || crate::live::reload(&s)).await {
+                        Ok(Ok(_)) => put_command_complete(&mut out, "RELOAD"),
+                        Ok(Err(e)) => reload_refused(&e).encode(&mut out),
+                        Err(e) => reload_refused(&e.to_string()).encode(&mut out),
+                    }
+                    false
+                } else {
+                    run(&sql, &shared, &mut out)
+                };
                 put_ready_for_query(&mut out, b'I');
                 if stream.write_all(&out).await.is_err() || stop {
                     return;
@@ -141,6 +153,17 @@ async fn read_or_stop(stream: &mut Stream, buf: &mut BytesMut, shared: &Shared) 
     }
 }
 
+fn is_reload(sql: &str) -> bool {
+    sql.trim()
+        .trim_end_matches(';')
+        .trim()
+        .eq_ignore_ascii_case("RELOAD")
+}
+
+fn reload_refused(problems: &str) -> PgError {
+    PgError::error("F0000", format!("config reload refused: {problems}"))
+}
+
 /// Runs one command, appending its answer. Returns true when the session should end.
 fn run(sql: &str, shared: &Shared, out: &mut BytesMut) -> bool {
     let cmd = sql.trim().trim_end_matches(';').trim();
@@ -179,10 +202,10 @@ fn run(sql: &str, shared: &Shared, out: &mut BytesMut) -> bool {
             kill(shared, t);
             put_command_complete(out, "KILL");
         }),
-        ["RELOAD"] => Err(PgError::error(
-            "0A000",
-            "RELOAD is not supported yet: restart tenantpool to apply a new config",
-        )),
+        // Answers once the new config is in force (`serve` runs it off the workers).
+        ["RELOAD"] => crate::live::reload(shared)
+            .map(|_| put_command_complete(out, "RELOAD"))
+            .map_err(|e| reload_refused(&e)),
         ["SHUTDOWN"] => {
             // The same graceful shutdown as SIGTERM; this session ends after the answer.
             let _ = shared.shutdown_tx.send(true);
@@ -203,13 +226,7 @@ fn run(sql: &str, shared: &Shared, out: &mut BytesMut) -> bool {
 /// Ends every client of a tenant at its next idle moment and closes the tenant's idle
 /// server connections.
 fn kill(shared: &Shared, tenant: TenantId) {
-    for c in shared.registry.all() {
-        if c.tenant == tenant {
-            c.killed.store(true, Ordering::Release);
-        }
-    }
-    shared.stop.notify_waiters();
-    shared.pool.close_idle_of(tenant);
+    crate::live::end_clients(shared, tenant);
 }
 
 fn table<S: AsRef<str>>(out: &mut BytesMut, columns: &[&str], rows: &[Vec<S>]) {
@@ -233,7 +250,8 @@ fn unix(t: SystemTime) -> String {
 fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> {
     let snap = shared.pool.snapshot();
     // The role a server connection of a login is logged in as.
-    let login_user = |login: LoginId| shared.pool.target().login(login).user.as_str();
+    let target = shared.pool.target();
+    let login_user = |login: LoginId| target.login(login).user.as_str();
     let mode = match shared.config.proxy.pool_mode {
         PoolMode::Transaction => "transaction",
         PoolMode::Session => "session",
@@ -259,47 +277,131 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
             &[vec![format!("tenantpool {}", env!("CARGO_PKG_VERSION"))]],
         ),
         "CONFIG" => {
-            let c = &shared.config;
+            // What is in force: keys that need a restart keep their start-up values.
+            let c = shared.live.config();
+            let d = &c.directory;
             let rows: Vec<Vec<String>> = [
-                ("listen", c.proxy.listen.clone()),
-                ("pool_mode", mode.to_string()),
-                ("max_client_conn", c.proxy.max_client_conn.to_string()),
-                ("auth_method", format!("{:?}", c.proxy.auth_method)),
-                ("tenant_from", format!("{:?}", c.proxy.tenant_from)),
-                ("shutdown_timeout", c.proxy.shutdown_timeout.to_string()),
+                ("listen", c.proxy.listen.clone(), false),
+                ("pool_mode", mode.to_string(), false),
+                ("max_client_conn", c.proxy.max_client_conn.to_string(), true),
+                ("auth_method", format!("{:?}", c.proxy.auth_method), false),
+                ("admin_users", c.proxy.admin_users.join(","), true),
+                ("tenant_from", format!("{:?}", c.proxy.tenant_from), false),
+                (
+                    "shutdown_timeout",
+                    c.proxy.shutdown_timeout.to_string(),
+                    true,
+                ),
                 (
                     "max_prepared_statements",
                     c.proxy.max_prepared_statements.to_string(),
+                    false,
                 ),
-                ("server_host", c.server.host.clone()),
-                ("server_port", c.server.port.to_string()),
-                ("server_database", c.server.database.clone()),
-                ("server_user", c.server.user.clone()),
-                ("max_connections", c.server.max_connections.to_string()),
-                ("min_idle", c.server.min_idle.to_string()),
-                ("connect_timeout", c.server.connect_timeout.to_string()),
-                ("idle_timeout", c.server.idle_timeout.to_string()),
-                ("lifetime", c.server.lifetime.to_string()),
+                ("server_host", c.server.host.clone(), false),
+                ("server_port", c.server.port.to_string(), false),
+                ("server_database", c.server.database.clone(), false),
+                ("server_user", c.server.user.clone(), false),
+                (
+                    "max_connections",
+                    c.server.max_connections.to_string(),
+                    true,
+                ),
+                ("min_idle", c.server.min_idle.to_string(), true),
+                (
+                    "connect_timeout",
+                    c.server.connect_timeout.to_string(),
+                    false,
+                ),
+                ("idle_timeout", c.server.idle_timeout.to_string(), true),
+                ("lifetime", c.server.lifetime.to_string(), true),
                 (
                     "query_wait_timeout",
                     c.limits.query_wait_timeout.to_string(),
+                    true,
                 ),
                 (
                     "idle_transaction_timeout",
                     c.limits.idle_transaction_timeout.to_string(),
+                    true,
                 ),
                 (
                     "client_idle_timeout",
                     c.limits.client_idle_timeout.to_string(),
+                    true,
                 ),
                 (
                     "client_login_timeout",
                     c.limits.client_login_timeout.to_string(),
+                    true,
                 ),
-                ("tenants", shared.tenants.len().to_string()),
+                (
+                    "message_timeout",
+                    c.limits.message_timeout.to_string(),
+                    true,
+                ),
+                (
+                    "default_max_server_connections",
+                    c.tenant_defaults.max_server_connections.to_string(),
+                    true,
+                ),
+                (
+                    "default_max_client_connections",
+                    c.tenant_defaults.max_client_connections.to_string(),
+                    true,
+                ),
+                ("search_path", c.tenant_defaults.search_path.clone(), true),
+                (
+                    "tenant_settings",
+                    c.tenant_defaults
+                        .settings
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    true,
+                ),
+                (
+                    "plans",
+                    c.plans.keys().cloned().collect::<Vec<_>>().join(","),
+                    true,
+                ),
+                (
+                    "directory_query",
+                    d.as_ref().map(|d| d.query.clone()).unwrap_or_default(),
+                    true,
+                ),
+                (
+                    "directory_refresh",
+                    d.as_ref()
+                        .map(|d| d.refresh.to_string())
+                        .unwrap_or_default(),
+                    true,
+                ),
+                (
+                    "directory_listen_channel",
+                    d.as_ref()
+                        .and_then(|d| d.listen_channel.clone())
+                        .unwrap_or_default(),
+                    true,
+                ),
+                (
+                    "directory_max_tenants",
+                    d.as_ref()
+                        .map(|d| d.max_tenants.to_string())
+                        .unwrap_or_default(),
+                    true,
+                ),
+                ("users", c.users.len().to_string(), true),
+                ("tenants", shared.tenants.len().to_string(), true),
             ]
             .into_iter()
-            .map(|(k, v)| vec![k.to_string(), v, "no".to_string()])
+            .map(|(k, v, live)| {
+                vec![
+                    k.to_string(),
+                    v,
+                    if live { "yes" } else { "no" }.to_string(),
+                ]
+            })
             .collect();
             table(out, &["key", "value", "changeable"], &rows);
         }
@@ -311,11 +413,12 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
                     let i = t.id as usize;
                     let s = &t.stats;
                     let xacts = s.transactions.load(Ordering::Relaxed).max(1);
+                    let spec = t.spec();
                     vec![
                         t.name.clone(),
-                        t.schema.clone(),
-                        t.max_server.to_string(),
-                        t.max_clients.to_string(),
+                        spec.schema.clone(),
+                        t.max_server().to_string(),
+                        t.max_clients().to_string(),
                         t.clients.load(Ordering::Relaxed).to_string(),
                         s.active.load(Ordering::Relaxed).to_string(),
                         s.waiting.load(Ordering::Relaxed).to_string(),
@@ -325,6 +428,12 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
                         (s.wait_us.load(Ordering::Relaxed) / xacts).to_string(),
                         s.wait_timeouts.load(Ordering::Relaxed).to_string(),
                         if snap.paused[i] { "yes" } else { "no" }.to_string(),
+                        spec.plan.clone().unwrap_or_default(),
+                        match spec.source {
+                            crate::tenant::Source::Toml => "config",
+                            crate::tenant::Source::Directory => "directory",
+                        }
+                        .to_string(),
                     ]
                 })
                 .collect();
@@ -344,6 +453,8 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
                     "avg_wait_us",
                     "wait_timeouts",
                     "paused",
+                    "plan",
+                    "source",
                 ],
                 &rows,
             );
@@ -358,7 +469,7 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
                     let w = snap.max_wait[i];
                     vec![
                         t.name.clone(),
-                        login_user(t.login).to_string(),
+                        login_user(t.login()).to_string(),
                         s.active.load(Ordering::Relaxed).to_string(),
                         s.waiting.load(Ordering::Relaxed).to_string(),
                         "0".into(),
@@ -470,7 +581,7 @@ fn show(what: &str, shared: &Shared, out: &mut BytesMut) -> Result<(), PgError> 
             for c in shared.registry.all() {
                 if let Some((pid, _)) = c.server() {
                     let prepared = c.server_prepared.load(Ordering::Relaxed) as usize;
-                    let login = shared.tenants.get(c.tenant).login;
+                    let login = shared.tenants.get(c.tenant).login();
                     rows.push(row(
                         login,
                         Some(c.tenant),

@@ -141,10 +141,10 @@ pub async fn pool_roles(shared: &crate::Shared) -> Vec<String> {
     let mut warnings = Vec::new();
     let mut seen = BTreeSet::new();
     for tenant in shared.tenants.iter() {
-        if !seen.insert(tenant.login) {
+        if !seen.insert(tenant.login()) {
             continue;
         }
-        let user = shared.pool.target().login(tenant.login).user.clone();
+        let user = shared.pool.target().login(tenant.login()).user.clone();
         let wait = shared.config.limits.query_wait_timeout.0;
         let checked = async {
             let mut conn = shared
@@ -153,7 +153,7 @@ pub async fn pool_roles(shared: &crate::Shared) -> Vec<String> {
                 .await
                 .map_err(|e| format!("{e:?}"))?;
             let mut w = role_warnings(&mut conn, &user).await?;
-            if tenant.login == server::SHARED_LOGIN {
+            if tenant.login() == server::SHARED_LOGIN {
                 w.extend(fallback_warnings(&mut conn, &shared.config).await?);
             }
             let clean = conn.buf.is_empty();

@@ -29,6 +29,11 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantConfig>,
     #[serde(default)]
     pub users: BTreeMap<String, UserConfig>,
+    /// `[plans.NAME]`: named sets of per-tenant caps.
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanConfig>,
+    /// `[directory]`: tenants read from the database, merged with `[tenants.*]`.
+    pub directory: Option<DirectoryConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -59,6 +64,9 @@ pub enum TenantFrom {
     User,
     /// The TLS server name: `acme.<sni_domain>` is tenant `acme`.
     Sni,
+    /// The TLS server name is a tenant's `domain` (the directory's `domain` column), e.g.
+    /// `db.acme.com` for tenant `acme`.
+    Domain,
 }
 
 /// When a server connection gets its tenant's search_path and the server role set again
@@ -240,6 +248,9 @@ pub struct TenantDefaults {
     pub max_server_connections: u32,
     pub max_client_connections: u32,
     pub search_path: String,
+    /// Settings every tenant's transactions run with (`{tenant}` and `{schema}` in values
+    /// are replaced): the tenant context for row-level security. Clients may not set them.
+    pub settings: BTreeMap<String, String>,
 }
 
 impl Default for TenantDefaults {
@@ -248,8 +259,76 @@ impl Default for TenantDefaults {
             max_server_connections: 10,
             max_client_connections: 1000,
             search_path: "{schema}, public".into(),
+            settings: BTreeMap::new(),
         }
     }
+}
+
+/// `[plans.NAME]`: caps a tenant gets from its plan unless it sets its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    pub max_server_connections: Option<u32>,
+    pub max_client_connections: Option<u32>,
+}
+
+/// `[directory]`: a query the proxy runs on a connection of its own that returns one row
+/// per tenant (`tenant`, `schema`, and optionally `plan`, `domain`, `settings`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    pub query: String,
+    /// Run the query again this often (and at once on a NOTIFY on `listen_channel`).
+    #[serde(default = "default_directory_refresh")]
+    pub refresh: Dur,
+    pub listen_channel: Option<String>,
+    /// The most tenants the directory may bring; rows beyond are ignored (logged). Keeps
+    /// the metrics' `tenant` label bounded.
+    #[serde(default = "default_directory_max_tenants")]
+    pub max_tenants: u32,
+}
+
+fn default_directory_refresh() -> Dur {
+    Dur::secs(30)
+}
+fn default_directory_max_tenants() -> u32 {
+    10_000
+}
+
+/// Setting names the proxy itself decides: a tenant's `settings` may not name them.
+const PROXY_SETTINGS: [&str; 3] = ["search_path", "role", "session_authorization"];
+
+/// A setting name as PostgreSQL writes it (lowercase letters, digits, `_`, and `.` for
+/// custom classes such as `app.tenant_id`).
+pub fn valid_setting_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+}
+
+/// Problems with a set of tenant settings (`key` names where they come from).
+pub fn settings_problems<'a>(
+    key: &str,
+    settings: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Vec<String> {
+    let mut p = Vec::new();
+    for (name, value) in settings {
+        if !valid_setting_name(name) {
+            p.push(format!(
+                "{key}: \"{name}\" is not a setting name (lowercase letters, digits, _ and ., e.g. \"app.tenant_id\")"
+            ));
+        } else if PROXY_SETTINGS.contains(&name.as_str()) {
+            p.push(format!(
+                "{key}: \"{name}\" is set by tenantpool itself and cannot be a tenant setting"
+            ));
+        }
+        if value.contains('\0') {
+            p.push(format!("{key}.{name}: must not contain NUL"));
+        }
+    }
+    p
 }
 
 /// `[tenants.NAME]`.
@@ -265,6 +344,11 @@ pub struct TenantConfig {
     pub server_user: Option<String>,
     pub server_password: Option<String>,
     pub server_password_env: Option<String>,
+    /// Caps from `[plans.NAME]` unless set here.
+    pub plan: Option<String>,
+    /// Settings of its own, over `tenant_defaults.settings`.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
 }
 
 impl TenantConfig {
@@ -423,16 +507,38 @@ impl Config {
         Ok(config)
     }
 
-    /// The effective server-connection cap of a tenant.
+    /// The effective server-connection cap of a tenant: its own, else its plan's, else
+    /// `tenant_defaults`.
     pub fn tenant_max_server(&self, t: &TenantConfig) -> u32 {
-        t.max_server_connections
-            .unwrap_or(self.tenant_defaults.max_server_connections)
+        self.caps(t.plan.as_deref(), t.max_server_connections, None)
+            .0
     }
 
     /// The effective client-connection cap of a tenant.
     pub fn tenant_max_clients(&self, t: &TenantConfig) -> u32 {
-        t.max_client_connections
-            .unwrap_or(self.tenant_defaults.max_client_connections)
+        self.caps(t.plan.as_deref(), None, t.max_client_connections)
+            .1
+    }
+
+    /// (max_server_connections, max_client_connections) of a tenant with `plan` and caps
+    /// of its own: each its own, else the plan's, else `tenant_defaults`. An unknown plan
+    /// counts as none (validation reports it).
+    pub fn caps(
+        &self,
+        plan: Option<&str>,
+        server: Option<u32>,
+        clients: Option<u32>,
+    ) -> (u32, u32) {
+        let plan = plan.and_then(|p| self.plans.get(p));
+        let d = &self.tenant_defaults;
+        (
+            server
+                .or_else(|| plan.and_then(|p| p.max_server_connections))
+                .unwrap_or(d.max_server_connections),
+            clients
+                .or_else(|| plan.and_then(|p| p.max_client_connections))
+                .unwrap_or(d.max_client_connections),
+        )
     }
 
     /// The logins server connections use, and which one each tenant uses. A tenant's
@@ -669,8 +775,63 @@ impl Config {
                 "tenant_defaults.search_path: {c:?} is not allowed (schema names, double-quoted identifiers, commas and spaces only)"
             ));
         }
-        if self.tenants.is_empty() {
-            p.push("tenants: no tenant is configured ([tenants.NAME] with a schema)".into());
+        if self.proxy.tenant_from == TenantFrom::Domain {
+            if self.proxy.client_tls == ClientTls::Disable {
+                p.push(
+                    "proxy.tenant_from = \"domain\": needs client_tls other than \"disable\" (the TLS server name is the domain)"
+                        .into(),
+                );
+            }
+            if self.directory.is_none() {
+                p.push(
+                    "proxy.tenant_from = \"domain\": needs a [directory] whose query returns a domain column"
+                        .into(),
+                );
+            }
+        }
+        p.extend(settings_problems("tenant_defaults.settings", &d.settings));
+        for (name, plan) in &self.plans {
+            for (key, v) in [
+                ("max_server_connections", plan.max_server_connections),
+                ("max_client_connections", plan.max_client_connections),
+            ] {
+                if v == Some(0) {
+                    p.push(format!("plans.{name}.{key}: must be at least 1"));
+                }
+            }
+            if let Some(n) = plan.max_server_connections
+                && n > self.server.max_connections
+            {
+                p.push(format!(
+                    "plans.{name}.max_server_connections: {n} is above server.max_connections ({})",
+                    self.server.max_connections
+                ));
+            }
+        }
+        if let Some(dir) = &self.directory {
+            if dir.query.trim().is_empty() {
+                p.push("directory.query: must not be empty".into());
+            }
+            if dir.query.contains('\0') {
+                p.push("directory.query: must not contain NUL".into());
+            }
+            if dir.refresh.is_zero() {
+                p.push("directory.refresh: must be above 0".into());
+            }
+            if dir.max_tenants == 0 {
+                p.push("directory.max_tenants: must be at least 1".into());
+            }
+            if let Some(c) = &dir.listen_channel
+                && (c.is_empty() || c.contains('\0'))
+            {
+                p.push("directory.listen_channel: must not be empty or contain NUL".into());
+            }
+        }
+        if self.tenants.is_empty() && self.directory.is_none() {
+            p.push(
+                "tenants: no tenant is configured ([tenants.NAME] with a schema, or a [directory])"
+                    .into(),
+            );
         }
         for (name, t) in &self.tenants {
             if name.is_empty() || name.contains('\0') {
@@ -707,6 +868,17 @@ impl Config {
                     self.server.max_connections
                 ));
             }
+            if let Some(plan) = &t.plan
+                && !self.plans.contains_key(plan)
+            {
+                p.push(format!(
+                    "tenants.{name}.plan: \"{plan}\" is not a configured plan ([plans.{plan}])"
+                ));
+            }
+            p.extend(settings_problems(
+                &format!("tenants.{name}.settings"),
+                &t.settings,
+            ));
         }
         self.validate_server_logins(&mut p);
         if self.users.is_empty() && self.proxy.auth_method != AuthMethod::Trust {
@@ -755,7 +927,8 @@ impl Config {
                 ));
             }
             for t in &u.tenants {
-                if t != "*" && !self.tenants.contains_key(t) {
+                // Directory tenants are only known at run time.
+                if t != "*" && !self.tenants.contains_key(t) && self.directory.is_none() {
                     p.push(format!(
                         "users.{name}.tenants: \"{t}\" is not a configured tenant"
                     ));
@@ -767,6 +940,45 @@ impl Config {
         } else {
             Err(ConfigError(p))
         }
+    }
+}
+
+impl Config {
+    /// Keys that only a restart changes: those that differ between `self` (the file just
+    /// read) and `running` are named, and set back to the running values, so that what
+    /// is kept is what is in force.
+    pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        macro_rules! keep {
+            ($($name:literal => $($field:ident).+;)*) => {$(
+                if self.$($field).+ != running.$($field).+ {
+                    changed.push($name);
+                    self.$($field).+ = running.$($field).+.clone();
+                }
+            )*};
+        }
+        keep! {
+            "proxy.listen" => proxy.listen;
+            "proxy.pool_mode" => proxy.pool_mode;
+            "proxy.auth_method" => proxy.auth_method;
+            "proxy.tenant_from" => proxy.tenant_from;
+            "proxy.max_prepared_statements" => proxy.max_prepared_statements;
+            "proxy.reset_path_and_role" => proxy.reset_path_and_role;
+            "proxy.client_tls" => proxy.client_tls;
+            "proxy.sni_domain" => proxy.sni_domain;
+            "server.host" => server.host;
+            "server.port" => server.port;
+            "server.database" => server.database;
+            "server.user" => server.user;
+            "server.connect_timeout" => server.connect_timeout;
+            "server.tls" => server.tls;
+        }
+        let listen = |c: &Config| c.metrics.as_ref().map(|m| m.listen.clone());
+        if listen(self) != listen(running) {
+            changed.push("metrics");
+            self.metrics = running.metrics.clone();
+        }
+        changed
     }
 }
 
@@ -915,5 +1127,67 @@ password = "secret"
         );
         assert!(e.contains("tenants.e.server_password"), "{e}");
         assert!(e.contains("tenants.f.server_user"), "{e}");
+    }
+
+    #[test]
+    fn plans_settings_directory_and_domain() {
+        let text = MIN.replace(
+            "[tenants.acme]\nschema = \"tenant_acme\"",
+            "[tenants.acme]\nschema = \"tenant_acme\"\nplan = \"pro\"\n\
+             [tenants.own]\nschema = \"o\"\nplan = \"pro\"\nmax_server_connections = 2\n\
+             [plans.pro]\nmax_server_connections = 7\n\
+             [tenant_defaults]\nsettings = { \"app.tenant\" = \"{tenant}\" }",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.tenant_max_server(&c.tenants["acme"]), 7);
+        assert_eq!(c.tenant_max_server(&c.tenants["own"]), 2);
+        assert_eq!(c.tenant_max_clients(&c.tenants["own"]), 1000);
+        let bad = text
+            .replace("plan = \"pro\"\nmax_server", "plan = \"gold\"\nmax_server")
+            .replace(
+                "\"app.tenant\" = ",
+                "\"search_path\" = \"x\", \"App Tenant\" = ",
+            )
+            + "[proxy]\ntenant_from = \"domain\"\n[directory]\nquery = \"\"\nrefresh = \"0s\"\n";
+        let e = problems(&bad);
+        for needle in [
+            "tenants.own.plan: \"gold\" is not a configured plan",
+            "tenant_defaults.settings: \"search_path\" is set by tenantpool",
+            "tenant_defaults.settings: \"App Tenant\" is not a setting name",
+            "proxy.tenant_from = \"domain\": needs client_tls other than \"disable\"",
+            "directory.query: must not be empty",
+            "directory.refresh: must be above 0",
+        ] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        // A directory may be the only source of tenants; users may name its tenants.
+        let dir_only = MIN.replace("[tenants.acme]\nschema = \"tenant_acme\"", "")
+            + "[directory]\nquery = \"SELECT 1\"\n";
+        let dir_only = dir_only.replace(
+            "password = \"secret\"",
+            "password = \"s\"\ntenants = [\"later\"]",
+        );
+        let c = Config::parse(&dir_only).unwrap();
+        let d = c.directory.unwrap();
+        assert_eq!((d.refresh, d.max_tenants), (Dur::secs(30), 10_000));
+    }
+
+    #[test]
+    fn keys_that_need_a_restart_keep_their_running_values() {
+        let running = Config::parse(MIN).unwrap();
+        let mut new = Config::parse(&MIN.replace(
+            "[server]\n",
+            "[proxy]\nlisten = \"127.0.0.1:7000\"\nmax_client_conn = 5\n[server]\nport = 6000\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            new.keep_restart_only(&running),
+            ["proxy.listen", "server.port"]
+        );
+        assert_eq!(
+            (new.proxy.listen.as_str(), new.server.port),
+            ("0.0.0.0:6432", 5432)
+        );
+        assert_eq!(new.proxy.max_client_conn, 5, "live keys stay as read");
     }
 }

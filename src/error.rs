@@ -106,6 +106,18 @@ impl PgError {
         )
     }
 
+    /// `tenant_from = "domain"`: no tenant has the TLS server name as its domain.
+    pub fn no_domain_tenant(host: &str) -> PgError {
+        PgError::fatal(
+            "3D000",
+            if host.is_empty() {
+                "no TLS server name: connect with TLS to your tenant's domain".to_string()
+            } else {
+                format!("no tenant has the domain \"{host}\"")
+            },
+        )
+    }
+
     /// No user in the startup packet: FATAL 28000, as PostgreSQL says it.
     pub fn no_user() -> PgError {
         PgError::fatal(

@@ -10,7 +10,9 @@ pub mod admin;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod directory;
 pub mod error;
+pub mod live;
 pub mod metrics;
 pub mod pool;
 pub mod prepared;
@@ -28,6 +30,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -41,11 +44,17 @@ use crate::tenant::Tenants;
 
 /// State every client task shares.
 pub struct Shared {
+    /// The config the proxy started with: keys that need a restart are read here. What is
+    /// in force now (limits, caps, users, tenants) is [`Shared::live`]'s.
     pub config: Config,
-    /// TLS towards clients, when `client_tls` is not `disable`.
-    pub tls: Option<Arc<tls::Listener>>,
+    /// TLS towards clients, when `client_tls` is not `disable`; a reload reads the
+    /// certificate files again.
+    pub tls: arc_swap::ArcSwapOption<tls::Listener>,
+    /// The config in force, reloads and the directory's last result.
+    pub live: live::Live,
     pub tenants: Arc<Tenants>,
-    pub users: UserDb,
+    /// The logins in force, swapped whole by a reload.
+    pub users: ArcSwap<UserDb>,
     pub pool: Arc<Pool>,
     /// Live clients: cancel keys, and what the admin console lists.
     pub registry: ClientRegistry,
@@ -127,11 +136,13 @@ impl Proxy {
         };
         let metrics = Arc::new(metrics);
         let settings = client::params::SettingsCache::default();
+        metrics.live.last_reload.set(metrics::unix_now());
         let shared = Arc::new(Shared {
+            live: live::Live::new(config.clone()),
             config,
-            tls,
+            tls: arc_swap::ArcSwapOption::new(tls),
             tenants,
-            users,
+            users: ArcSwap::from_pointee(users),
             pool,
             registry: ClientRegistry::default(),
             no_settings: settings.intern(Vec::new()),
@@ -160,6 +171,11 @@ impl Proxy {
         self.shared.clone()
     }
 
+    /// The file a reload (SIGHUP, RELOAD) reads.
+    pub fn set_config_path(&self, path: impl Into<std::path::PathBuf>) {
+        self.shared.live.set_path(path);
+    }
+
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.shutdown_tx.clone())
     }
@@ -186,6 +202,15 @@ impl Proxy {
                 .clone()
                 .run_refresh(shared.tenants.clone(), shared.pool.clone()),
         );
+        // The directory's tenants, if any: the first attempt may take up to connect_timeout
+        // (a server that is down is the TOML tenants only, and the directory later).
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(directory::run(shared.clone(), first_tx));
+        let _ = tokio::time::timeout(
+            shared.config.server.connect_timeout.0 + std::time::Duration::from_secs(1),
+            first_rx,
+        )
+        .await;
         // Every client task holds a clone; when all are gone, `recv` yields None.
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tenantpool listening");
@@ -211,7 +236,7 @@ impl Proxy {
         shared.stopping.store(true, Ordering::Release);
         shared.stop.notify_waiters();
         drop(alive_tx);
-        let timeout = shared.config.proxy.shutdown_timeout.0;
+        let timeout = shared.live.config().proxy.shutdown_timeout.0;
         if tokio::time::timeout(timeout, alive_rx.recv())
             .await
             .is_err()

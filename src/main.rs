@@ -97,9 +97,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        proxy.set_config_path(&path);
         let handle = proxy.shutdown_handle();
+        let shared = proxy.shared();
         tokio::spawn(async move {
-            wait_for_stop_signal().await;
+            wait_for_stop_signal(shared).await;
             tracing::info!("stop signal received");
             handle.shutdown();
         });
@@ -117,8 +119,9 @@ fn default_workers() -> usize {
     cpus.div_ceil(4)
 }
 
-/// SIGTERM or SIGINT; SIGHUP is logged (reloading is not built yet).
-async fn wait_for_stop_signal() {
+/// SIGTERM or SIGINT; SIGHUP reloads the config file (a bad one is refused and logged,
+/// and the running config stays).
+async fn wait_for_stop_signal(shared: std::sync::Arc<tenantpool::Shared>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -133,7 +136,11 @@ async fn wait_for_stop_signal() {
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP: config reload is not supported in this version; restart to apply changes");
+                tracing::info!("SIGHUP: reloading the config");
+                // Blocking work (the file, SCRAM keys): off the workers. The result is
+                // logged by reload itself.
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || tenantpool::live::reload(&s)).await;
             }
         }
     }

@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 
 use crate::pool::Pool;
-use crate::tenant::Tenants;
+use crate::tenant::{Tenant, Tenants};
 
 /// Histogram buckets, in seconds: from 100 us to a minute.
 pub const BUCKETS: [f64; 18] = [
@@ -31,7 +32,32 @@ pub const REJECT_REASONS: [&str; 4] = [
 ];
 
 /// Name, kind (counter, gauge, histogram) and help text of every series.
-const HELP: [(&str, char, &str); 14] = [
+const HELP: [(&str, char, &str); 19] = [
+    (
+        "tenantpool_config_reloads_total",
+        'c',
+        "Config reloads (SIGHUP, RELOAD), by result (ok, error).",
+    ),
+    (
+        "tenantpool_config_last_reload_timestamp_seconds",
+        'g',
+        "Unix time the config in force was loaded (start-up or the last good reload).",
+    ),
+    (
+        "tenantpool_directory_refreshes_total",
+        'c',
+        "Runs of the [directory] query, by result (ok, error).",
+    ),
+    (
+        "tenantpool_directory_tenants",
+        'g',
+        "Tenants the [directory] brings now (the last good result).",
+    ),
+    (
+        "tenantpool_directory_last_refresh_timestamp_seconds",
+        'g',
+        "Unix time of the last good run of the [directory] query.",
+    ),
     (
         "tenantpool_client_connections",
         'g',
@@ -122,9 +148,45 @@ pub struct TenantMetrics {
     pub bytes_out: Counter,
 }
 
+/// The handles of every tenant since start, by tenant id (`metrics.tenants[id]`). Grows when
+/// tenants appear; a tenant's handles are never freed (ids are never reused).
+pub struct TenantMetricsList(ArcSwap<Vec<&'static TenantMetrics>>);
+
+impl std::ops::Index<usize> for TenantMetricsList {
+    type Output = TenantMetrics;
+    #[inline]
+    fn index(&self, id: usize) -> &TenantMetrics {
+        self.0.load()[id]
+    }
+}
+
+impl TenantMetricsList {
+    pub fn len(&self) -> usize {
+        self.0.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Counters and gauges of reloads and the directory, recorded where they happen.
+pub struct LiveMetrics {
+    pub reloads_ok: Counter,
+    pub reloads_error: Counter,
+    pub last_reload: Gauge,
+    pub directory_ok: Counter,
+    pub directory_error: Counter,
+    pub directory_tenants: Gauge,
+    pub directory_last: Gauge,
+}
+
 /// All handles.
 pub struct Metrics {
-    pub tenants: Vec<TenantMetrics>,
+    pub tenants: TenantMetricsList,
+    pub live: LiveMetrics,
+    /// Serializes growing `tenants`.
+    grow: std::sync::Mutex<()>,
     server_active: Gauge,
     server_idle: Gauge,
     server_connecting: Gauge,
@@ -145,29 +207,103 @@ fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
     Key::from_parts(name, labels)
 }
 
+/// One tenant's handles, registered with `r` (no-ops without a recorder).
+fn tenant_metrics(r: Option<&PrometheusRecorder>, t: &Tenant) -> TenantMetrics {
+    let n = t.name.as_str();
+    let counter = |name, labels: &[(&'static str, &str)]| match r {
+        Some(r) => r.register_counter(&key(name, labels), &META),
+        None => Counter::noop(),
+    };
+    let gauge = |name, labels: &[(&'static str, &str)]| match r {
+        Some(r) => r.register_gauge(&key(name, labels), &META),
+        None => Gauge::noop(),
+    };
+    let histogram = |name, labels: &[(&'static str, &str)]| match r {
+        Some(r) => r.register_histogram(&key(name, labels), &META),
+        None => Histogram::noop(),
+    };
+    let clients = |state| {
+        gauge(
+            "tenantpool_client_connections",
+            &[("tenant", n), ("state", state)],
+        )
+    };
+    let m = TenantMetrics {
+        clients_active: clients("active"),
+        clients_waiting: clients("waiting"),
+        clients_idle: clients("idle"),
+        server_in_use: gauge("tenantpool_tenant_server_connections", &[("tenant", n)]),
+        max_server: gauge("tenantpool_tenant_max_server_connections", &[("tenant", n)]),
+        transactions: counter("tenantpool_transactions_total", &[("tenant", n)]),
+        queries: counter("tenantpool_queries_total", &[("tenant", n)]),
+        transaction_duration: histogram(
+            "tenantpool_transaction_duration_seconds",
+            &[("tenant", n)],
+        ),
+        query_duration: histogram("tenantpool_query_duration_seconds", &[("tenant", n)]),
+        wait_duration: histogram("tenantpool_wait_duration_seconds", &[("tenant", n)]),
+        wait_timeouts: counter("tenantpool_wait_timeouts_total", &[("tenant", n)]),
+        rejected: REJECT_REASONS.map(|reason| {
+            counter(
+                "tenantpool_rejected_connections_total",
+                &[("tenant", n), ("reason", reason)],
+            )
+        }),
+        bytes_in: counter(
+            "tenantpool_bytes_total",
+            &[("tenant", n), ("direction", "in")],
+        ),
+        bytes_out: counter(
+            "tenantpool_bytes_total",
+            &[("tenant", n), ("direction", "out")],
+        ),
+    };
+    m.max_server.set(t.max_server() as f64);
+    m
+}
+
+fn live_metrics(r: Option<&PrometheusRecorder>) -> LiveMetrics {
+    let counter = |name, labels: &[(&'static str, &str)]| match r {
+        Some(r) => r.register_counter(&key(name, labels), &META),
+        None => Counter::noop(),
+    };
+    let gauge = |name| match r {
+        Some(r) => r.register_gauge(&key(name, &[]), &META),
+        None => Gauge::noop(),
+    };
+    LiveMetrics {
+        reloads_ok: counter("tenantpool_config_reloads_total", &[("result", "ok")]),
+        reloads_error: counter("tenantpool_config_reloads_total", &[("result", "error")]),
+        last_reload: gauge("tenantpool_config_last_reload_timestamp_seconds"),
+        directory_ok: counter("tenantpool_directory_refreshes_total", &[("result", "ok")]),
+        directory_error: counter(
+            "tenantpool_directory_refreshes_total",
+            &[("result", "error")],
+        ),
+        directory_tenants: gauge("tenantpool_directory_tenants"),
+        directory_last: gauge("tenantpool_directory_last_refresh_timestamp_seconds"),
+    }
+}
+
+/// Now, as Unix seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 impl Metrics {
     /// No exporter: every handle does nothing.
     pub fn disabled(tenants: &Tenants) -> Metrics {
+        let list = tenants
+            .iter_all()
+            .map(|t| &*Box::leak(Box::new(tenant_metrics(None, t))))
+            .collect();
         Metrics {
-            tenants: tenants
-                .iter()
-                .map(|_| TenantMetrics {
-                    clients_active: Gauge::noop(),
-                    clients_waiting: Gauge::noop(),
-                    clients_idle: Gauge::noop(),
-                    server_in_use: Gauge::noop(),
-                    max_server: Gauge::noop(),
-                    transactions: Counter::noop(),
-                    queries: Counter::noop(),
-                    transaction_duration: Histogram::noop(),
-                    query_duration: Histogram::noop(),
-                    wait_duration: Histogram::noop(),
-                    wait_timeouts: Counter::noop(),
-                    rejected: std::array::from_fn(|_| Counter::noop()),
-                    bytes_in: Counter::noop(),
-                    bytes_out: Counter::noop(),
-                })
-                .collect(),
+            tenants: TenantMetricsList(ArcSwap::from_pointee(list)),
+            live: live_metrics(None),
+            grow: Default::default(),
             server_active: Gauge::noop(),
             server_idle: Gauge::noop(),
             server_connecting: Gauge::noop(),
@@ -206,58 +342,15 @@ impl Metrics {
             |name, labels: &[(&'static str, &str)]| r.register_counter(&key(name, labels), &META);
         let gauge =
             |name, labels: &[(&'static str, &str)]| r.register_gauge(&key(name, labels), &META);
-        let histogram =
-            |name, labels: &[(&'static str, &str)]| r.register_histogram(&key(name, labels), &META);
         let per_tenant = tenants
-            .iter()
-            .map(|t| {
-                let n = t.name.as_str();
-                let clients = |state| {
-                    gauge(
-                        "tenantpool_client_connections",
-                        &[("tenant", n), ("state", state)],
-                    )
-                };
-                let m = TenantMetrics {
-                    clients_active: clients("active"),
-                    clients_waiting: clients("waiting"),
-                    clients_idle: clients("idle"),
-                    server_in_use: gauge("tenantpool_tenant_server_connections", &[("tenant", n)]),
-                    max_server: gauge("tenantpool_tenant_max_server_connections", &[("tenant", n)]),
-                    transactions: counter("tenantpool_transactions_total", &[("tenant", n)]),
-                    queries: counter("tenantpool_queries_total", &[("tenant", n)]),
-                    transaction_duration: histogram(
-                        "tenantpool_transaction_duration_seconds",
-                        &[("tenant", n)],
-                    ),
-                    query_duration: histogram(
-                        "tenantpool_query_duration_seconds",
-                        &[("tenant", n)],
-                    ),
-                    wait_duration: histogram("tenantpool_wait_duration_seconds", &[("tenant", n)]),
-                    wait_timeouts: counter("tenantpool_wait_timeouts_total", &[("tenant", n)]),
-                    rejected: REJECT_REASONS.map(|reason| {
-                        counter(
-                            "tenantpool_rejected_connections_total",
-                            &[("tenant", n), ("reason", reason)],
-                        )
-                    }),
-                    bytes_in: counter(
-                        "tenantpool_bytes_total",
-                        &[("tenant", n), ("direction", "in")],
-                    ),
-                    bytes_out: counter(
-                        "tenantpool_bytes_total",
-                        &[("tenant", n), ("direction", "out")],
-                    ),
-                };
-                m.max_server.set(t.max_server as f64);
-                m
-            })
+            .iter_all()
+            .map(|t| &*Box::leak(Box::new(tenant_metrics(Some(r), t))))
             .collect();
         let server = |state| gauge("tenantpool_server_connections", &[("state", state)]);
         let metrics = Metrics {
-            tenants: per_tenant,
+            tenants: TenantMetricsList(ArcSwap::from_pointee(per_tenant)),
+            live: live_metrics(Some(r)),
+            grow: Default::default(),
             server_active: server("active"),
             server_idle: server("idle"),
             server_connecting: server("connecting"),
@@ -272,6 +365,24 @@ impl Metrics {
         })
     }
 
+    /// Registers the series of tenants that just got their ids (in id order), so that
+    /// they exist, counters at 0, from the moment the tenant does.
+    pub fn add_tenants(&self, new: &[&'static Tenant]) {
+        if new.is_empty() {
+            return;
+        }
+        let _grow = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = self.tenants.0.load().as_ref().clone();
+        for t in new {
+            debug_assert_eq!(t.id as usize, list.len(), "tenants are added in id order");
+            list.push(Box::leak(Box::new(tenant_metrics(
+                self.recorder.as_deref(),
+                t,
+            ))));
+        }
+        self.tenants.0.store(Arc::new(list));
+    }
+
     pub fn enabled(&self) -> bool {
         self.recorder.is_some()
     }
@@ -282,7 +393,17 @@ impl Metrics {
             return;
         }
         let snap = pool.snapshot();
-        for (t, m) in tenants.iter().zip(&self.tenants) {
+        for t in tenants.iter_all() {
+            if t.id as usize >= self.tenants.len() {
+                break;
+            }
+            let m = &self.tenants[t.id as usize];
+            // A removed tenant's series stay (its counters as they were); its cap reads 0.
+            m.max_server.set(if t.is_gone() {
+                0.0
+            } else {
+                t.max_server() as f64
+            });
             let s = &t.stats;
             let active = s.active.load(Ordering::Relaxed);
             let waiting = s.waiting.load(Ordering::Relaxed);

@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 
 use crate::server::{self, LoginId, SHARED_LOGIN, ServerConn, ServerTarget};
@@ -154,8 +155,10 @@ pub struct Pool {
     /// The pool itself, for the tasks it starts (closing, probing).
     me: Weak<Pool>,
     state: Mutex<State>,
-    target: ServerTarget,
-    settings: PoolSettings,
+    /// Swapped whole by a reload (new logins, passwords); connects read it.
+    target: ArcSwap<ServerTarget>,
+    /// Swapped whole by a reload; read under the lock or per connection.
+    settings: ArcSwap<PoolSettings>,
     tenants: Arc<Tenants>,
     /// The server's ParameterStatus values from the latest login.
     params: Mutex<Option<ServerParams>>,
@@ -204,11 +207,11 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 impl Pool {
     pub fn new(target: ServerTarget, settings: PoolSettings, tenants: Arc<Tenants>) -> Arc<Pool> {
-        let n = tenants.len();
+        let n = tenants.ids();
         assert!(
             tenants
                 .iter()
-                .all(|t| (t.login as usize) < target.logins.len()),
+                .all(|t| (t.login() as usize) < target.logins.len()),
             "every tenant's login is one of the target's"
         );
         Arc::new_cyclic(|me| Pool {
@@ -232,8 +235,8 @@ impl Pool {
                 down: None,
                 closed: false,
             }),
-            target,
-            settings,
+            target: ArcSwap::from_pointee(target),
+            settings: ArcSwap::from_pointee(settings),
             tenants,
             params: Mutex::new(None),
             params_known: tokio::sync::Notify::new(),
@@ -241,8 +244,59 @@ impl Pool {
         })
     }
 
-    pub fn target(&self) -> &ServerTarget {
-        &self.target
+    /// The server and its logins in force.
+    pub fn target(&self) -> Arc<ServerTarget> {
+        self.target.load_full()
+    }
+
+    /// The sizing in force.
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings.load_full()
+    }
+
+    /// Makes room for tenants with ids up to `ids` (new tenants of a reload or the
+    /// directory), under the lock, before they can check out.
+    pub fn grow(&self, ids: usize) {
+        let mut st = self.lock();
+        if st.in_use.len() < ids {
+            st.in_use.resize(ids, 0);
+            st.queues.resize_with(ids, VecDeque::new);
+            st.served.resize(ids, 0);
+            st.paused.resize(ids, false);
+        }
+    }
+
+    /// A reload: new logins and passwords for connections opened from now on (the open
+    /// ones stay), new sizing, and caps that may have changed (read at each checkout):
+    /// waiters that a raised cap or pool lets through are served at once; idle
+    /// connections above a lowered `max_connections` are closed (the rest as they come
+    /// back).
+    pub fn reconfigure(&self, target: Option<ServerTarget>, settings: Option<PoolSettings>) {
+        if let Some(t) = target {
+            self.target.store(Arc::new(t));
+        }
+        if let Some(s) = settings {
+            self.settings.store(Arc::new(s));
+        }
+        let mut st = self.lock();
+        if st.closed {
+            return;
+        }
+        self.trim(&mut st);
+        self.dispatch(&mut st);
+    }
+
+    /// Closes idle connections while more are open than `max_connections` allows.
+    fn trim(&self, st: &mut State) {
+        let max = self.settings.load().max_connections;
+        while st
+            .open
+            .saturating_sub(st.retiring.len() as u32 + st.closing)
+            > max
+        {
+            let Some(c) = st.idle.pop() else { break };
+            st.retiring.push(c);
+        }
     }
 
     fn lock(&self) -> Locked<'_> {
@@ -370,13 +424,13 @@ impl Pool {
         let tn = self.tenants.get(tenant);
         let t = tenant as usize;
         if !st.queues[t].is_empty()
-            || st.in_use[t] >= tn.max_server
+            || st.in_use[t] >= tn.max_server()
             || st.paused_all
             || st.paused[t]
         {
             return Take::Wait;
         }
-        if let Some(conn) = take_idle(st, tenant, tn.login) {
+        if let Some(conn) = take_idle(st, tenant, tn.login()) {
             st.in_use[t] += 1;
             return Take::Conn(conn);
         }
@@ -384,7 +438,7 @@ impl Pool {
             // Only the probe connects while the server is failing; it re-opens the pool.
             return Take::Wait;
         }
-        if st.open < self.settings.max_connections {
+        if st.open < self.settings.load().max_connections {
             st.open += 1;
             st.in_use[t] += 1;
             return Take::Connect(None);
@@ -421,7 +475,7 @@ impl Pool {
                 None => slot,
             };
             let tenant = slot.tenant.expect("a checkout's slot is a tenant's");
-            let opened = match pool.connect(pool.tenants.get(tenant).login).await {
+            let opened = match pool.connect(pool.tenants.get(tenant).login()).await {
                 Ok(conn) => Ok(PooledConn::new(slot, conn)),
                 // The slot is given back here.
                 Err(e) => Err(CheckoutError::Unavailable(e)),
@@ -441,7 +495,7 @@ impl Pool {
         let result = {
             self.lock().connecting += 1;
             let _connecting = Connecting(self);
-            server::connect(&self.target, login).await
+            server::connect(&self.target.load_full(), login).await
         };
         match result {
             Ok(login) => {
@@ -543,12 +597,13 @@ impl Pool {
                     continue;
                 }
                 let next = st.ring.iter().copied().find(|&t| self.eligible(&st, t));
-                let Some(t) = next.filter(|_| st.open < self.settings.max_connections) else {
+                let Some(t) = next.filter(|_| st.open < self.settings.load().max_connections)
+                else {
                     st.probing = false;
                     return;
                 };
                 st.open += 1;
-                (Slot::counted(&self, None), self.tenants.get(t).login)
+                (Slot::counted(&self, None), self.tenants.get(t).login())
             };
             match self.connect(login).await {
                 Ok(conn) => {
@@ -572,7 +627,8 @@ impl Pool {
             if known.is_some() {
                 return;
             }
-            let shared_user = &self.target.login(SHARED_LOGIN).user;
+            let target = self.target.load();
+            let shared_user = &target.login(SHARED_LOGIN).user;
             for (name, value) in &mut params {
                 if name.eq_ignore_ascii_case("session_authorization") {
                     value.clone_from(shared_user);
@@ -596,7 +652,7 @@ impl Pool {
             self.ensure_probe(st);
             return;
         }
-        if st.open < self.settings.max_connections {
+        if st.open < self.settings.load().max_connections {
             st.open += 1;
             if !self.hand_out(st, Grant::Connect(None)) {
                 st.open -= 1;
@@ -619,7 +675,7 @@ impl Pool {
             let ti = t as usize;
             st.ring.retain(|&x| x != t);
             st.served[ti] = st.round;
-            let swap = login.is_some_and(|l| l != self.tenants.get(t).login);
+            let swap = login.is_some_and(|l| l != self.tenants.get(t).login());
             while let Some(w) = st.queues[ti].pop_front() {
                 st.waiting -= 1;
                 st.in_use[ti] += 1;
@@ -654,7 +710,7 @@ impl Pool {
     /// May `t`'s next waiter be served now?
     fn eligible(&self, st: &State, t: TenantId) -> bool {
         !st.queues[t as usize].is_empty()
-            && st.in_use[t as usize] < self.tenants.get(t).max_server
+            && st.in_use[t as usize] < self.tenants.get(t).max_server()
             && !st.paused_all
             && !st.paused[t as usize]
     }
@@ -680,7 +736,7 @@ impl Pool {
             }
             if let Some(l) = login
                 && let Some(&t) = st.ring.iter().find(|&&t| {
-                    self.tenants.get(t).login == l
+                    self.tenants.get(t).login() == l
                         && self.eligible(st, t)
                         && st.served[t as usize] < st.round
                 })
@@ -712,7 +768,7 @@ impl Pool {
             .tenant
             .expect("a checked-out connection's slot is a tenant's");
         let now = Instant::now();
-        let expired = now.duration_since(conn.created) >= pool.settings.lifetime;
+        let expired = now.duration_since(conn.created) >= pool.settings.load().lifetime;
         if clean && !expired {
             let mut st = pool.lock();
             if !st.closed {
@@ -750,9 +806,10 @@ impl Pool {
         let pool = slot.pool.clone();
         pool.lock().closing += 1;
         slot.closing = true;
-        let limit = pool.target.connect_timeout;
+        let target = pool.target.load_full();
+        let limit = target.connect_timeout;
         let pid = conn.backend_pid;
-        if !conn.close(&pool.target, limit).await {
+        if !conn.close(&target, limit).await {
             tracing::warn!(
                 backend_pid = pid,
                 ?limit,
@@ -787,10 +844,10 @@ impl Pool {
         let tenant = self
             .tenants
             .iter()
-            .find(|t| t.login == SHARED_LOGIN)
+            .find(|t| t.login() == SHARED_LOGIN)
             .map_or(0, |t| t.id);
         // One try: a login gets its answer within connect_timeout.
-        let deadline = Instant::now() + self.target.connect_timeout;
+        let deadline = Instant::now() + self.target.load().connect_timeout;
         let checkout = tokio::select! {
             c = self.checkout_once(tenant, deadline) => c,
             // Another connection brought them (a queued checkout dropped here leaves its
@@ -857,14 +914,14 @@ impl Pool {
             if st.closed {
                 return;
             }
-            let min_idle = self.settings.min_idle as usize;
+            let min_idle = self.settings.load().min_idle as usize;
             let mut i = 0;
             while i < st.idle.len() {
                 let idle_count = st.idle.len();
                 let c = &mut st.idle[i];
-                let too_old = now.duration_since(c.created) >= self.settings.lifetime;
+                let too_old = now.duration_since(c.created) >= self.settings.load().lifetime;
                 let idle_long = idle_count > min_idle
-                    && now.duration_since(c.idle_since) >= self.settings.idle_timeout;
+                    && now.duration_since(c.idle_since) >= self.settings.load().idle_timeout;
                 if too_old || idle_long || c.is_broken_idle() {
                     let c = st.idle.swap_remove(i);
                     st.retiring.push(c);
@@ -872,12 +929,13 @@ impl Pool {
                     i += 1;
                 }
             }
+            self.trim(&mut st);
             if st.waiting > 0 {
                 self.dispatch(&mut st);
             }
             let want = st.down.is_none()
-                && (st.idle.len() as u32) < self.settings.min_idle
-                && st.open < self.settings.max_connections;
+                && (st.idle.len() as u32) < self.settings.load().min_idle
+                && st.open < self.settings.load().max_connections;
             if want {
                 st.open += 1;
                 Some(Slot::counted(self, None))
@@ -910,8 +968,8 @@ impl Pool {
             self.maintain().await;
             let (closed, short) = {
                 let st = self.lock();
-                let short = (st.idle.len() as u32) < self.settings.min_idle
-                    && st.open < self.settings.max_connections
+                let short = (st.idle.len() as u32) < self.settings.load().min_idle
+                    && st.open < self.settings.load().max_connections
                     && st.down.is_none();
                 (st.closed, short)
             };
@@ -962,7 +1020,7 @@ impl Pool {
             self.ensure_probe(st);
             return;
         }
-        while st.waiting > 0 && st.open < self.settings.max_connections {
+        while st.waiting > 0 && st.open < self.settings.load().max_connections {
             st.open += 1;
             if !self.hand_out(st, Grant::Connect(None)) {
                 st.open -= 1;
@@ -1300,12 +1358,12 @@ mod tests {
         let mut st = pool.lock();
         let _a = wait(&mut st, 0);
         let _b = wait(&mut st, 1);
-        st.in_use[0] = pool.tenants.get(0).max_server;
+        st.in_use[0] = pool.tenants.get(0).max_server();
         assert_eq!(
             pool.next_tenant(&mut st, Some(0), Some(SHARED_LOGIN)),
             Some(1)
         );
-        st.in_use[1] = pool.tenants.get(1).max_server;
+        st.in_use[1] = pool.tenants.get(1).max_server();
         assert_eq!(pool.next_tenant(&mut st, None, None), None);
     }
 
@@ -1334,7 +1392,7 @@ mod tests {
             always: false,
             tracking: true,
         };
-        conn.state.begin(tenant, 1, policy, false);
+        conn.state.begin(tenant, 0, 1, policy, false);
         (conn, peer)
     }
 
@@ -1346,11 +1404,11 @@ mod tests {
              [tenants.c]\nschema = \"c\"\n\
              [tenants.d]\nschema = \"d\"\nserver_user = \"ub\"\nserver_password = \"pb\"\n",
         );
-        let logins: Vec<_> = pool.tenants.iter().map(|t| t.login).collect();
+        let logins: Vec<_> = pool.tenants.iter().map(|t| t.login()).collect();
         assert_eq!(logins, [SHARED_LOGIN, 1, SHARED_LOGIN, 1]);
-        assert_eq!(pool.target.login(SHARED_LOGIN).user, "u");
-        assert_eq!(pool.target.login(1).user, "ub");
-        assert_eq!(pool.target.login(1).password.as_deref(), Some("pb"));
+        assert_eq!(pool.target().login(SHARED_LOGIN).user, "u");
+        assert_eq!(pool.target().login(1).user, "ub");
+        assert_eq!(pool.target().login(1).password.as_deref(), Some("pb"));
     }
 
     #[tokio::test]

@@ -82,6 +82,9 @@ pub struct Policy {
 pub struct SessionState {
     /// The tenant whose search_path it carries; `None` when fresh.
     tenant: Option<TenantId>,
+    /// The generation of that tenant's search_path and settings it carries (see
+    /// [`crate::tenant::Spec::generation`]): another one is reset as a tenant switch.
+    generation: u64,
     /// The client settings applied on it: `Some(empty)` for the server's defaults (fresh
     /// or just reset), `None` when unknown (a client ran RESET).
     pub settings: Option<Arc<Settings>>,
@@ -107,10 +110,25 @@ impl SessionState {
     /// Decides what the connection needs before a transaction of `client` of `tenant`
     /// (`tracked`: it holds statements the proxy tracks), and records that it will have
     /// it once the returned reset has run. Settings are left to the caller.
-    pub fn begin(&mut self, tenant: TenantId, client: u64, policy: Policy, tracked: bool) -> Reset {
+    pub fn begin(
+        &mut self,
+        tenant: TenantId,
+        generation: u64,
+        client: u64,
+        policy: Policy,
+        tracked: bool,
+    ) -> Reset {
         let reset = match self.tenant {
             None => Reset::Fresh,
             Some(t) if t != tenant => Reset::Switch,
+            // The tenant's search_path or settings changed (a reload, the directory): as a
+            // switch; in session mode the client's session stays, and gets the tenant's
+            // settings (and its search_path after a reset).
+            Some(_) if self.generation != generation && !policy.session_mode => Reset::Switch,
+            Some(_) if self.generation != generation => {
+                self.generation = generation;
+                Reset::RestoreIfReset
+            }
             Some(_) if self.dirty && self.last_client != client => {
                 if policy.tracking && tracked && !self.untracked {
                     Reset::Keep
@@ -133,6 +151,7 @@ impl SessionState {
         }
         if reset.clears_settings() {
             self.tenant = Some(tenant);
+            self.generation = generation;
             self.dirty = false;
         }
         if reset.drops_statements() || reset == Reset::Fresh {
@@ -169,55 +188,61 @@ mod tests {
     #[test]
     fn switches_wipe_and_same_client_state_is_reasserted() {
         let mut s = SessionState::default();
-        assert_eq!(s.begin(0, 1, TX, false), Reset::Fresh);
+        assert_eq!(s.begin(0, 1, 1, TX, false), Reset::Fresh);
         s.end(0, false);
-        assert_eq!(s.begin(0, 2, TX, false), Reset::None);
+        assert_eq!(s.begin(0, 1, 2, TX, false), Reset::None);
         s.end(PATH, false);
         // The search_path may have moved: set again, whoever comes next.
-        assert_eq!(s.begin(0, 2, TX, false), Reset::Reassert);
+        assert_eq!(s.begin(0, 1, 2, TX, false), Reset::Reassert);
         s.end(0, false);
-        assert_eq!(s.begin(0, 3, TX, false), Reset::None);
+        assert_eq!(s.begin(0, 1, 3, TX, false), Reset::None);
         s.end(STATE | PATH, false);
-        assert_eq!(s.begin(0, 3, TX, false), Reset::Reassert);
+        assert_eq!(s.begin(0, 1, 3, TX, false), Reset::Reassert);
         s.end(0, false);
         // Another client gets the full reset; with tracked statements they are kept.
-        assert_eq!(s.begin(0, 4, TX, true), Reset::Keep);
+        assert_eq!(s.begin(0, 1, 4, TX, true), Reset::Keep);
         s.end(0, false);
-        assert_eq!(s.begin(1, 4, TX, true), Reset::Switch);
+        assert_eq!(s.begin(1, 1, 4, TX, true), Reset::Switch);
+        s.end(0, false);
+        assert_eq!(s.begin(1, 1, 4, TX, true), Reset::None);
+        // The tenant's search_path or settings changed (a reload): reset as a switch.
+        assert_eq!(s.begin(1, 2, 4, TX, true), Reset::Switch);
+        s.end(0, false);
+        assert_eq!(s.begin(1, 2, 4, TX, true), Reset::None);
     }
 
     #[test]
     fn untracked_statements_reassert_every_time_until_discarded() {
         let mut s = SessionState::default();
-        s.begin(0, 1, TX, false);
+        s.begin(0, 1, 1, TX, false);
         s.end(STATE | STATEMENTS, false);
-        assert_eq!(s.begin(0, 1, TX, true), Reset::Reassert);
+        assert_eq!(s.begin(0, 1, 1, TX, true), Reset::Reassert);
         s.end(0, false);
-        assert_eq!(s.begin(0, 1, TX, true), Reset::Reassert);
+        assert_eq!(s.begin(0, 1, 1, TX, true), Reset::Reassert);
         s.end(0, false);
-        assert_eq!(s.begin(0, 2, TX, true), Reset::Discard);
+        assert_eq!(s.begin(0, 1, 2, TX, true), Reset::Discard);
         s.end(0, false);
-        assert_eq!(s.begin(0, 2, TX, true), Reset::None);
+        assert_eq!(s.begin(0, 1, 2, TX, true), Reset::None);
     }
 
     #[test]
     fn always_reasserts_and_session_mode_restores_only_after_a_reset() {
         let always = Policy { always: true, ..TX };
         let mut s = SessionState::default();
-        s.begin(0, 1, always, false);
+        s.begin(0, 1, 1, always, false);
         s.end(0, false);
-        assert_eq!(s.begin(0, 1, always, false), Reset::Reassert);
+        assert_eq!(s.begin(0, 1, 1, always, false), Reset::Reassert);
         let session = Policy {
             session_mode: true,
             ..TX
         };
         let mut s = SessionState::default();
-        assert_eq!(s.begin(0, 1, session, false), Reset::Fresh);
+        assert_eq!(s.begin(0, 1, 1, session, false), Reset::Fresh);
         s.end(0, true);
-        assert_eq!(s.begin(0, 1, session, false), Reset::None);
+        assert_eq!(s.begin(0, 1, 1, session, false), Reset::None);
         s.end(PATH | STATE, true);
-        assert_eq!(s.begin(0, 1, session, false), Reset::RestoreIfReset);
+        assert_eq!(s.begin(0, 1, 1, session, false), Reset::RestoreIfReset);
         s.end(0, true);
-        assert_eq!(s.begin(0, 2, session, false), Reset::Discard);
+        assert_eq!(s.begin(0, 1, 2, session, false), Reset::Discard);
     }
 }

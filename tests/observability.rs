@@ -310,7 +310,7 @@ async fn admin_console_shows_and_pauses() {
         .expect("RESUME released the transaction")
         .unwrap();
 
-    // Errors: unknown command, unknown tenant, RELOAD not yet.
+    // Errors: unknown command, unknown tenant.
     let e = console.simple_query("SHOW NONSENSE").await.unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("42601"));
     let e = console.simple_query("PAUSE nope").await.unwrap_err();

@@ -263,6 +263,127 @@ async fn the_tls_server_name_names_the_tenant() {
     proxy.stop();
 }
 
+/// tenant_from = "domain": the TLS server name is a tenant's `domain` in the directory
+/// (any case); a name no tenant has, or none, is no tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_server_name_is_a_tenants_domain() {
+    let db = TestDb::create("tls_domain", &["toml"]).await;
+    let owner = db.owner().await;
+    owner
+        .batch_execute(
+            "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_globex;
+             CREATE TABLE tenant_acme.leads (id int, name text);
+             CREATE TABLE tenant_globex.leads (id int, name text);
+             INSERT INTO tenant_acme.leads VALUES (1, 'acme-1');
+             INSERT INTO tenant_globex.leads VALUES (1, 'globex-1');
+             CREATE SCHEMA core;
+             CREATE TABLE core.tenants (slug text, domain text);
+             INSERT INTO core.tenants VALUES ('acme', 'db.acme.test'), ('globex', 'pg.globex.test');
+             GRANT USAGE ON SCHEMA core, tenant_acme, tenant_globex TO PUBLIC;
+             GRANT SELECT ON ALL TABLES IN SCHEMA core, tenant_acme, tenant_globex TO PUBLIC;",
+        )
+        .await
+        .unwrap();
+    let dir = tempdir("tenantpool-tls-domain");
+    let (crt, key) = test_ca().issue(
+        &dir,
+        "proxy",
+        "localhost",
+        &[
+            "DNS:localhost",
+            "DNS:db.acme.test",
+            "DNS:pg.globex.test",
+            "DNS:other.test",
+        ],
+        false,
+    );
+    let proxy = Proxy::start(db.config(
+        2,
+        &format!(
+            "[proxy]\nclient_tls = \"require\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+             auth_method = \"trust\"\ntenant_from = \"domain\"\n\
+             [directory]\nquery = \"SELECT slug AS tenant, 'tenant_' || slug AS schema, domain FROM core.tenants\"\n",
+            crt.display(),
+            key.display()
+        ),
+    ));
+    let sql = "SELECT name FROM leads ORDER BY id";
+    for (sni, db_name, want) in [
+        ("db.acme.test", "app", Ok(vec!["acme-1"])),
+        ("PG.Globex.test", "anything", Ok(vec!["globex-1"])),
+        ("db.acme.test", "globex", Err("28000")),
+        ("other.test", "acme", Err("3D000")),
+        ("localhost", "acme", Err("3D000")),
+    ] {
+        let want = want
+            .map(|v| v.into_iter().map(String::from).collect::<Vec<_>>())
+            .map_err(String::from);
+        // The directory is read at start; give it a moment.
+        let mut got = Err(String::new());
+        for _ in 0..50 {
+            let mut s = tls_client(proxy.addr, sni, Some(b"postgresql"), true)
+                .await
+                .unwrap();
+            got = run_over(&mut s, &[("user", APP_USER), ("database", db_name)], sql).await;
+            if got == want {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(got, want, "{sni} {db_name}");
+    }
+    proxy.stop();
+}
+
+/// A reload reads the certificate files again: a renewed certificate is served to new
+/// clients without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_serves_a_renewed_certificate() {
+    let db = TestDb::create("tls_reload", &["acme"]).await;
+    let dir = tempdir("tenantpool-tls-reload");
+    let (crt, key) = test_ca().issue(&dir, "old", "old-proxy", &["DNS:localhost"], false);
+    let text = db.config_text(
+        2,
+        &format!(
+            "[proxy]\nclient_tls = \"require\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nauth_method = \"trust\"\n",
+            crt.display(),
+            key.display()
+        ),
+    );
+    let path = dir.join("tenantpool.toml");
+    std::fs::write(&path, &text).unwrap();
+    let proxy = Proxy::start(tenantpool::config::Config::parse(&text).unwrap());
+    proxy.shared.live.set_path(&path);
+    let subject = |s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+        let der = s.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        String::from_utf8_lossy(&der).into_owned()
+    };
+    let sql = "SELECT name FROM leads ORDER BY id";
+    let params = [("user", APP_USER), ("database", "acme")];
+    let mut before = tls_client(proxy.addr, "localhost", None, false)
+        .await
+        .unwrap();
+    assert!(subject(&before).contains("old-proxy"));
+    assert_eq!(run_over(&mut before, &params, sql).await.unwrap().len(), 2);
+
+    // The files are replaced in place, as certbot or cert-manager do.
+    let (new_crt, new_key) = test_ca().issue(&dir, "new", "new-proxy", &["DNS:localhost"], false);
+    std::fs::copy(&new_crt, &crt).unwrap();
+    std::fs::copy(&new_key, &key).unwrap();
+    let mut after = tls_client(proxy.addr, "localhost", None, false)
+        .await
+        .unwrap();
+    assert!(subject(&after).contains("old-proxy"), "no reload yet");
+    drop(after);
+    tenantpool::live::reload(&proxy.shared).unwrap();
+    after = tls_client(proxy.addr, "localhost", None, false)
+        .await
+        .unwrap();
+    assert!(subject(&after).contains("new-proxy"));
+    assert_eq!(run_over(&mut after, &params, sql).await.unwrap().len(), 2);
+    proxy.stop();
+}
+
 /// auth_method = "cert": a client certificate signed by tls_client_ca_file whose common
 /// name is the user logs in; another name, or none, does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,7 +33,7 @@ async fn validate_settings(
     if settings.list.is_empty() || settings.reported.get().is_some() {
         return Ok(());
     }
-    let wait = shared.config.limits.query_wait_timeout.0;
+    let wait = shared.live.config().limits.query_wait_timeout.0;
     let mut conn = shared
         .pool
         .checkout(tenant, wait)
@@ -75,7 +75,7 @@ pub(super) async fn admit_client(
     shared: Arc<Shared>,
 ) -> Option<Session> {
     let _ = stream.set_nodelay(true);
-    let login_timeout = shared.config.limits.client_login_timeout.0;
+    let login_timeout = shared.live.config().limits.client_login_timeout.0;
     // Over max_client_conn the startup packet is still read, to name the tenant in the
     // refusal's metric, but nothing else is done.
     let conn_count = ConnCount::try_take(&shared);
@@ -142,13 +142,13 @@ async fn login(
     shared: &Arc<Shared>,
     conn_count: Option<ConnCount>,
 ) -> Result<Option<Login>, PgError> {
-    let first = startup::open(slot, tcp, shared.tls.as_deref(), peer).await?;
+    let first = startup::open(slot, tcp, shared.tls.load_full().as_deref(), peer).await?;
     let stream = slot.as_mut().expect("open set it");
     let startup = match first {
         FirstPacket::Cancel { pid, secret } => {
             if let Some((spid, ssecret)) = shared.registry.lookup(pid, secret) {
                 tracing::debug!(client = %peer, "forwarding cancel request");
-                let _ = crate::server::send_cancel(shared.pool.target(), spid, ssecret).await;
+                let _ = crate::server::send_cancel(&shared.pool.target(), spid, ssecret).await;
             }
             return Ok(None);
         }
@@ -176,8 +176,21 @@ async fn login(
             return Ok(Some(Login::Admin(admitted.user, conn_count)));
         }
     };
+    // The tenant's settings are the tenant context (row-level security): like the
+    // search_path, a client may not name them at startup.
+    if let Some((name, _)) = admitted
+        .settings
+        .iter()
+        .find(|(k, _)| shared.tenants.is_context_setting(k))
+    {
+        return Err(PgError::forbidden_parameter(name));
+    }
     let settings = shared.settings.intern(admitted.settings);
     let mut reg = Registration::take(shared, tenant, admitted.user.clone(), peer, conn_count)?;
+    // Removed by a reload or the directory while this client logged in.
+    if shared.tenants.get(tenant).is_gone() {
+        return Err(PgError::unknown_tenant(&shared.tenants.get(tenant).name));
+    }
     let server_params = shared
         .pool
         .server_params()
@@ -207,7 +220,7 @@ struct ConnCount(Arc<Shared>);
 
 impl ConnCount {
     fn try_take(shared: &Arc<Shared>) -> Option<ConnCount> {
-        let max = shared.config.proxy.max_client_conn;
+        let max = shared.live.config().proxy.max_client_conn;
         shared
             .clients
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -250,7 +263,8 @@ impl Registration {
             rejected[1].increment(1);
             return Err(PgError::too_many_clients(&format!(
                 "max_client_connections of tenant \"{}\" ({})",
-                t.name, t.max_clients
+                t.name,
+                t.max_clients()
             )));
         }
         Ok(Registration {

@@ -118,11 +118,7 @@ impl Session {
                         return "shutdown";
                     }
                     Wake::Killed => {
-                        let e = PgError::fatal(
-                            "57P01",
-                            "terminating connection: tenant killed by an admin",
-                        );
-                        let _ = self.boxed_send_error(e).await;
+                        let _ = self.boxed_send_error(self.killed_error()).await;
                         return "killed";
                     }
                     Wake::IdleTimeout => {
@@ -143,6 +139,12 @@ impl Session {
                     return why;
                 }
                 continue;
+            }
+            // KILL, or the tenant was removed: the client ends at this transaction
+            // boundary, even with its next transaction already sent.
+            if self.reg.client.killed.load(Ordering::Acquire) {
+                let _ = self.boxed_send_error(self.killed_error()).await;
+                return "killed";
             }
             // Boxed: the transaction's state (checkout, relay) is large and only lives
             // while a transaction runs.
@@ -185,6 +187,19 @@ impl Session {
         Box::pin(self.send_ready(n))
     }
 
+    /// Why a killed client ends: the console's KILL, or its tenant was removed.
+    fn killed_error(&self) -> PgError {
+        let t = self.reg.shared.tenants.get(self.reg.tenant);
+        if t.is_gone() {
+            PgError::fatal(
+                "57P01",
+                format!("terminating connection: tenant \"{}\" was removed", t.name),
+            )
+        } else {
+            PgError::fatal("57P01", "terminating connection: tenant killed by an admin")
+        }
+    }
+
     /// Sends an error, best effort (the connection is about to close).
     async fn send_error(&mut self, e: PgError) {
         let _ = self.stream.write_all(&e.to_bytes()).await;
@@ -220,7 +235,8 @@ impl Session {
             }
             // client_idle_timeout, when on, costs a timer allocation per idle period.
             let mut idle_timer = shared
-                .config
+                .live
+                .config()
                 .limits
                 .client_idle_timeout
                 .nonzero()

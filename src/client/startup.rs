@@ -254,19 +254,15 @@ pub async fn admit(
                 .as_deref()
                 .unwrap_or_default();
             let tenant = sni_tenant(stream.sni(), domain)?;
-            // A dbname that is itself another tenant's name is a contradiction; any
-            // other dbname (the database's own name, say) is not about tenants.
-            if let Some(db) = params.get("database")
-                && db != &tenant
-                && !ADMIN_DATABASES.contains(&db.as_str())
-                && shared.tenants.lookup(db).is_some()
-            {
-                return Err(PgError::tenant_mismatch(&tenant, db));
-            }
-            let admin = params
-                .get("database")
-                .filter(|d| ADMIN_DATABASES.contains(&d.as_str()));
-            (raw_user.clone(), admin.cloned().unwrap_or(tenant))
+            tenant_from_name(shared, &params, &raw_user, tenant)?
+        }
+        TenantFrom::Domain => {
+            let host = stream.sni().unwrap_or_default();
+            let tenant = shared
+                .tenants
+                .lookup_domain(host)
+                .ok_or_else(|| PgError::no_domain_tenant(host))?;
+            tenant_from_name(shared, &params, &raw_user, tenant.name.clone())?
         }
         TenantFrom::Database => {
             let db = params
@@ -286,7 +282,8 @@ pub async fn admit(
     };
     let settings = params::session_settings(&params)?;
 
-    let user = shared.users.get(&user_name);
+    let users = shared.users.load_full();
+    let user = users.get(&user_name);
     // Rejections are counted for configured tenants only (the label is never client input).
     let reject = |reason: usize| {
         if let Some(t) = shared.tenants.lookup(&tenant_name) {
@@ -297,15 +294,16 @@ pub async fn admit(
         reject(0);
         return Err(PgError::too_many_clients(&format!(
             "max_client_conn ({})",
-            shared.config.proxy.max_client_conn
+            shared.live.config().proxy.max_client_conn
         )));
     }
     // md5 hashes with the name the client sent (`app.acme` when the tenant is in it).
+    let tls = shared.tls.load_full();
     if let Err(e) = auth::authenticate(
         stream,
         buf,
         shared.config.proxy.auth_method,
-        shared.tls.as_deref(),
+        tls.as_deref(),
         &raw_user,
         user,
     )
@@ -320,7 +318,7 @@ pub async fn admit(
     };
 
     if ADMIN_DATABASES.contains(&tenant_name.as_str()) {
-        if !shared.config.proxy.admin_users.contains(&user_name) {
+        if !shared.live.config().proxy.admin_users.contains(&user_name) {
             return Err(PgError::not_allowed(&user_name, "the admin console"));
         }
         return Ok(Admitted {
@@ -366,6 +364,28 @@ fn sni_tenant(sni: Option<&str>, domain: &str) -> Result<String, PgError> {
                 ),
             )
         })
+}
+
+/// (user, tenant) when the TLS server name named the tenant: a dbname that is itself
+/// another tenant's name is a contradiction; any other dbname (the database's own name,
+/// say) is not about tenants, and the admin console's names stay the console's.
+fn tenant_from_name(
+    shared: &Shared,
+    params: &BTreeMap<String, String>,
+    raw_user: &str,
+    tenant: String,
+) -> Result<(String, String), PgError> {
+    if let Some(db) = params.get("database")
+        && db != &tenant
+        && !ADMIN_DATABASES.contains(&db.as_str())
+        && shared.tenants.lookup(db).is_some()
+    {
+        return Err(PgError::tenant_mismatch(&tenant, db));
+    }
+    let admin = params
+        .get("database")
+        .filter(|d| ADMIN_DATABASES.contains(&d.as_str()));
+    Ok((raw_user.to_string(), admin.cloned().unwrap_or(tenant)))
 }
 
 /// Sends AuthenticationOk, the ParameterStatus values, the proxy-made BackendKeyData and

@@ -49,7 +49,13 @@ pub(super) fn prepare(
         to_server: cout,
         to_client: sout,
     } = &mut **work;
-    let reset = state.begin(tenant, client, policy(shared), !stmts.is_empty());
+    let reset = state.begin(
+        tenant,
+        t.generation(),
+        client,
+        policy(shared),
+        !stmts.is_empty(),
+    );
     if reset == Reset::Switch {
         shared
             .pool
@@ -66,7 +72,7 @@ pub(super) fn prepare(
     let (prelude, mut replies) = t.prelude(reset);
     cout.clear();
     sout.clear();
-    cout.own(prelude);
+    cout.own(&prelude);
     // The common case (same client settings as last time) is a pointer comparison.
     let same = state
         .settings
@@ -177,8 +183,13 @@ impl Session {
             cpos: 0,
             sout,
             track,
-            idle_in_transaction: shared.config.limits.idle_transaction_timeout.nonzero(),
-            message_timeout: shared.config.limits.message_timeout.nonzero(),
+            idle_in_transaction: shared
+                .live
+                .config()
+                .limits
+                .idle_transaction_timeout
+                .nonzero(),
+            message_timeout: shared.live.config().limits.message_timeout.nonzero(),
             timer: None,
             counts: relay::Counts::new(tmetrics),
         };
@@ -382,7 +393,7 @@ impl Session {
             .state
             .store(STATE_WAITING, Ordering::Relaxed);
         let wait_start = Instant::now();
-        let wait = shared.config.limits.query_wait_timeout.0;
+        let wait = shared.live.config().limits.query_wait_timeout.0;
         let mut checkout = std::pin::pin!(shared.pool.checkout(self.reg.tenant, wait));
         let checkout = loop {
             // Meanwhile the client's further bytes are read (and scanned) as the relay would,

@@ -987,3 +987,12 @@ pub const CONTRACT_METRICS: [&str; 14] = [
     "tenantpool_search_path_switches_total",
     "tenantpool_bytes_total",
 ];
+
+/// Metrics beyond the contract's: reloads and the tenant directory.
+pub const LIVE_METRICS: [&str; 5] = [
+    "tenantpool_config_reloads_total",
+    "tenantpool_config_last_reload_timestamp_seconds",
+    "tenantpool_directory_refreshes_total",
+    "tenantpool_directory_tenants",
+    "tenantpool_directory_last_refresh_timestamp_seconds",
+];

@@ -190,6 +190,8 @@ pub struct ServerScan {
     /// The server sent a FATAL error (SQLSTATE, message) and is about to close; it is
     /// held back, not forwarded, so the client can be told in a way that keeps it usable.
     pub fatal: Option<(String, String)>,
+    /// That FATAL ErrorResponse as PostgreSQL sent it (session mode passes it on as it is).
+    pub fatal_bytes: Option<Vec<u8>>,
 }
 
 impl Default for ServerScan {
@@ -214,6 +216,7 @@ impl ServerScan {
             reset_seen: false,
             reset_in_cycle: false,
             fatal: None,
+            fatal_bytes: None,
         }
     }
 
@@ -404,6 +407,7 @@ impl ServerScan {
                                 .to_string()
                         };
                         self.fatal = Some((field(b'C'), field(b'M')));
+                        self.fatal_bytes = Some(buf[pos..pos + len].to_vec());
                         // Nothing after a FATAL matters: stop before it.
                         break;
                     }
@@ -597,6 +601,7 @@ impl Relay<'_> {
             && !self.cscan.unsynced
             && self.cscan.body_left == 0
             && self.sscan.status == b'I'
+            && !self.sscan.mid_message()
             && *self.cfwd == 0
             && self.owes_nothing()
     }

@@ -25,10 +25,13 @@ use crate::prepared::Tracker;
 /// How the proxy is configured to reset connections.
 pub(super) fn policy(shared: &Shared) -> Policy {
     let proxy = &shared.config.proxy;
+    let session_mode = proxy.pool_mode == PoolMode::Session;
     Policy {
-        session_mode: proxy.pool_mode == PoolMode::Session,
+        session_mode,
         always: proxy.reset_path_and_role == ResetPathAndRole::Always,
-        tracking: proxy.max_prepared_statements > 0,
+        // Session mode: the client owns the connection and its statement names pass
+        // through untouched; the proxy tracks none.
+        tracking: proxy.max_prepared_statements > 0 && !session_mode,
     }
 }
 
@@ -155,7 +158,11 @@ impl Session {
             to_server: cout,
             to_client: sout,
         } = &mut **work;
-        let max_statements = shared.config.proxy.max_prepared_statements as usize;
+        let max_statements = if session_mode {
+            0
+        } else {
+            shared.config.proxy.max_prepared_statements as usize
+        };
         let track = (max_statements > 0).then(|| {
             Tracker::new(
                 &mut self.statements,
@@ -189,6 +196,7 @@ impl Session {
         self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
         relay.counts.flush(stats);
         let server_fatal = relay.sscan.fatal.take();
+        let server_fatal_bytes = relay.sscan.fatal_bytes.take();
         let reported = std::mem::take(&mut relay.sscan.reported);
         let reset_seen = relay.sscan.reset_seen;
         let mid_message = relay.sscan.mid_message() || !relay.sout.is_empty();
@@ -209,7 +217,7 @@ impl Session {
         touched |= relay.track.as_ref().map_or(0, |t| t.touched);
         drop(relay);
         touched |= std::mem::take(&mut self.cscan.touched);
-        if max_statements == 0 && touched & NAMED_PARSE != 0 {
+        if max_statements == 0 && !session_mode && touched & NAMED_PARSE != 0 {
             // An untracked named statement whose text may change state can run again later.
             touched |= STATEMENTS;
         }
@@ -252,6 +260,13 @@ impl Session {
             }
             RelayEnd::ServerLost(why) => {
                 drop(conn);
+                if session_mode && let Some(bytes) = server_fatal_bytes {
+                    // The client's own backend ended: it gets PostgreSQL's own FATAL, as
+                    // PostgreSQL sent it, and its session ends with it.
+                    tracing::info!(client = %self.reg.client.addr, "session mode: the server backend ended");
+                    let _ = self.write_client(&bytes).await;
+                    return Ok(false);
+                }
                 let err = match server_fatal {
                     Some((code, msg)) if code.len() == 5 => PgError::server_ended(&code, &msg),
                     _ => PgError::server_lost(&why),
@@ -308,6 +323,7 @@ impl Session {
     /// it was.
     async fn answer_without_server(&mut self, shared: &Arc<Shared>) -> Result<bool, PgError> {
         if self.held.is_some()
+            || shared.config.proxy.pool_mode == PoolMode::Session
             // Only a named Parse or a Close can start a batch answered without a server.
             || !match self.buf.first() {
                 Some(b'P') => self.buf.get(5).is_some_and(|&b| b != 0),

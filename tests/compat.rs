@@ -1,0 +1,124 @@
+//! Behaving like PostgreSQL to every driver (issue 17): session mode is PostgreSQL (names
+//! untouched, the server heard while the client is idle, PostgreSQL's own FATAL), shared
+//! statements follow the schema, errors inside pipelines, `RESET x`, ParameterStatus at
+//! login, and LISTEN/NOTIFY in transaction mode.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const SESSION: &str = "[proxy]\npool_mode = \"session\"\nauth_method = \"trust\"\n";
+
+/// The value of a ParameterStatus among `msgs`.
+fn status(msgs: &[Msg], name: &str) -> Option<String> {
+    msgs.iter().filter(|m| m.tag == b'S').find_map(|m| {
+        let mut parts = m.body.split(|&b| b == 0);
+        let n = String::from_utf8_lossy(parts.next()?).into_owned();
+        let v = String::from_utf8_lossy(parts.next()?).into_owned();
+        (n == name).then_some(v)
+    })
+}
+
+/// Reads one message within `limit`; `None` when nothing came.
+async fn recv_within(r: &mut Raw, limit: Duration) -> Option<Msg> {
+    tokio::time::timeout(limit, r.recv()).await.ok().flatten()
+}
+
+/// Session mode: statement names reach the server as the client gave them, so SQL
+/// `EXECUTE` of a protocol-prepared name works, `pg_prepared_statements` shows the client's
+/// own names only, and `DEALLOCATE ALL` reaches the server (SQL-level statements go too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_statement_names_pass_through() {
+    let db = TestDb::create("compat_sess_names", &["acme"]).await;
+    let proxy = Proxy::start(db.config(2, SESSION));
+    // Another client's statements are on another backend: never seen.
+    let mut other = Raw::login(proxy.addr, "acme").await;
+    let mut m = parse("theirs", "SELECT 2");
+    m.extend(sync());
+    other.send(&m).await;
+    assert_eq!(tags(&other.until_ready().await), "1Z");
+
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    let mut m = parse("mine", "SELECT 41 + 1");
+    m.extend(sync());
+    r.send(&m).await;
+    assert_eq!(tags(&r.until_ready().await), "1Z");
+    r.send(&query("EXECUTE mine")).await;
+    let msgs = r.until_ready().await;
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    assert_eq!(first_column(&msgs), ["42"]);
+    r.send(&query("PREPARE sqlside AS SELECT 7")).await;
+    assert_eq!(error_code(&r.until_ready().await), None);
+    r.send(&query(
+        "SELECT string_agg(name, ',' ORDER BY name) FROM pg_prepared_statements",
+    ))
+    .await;
+    assert_eq!(first_column(&r.until_ready().await), ["mine,sqlside"]);
+    r.send(&query("DEALLOCATE ALL")).await;
+    assert_eq!(error_code(&r.until_ready().await), None);
+    r.send(&query("SELECT count(*) FROM pg_prepared_statements"))
+        .await;
+    assert_eq!(first_column(&r.until_ready().await), ["0"]);
+    r.send(&query("EXECUTE sqlside")).await;
+    assert_eq!(error_code(&r.until_ready().await).as_deref(), Some("26000"));
+    proxy.stop();
+}
+
+/// Session mode: a notification (and a notice) reaches an idle client as it arrives, as on
+/// PostgreSQL, not at its next query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_notifications_reach_an_idle_client() {
+    let db = TestDb::create("compat_sess_notify", &["acme"]).await;
+    let proxy = Proxy::start(db.config(3, SESSION));
+    let mut listener = Raw::login(proxy.addr, "acme").await;
+    listener.send(&query("LISTEN jobs")).await;
+    assert_eq!(tags(&listener.until_ready().await), "CZ");
+    let mut sender = Raw::login(proxy.addr, "acme").await;
+    sender.send(&query("NOTIFY jobs, 'payload-1'")).await;
+    assert_eq!(tags(&sender.until_ready().await), "CZ");
+    let m = recv_within(&mut listener, Duration::from_secs(5))
+        .await
+        .expect("the notification while idle");
+    assert_eq!(m.tag, b'A', "{m:?}");
+    assert!(String::from_utf8_lossy(&m.body).contains("payload-1"));
+    // The session goes on as usual.
+    listener.send(&query("SELECT 1")).await;
+    assert_eq!(first_column(&listener.until_ready().await), ["1"]);
+    proxy.stop();
+}
+
+/// Session mode: a backend that ends (terminated while the client is idle, or while its
+/// query runs) gives the client PostgreSQL's own FATAL, word for word, and closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_backend_end_is_postgres_fatal() {
+    let db = TestDb::create("compat_sess_fatal", &["acme"]).await;
+    let proxy = Proxy::start(db.config(3, SESSION));
+    let su = pg().superuser("postgres").await;
+    for busy in [false, true] {
+        let mut r = Raw::login(proxy.addr, "acme").await;
+        r.send(&query("SELECT pg_backend_pid()")).await;
+        let pid = first_column(&r.until_ready().await).remove(0);
+        if busy {
+            r.send(&query("SELECT pg_sleep(30)")).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        su.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
+            .await
+            .unwrap();
+        // Idle: it arrives without the client sending anything.
+        let msgs = r.until_eof().await;
+        let e = msgs
+            .iter()
+            .find(|m| m.tag == b'E')
+            .unwrap_or_else(|| panic!("no error: {msgs:?}"));
+        assert_eq!(e.field(b'S').as_deref(), Some("FATAL"), "{msgs:?}");
+        assert_eq!(e.field(b'C').as_deref(), Some("57P01"));
+        assert_eq!(
+            e.field(b'M').as_deref(),
+            Some("terminating connection due to administrator command"),
+            "busy: {busy}"
+        );
+    }
+    proxy.stop();
+}

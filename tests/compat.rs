@@ -122,3 +122,127 @@ async fn session_mode_backend_end_is_postgres_fatal() {
     }
     proxy.stop();
 }
+
+/// Runs a Python script with `dsn` as its argument; returns its stdout (panics on failure).
+fn python(module: &str, script: &str, dsn: &str) -> String {
+    let py = python_with(module)
+        .unwrap_or_else(|| panic!("python3-{module} is needed (scripts/test.sh installs it)"));
+    let out = std::process::Command::new(py)
+        .args(["-c", script, dsn])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A DSN for Python drivers: through the proxy, or straight to PostgreSQL as the pool role.
+fn dsn_proxy(proxy: &Proxy, tenant: &str) -> String {
+    format!(
+        "postgresql://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{tenant}",
+        proxy.addr.port()
+    )
+}
+
+fn dsn_direct(db: &TestDb) -> String {
+    let pg = pg();
+    format!(
+        "postgresql://{}:{SERVER_PASSWORD}@{}:{}/{}",
+        db.role, pg.host, pg.port, db.name
+    )
+}
+
+const LOGIN_STATUS: &str = r#"
+import asyncio, asyncpg, sys
+async def main(dsn):
+    for st in [{'client_encoding': "'utf-8'"}, {'client_encoding': 'utf8', 'timezone': 'utc'},
+               {'client_encoding': 'euc-jp', 'TimeZone': 'europe/paris'}, {'DateStyle': 'german'},
+               {'IntervalStyle': 'SQL_STANDARD', 'application_name': 'x y'}]:
+        c = await asyncpg.connect(dsn, server_settings=st)
+        s = c.get_settings()
+        shown = await c.fetchval("SELECT current_setting('client_encoding') || '/' || current_setting('TimeZone')")
+        print(st, s.client_encoding, s.TimeZone, s.DateStyle, s.IntervalStyle, s.application_name, shown)
+        await c.close()
+asyncio.run(main(sys.argv[1]))
+"#;
+
+/// ParameterStatus at login carries PostgreSQL's own normalized values for the client's
+/// settings (`'utf-8'` and `utf8` are `UTF8`, `euc-jp` is `EUC_JP`, `utc` is `UTC`), the
+/// same as a direct connection, in both pool modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_parameter_status_is_postgres_own() {
+    let db = TestDb::create("compat_login_ps", &["acme"]).await;
+    let direct = python("asyncpg", LOGIN_STATUS, &dsn_direct(&db));
+    // The pool role's own default TimeZone is the cluster's: so is a direct login's.
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(db.config(2, &format!("[proxy]\npool_mode = \"{mode}\"\n")));
+        let got = python("asyncpg", LOGIN_STATUS, &dsn_proxy(&proxy, "acme"));
+        assert_eq!(got, direct, "{mode} mode");
+        proxy.stop();
+    }
+}
+
+/// `RESET x` resets x only, to the client's startup value, and says so in its
+/// ParameterStatus; what the client SET for other parameters stays (both modes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_one_parameter_keeps_the_others() {
+    let db = TestDb::create("compat_reset_one", &["acme"]).await;
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(db.config(
+            1,
+            &format!("[proxy]\npool_mode = \"{mode}\"\nauth_method = \"trust\"\n"),
+        ));
+        let mut r = Raw::login_with(proxy.addr, "acme", &[("TimeZone", "america/new_york")]).await;
+        r.send(&query(
+            "SET DateStyle = 'SQL, DMY'; SET IntervalStyle = 'iso_8601'; SET TimeZone = 'Asia/Tokyo'",
+        ))
+        .await;
+        let msgs = r.until_ready().await;
+        assert_eq!(status(&msgs, "TimeZone").as_deref(), Some("Asia/Tokyo"));
+        r.send(&query("RESET TimeZone")).await;
+        let msgs = r.until_ready().await;
+        assert_eq!(
+            status(&msgs, "TimeZone").as_deref(),
+            Some("America/New_York"),
+            "{mode}: {msgs:?}"
+        );
+        assert_eq!(status(&msgs, "DateStyle"), None, "{mode}: {msgs:?}");
+        if mode == "transaction" {
+            // Another client takes the only server connection in between.
+            let mut other = Raw::login(proxy.addr, "acme").await;
+            other.send(&query("SHOW DateStyle")).await;
+            assert_eq!(first_column(&other.until_ready().await), ["ISO, MDY"]);
+        }
+        for (sql, want) in [
+            ("SHOW DateStyle", "SQL, DMY"),
+            ("SHOW IntervalStyle", "iso_8601"),
+            ("SHOW TimeZone", "America/New_York"),
+        ] {
+            r.send(&query(sql)).await;
+            assert_eq!(
+                first_column(&r.until_ready().await),
+                [want],
+                "{mode}: {sql}"
+            );
+        }
+        r.send(&query("RESET ALL")).await;
+        let msgs = r.until_ready().await;
+        assert_eq!(status(&msgs, "DateStyle").as_deref(), Some("ISO, MDY"));
+        for (sql, want) in [
+            ("SHOW DateStyle", "ISO, MDY"),
+            ("SHOW TimeZone", "America/New_York"),
+        ] {
+            r.send(&query(sql)).await;
+            assert_eq!(
+                first_column(&r.until_ready().await),
+                [want],
+                "{mode}: {sql}"
+            );
+        }
+        proxy.stop();
+    }
+}

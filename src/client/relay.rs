@@ -185,6 +185,12 @@ pub struct ServerScan {
     pub reported: Vec<(String, String)>,
     /// A RESET went through: the client's settings go back to its startup values.
     pub reset_seen: bool,
+    /// Tracked parameters a RESET sent back to their defaults (lowercase names): the
+    /// client's go back to its startup values for these only.
+    pub reset_names: Vec<String>,
+    /// The client's startup settings, when it has any: a parameter a RESET reports is
+    /// reported to the client with its startup value, as PostgreSQL reports it.
+    pub startup: Option<std::sync::Arc<crate::client::params::Settings>>,
     /// A RESET ran in the current query: its ParameterStatus reports are ignored.
     reset_in_cycle: bool,
     /// The server sent a FATAL error (SQLSTATE, message) and is about to close; it is
@@ -214,6 +220,8 @@ impl ServerScan {
             touched: 0,
             reported: Vec::new(),
             reset_seen: false,
+            reset_names: Vec::new(),
+            startup: None,
             reset_in_cycle: false,
             fatal: None,
             fatal_bytes: None,
@@ -222,21 +230,57 @@ impl ServerScan {
 
     /// Follows a ParameterStatus the client's own commands caused.
     fn note_parameter(&mut self, body: &[u8]) {
-        if self.reset_in_cycle {
-            return;
-        }
         let mut parts = body.split(|&b| b == 0);
         let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
             return;
         };
         let name = String::from_utf8_lossy(name).to_ascii_lowercase();
-        if crate::client::params::TRACKED_REPORTS.contains(&name.as_str()) {
-            let value = String::from_utf8_lossy(value).into_owned();
-            match self.reported.iter_mut().find(|(n, _)| *n == name) {
-                Some(e) => e.1 = value,
-                None => self.reported.push((name, value)),
-            }
+        if !crate::client::params::TRACKED_REPORTS.contains(&name.as_str()) {
+            return;
         }
+        if self.reset_in_cycle {
+            // A RESET sent it back to the server's default: the client's goes back to its
+            // startup value (see `startup_value`).
+            self.reported.retain(|(n, _)| *n != name);
+            if !self.reset_names.contains(&name) {
+                self.reset_names.push(name);
+            }
+            return;
+        }
+        self.reset_names.retain(|n| *n != name);
+        let value = String::from_utf8_lossy(value).into_owned();
+        match self.reported.iter_mut().find(|(n, _)| *n == name) {
+            Some(e) => e.1 = value,
+            None => self.reported.push((name, value)),
+        }
+    }
+
+    /// The client's startup settings (see `startup`).
+    pub fn with_startup(
+        mut self,
+        startup: Option<std::sync::Arc<crate::client::params::Settings>>,
+    ) -> ServerScan {
+        self.startup = startup;
+        self
+    }
+
+    /// In a RESET's cycle: the client's startup value of the reported parameter `body`
+    /// names, as PostgreSQL reported it at login, if the client had one (PostgreSQL's RESET
+    /// goes back to the session's startup value; the proxy's server connection goes back
+    /// to the server's default, and the client's value is set again before its next
+    /// message).
+    fn startup_value<'s>(&'s self, body: &'s [u8]) -> Option<(&'s str, &'s str)> {
+        let startup = self.startup.as_deref()?;
+        let name = std::str::from_utf8(body.split(|&b| b == 0).next()?).ok()?;
+        let lower = name.to_ascii_lowercase();
+        startup.get(&lower)?;
+        let value = startup
+            .reported
+            .get()
+            .and_then(|r| r.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))
+            .map(|(_, v)| v.as_str())
+            .or_else(|| startup.get(&lower))?;
+        Some((name, value))
     }
 
     /// Is a message partly passed on?
@@ -258,7 +302,6 @@ impl ServerScan {
             // those are not the client's.
             self.reset_seen = true;
             self.reset_in_cycle = true;
-            self.reported.clear();
         }
         if let Some(t) = track {
             match tag {
@@ -388,8 +431,20 @@ impl ServerScan {
                     if !whole {
                         break;
                     }
-                    self.note_parameter(&buf[pos + HEADER_LEN..pos + len]);
-                    fwd += len;
+                    let body = &buf[pos + HEADER_LEN..pos + len];
+                    self.note_parameter(body);
+                    match self
+                        .reset_in_cycle
+                        .then(|| self.startup_value(body))
+                        .flatten()
+                    {
+                        Some((name, value)) => {
+                            flush(out, &mut fwd);
+                            out.skip(len);
+                            out.own_with(|b| crate::protocol::put_parameter_status(b, name, value));
+                        }
+                        None => fwd += len,
+                    }
                     pos += len;
                     continue;
                 }

@@ -179,7 +179,9 @@ impl Session {
             cscan: &mut self.cscan,
             server: sstream,
             sbuf,
-            sscan: ServerScan::new(swallow),
+            sscan: ServerScan::new(swallow).with_startup(
+                (!self.reg.settings.list.is_empty()).then(|| self.reg.settings.clone()),
+            ),
             cout,
             cpos: 0,
             sout,
@@ -199,6 +201,7 @@ impl Session {
         let server_fatal_bytes = relay.sscan.fatal_bytes.take();
         let reported = std::mem::take(&mut relay.sscan.reported);
         let reset_seen = relay.sscan.reset_seen;
+        let reset_names = std::mem::take(&mut relay.sscan.reset_names);
         let mid_message = relay.sscan.mid_message() || !relay.sout.is_empty();
         let owes_nothing = relay.owes_nothing();
         let status = relay.sscan.status;
@@ -227,7 +230,7 @@ impl Session {
             .store(self.statements.len() as u32, Ordering::Relaxed);
         self.reg.client.detach();
         if reset_seen || !reported.is_empty() {
-            self.follow_settings(reset_seen, reported);
+            self.follow_settings(reset_names, reported);
             // After a RESET the connection no longer has the client's startup values.
             conn.state.settings = (!reset_seen).then(|| self.settings.clone());
         }
@@ -440,25 +443,34 @@ impl Session {
         checkout
     }
 
-    /// Follows the client's own SET (reported by the server) and RESET: after a RESET the
-    /// client is back to its startup settings, then what it SET since applies on top.
-    fn follow_settings(&mut self, reset: bool, reported: Vec<(String, String)>) {
-        let base = if reset {
-            self.reg.settings.clone()
-        } else {
-            self.settings.clone()
-        };
-        self.settings = if reported.is_empty() {
-            base
-        } else {
-            let mut list = base.list.clone();
-            for (name, value) in reported {
-                match list.iter_mut().find(|(n, _)| *n == name) {
-                    Some(e) => e.1 = value,
-                    None => list.push((name, value)),
-                }
+    /// Follows the client's own SET (reported by the server) and RESET: a parameter a RESET
+    /// sent back to its default goes back to the client's startup value (or is dropped when
+    /// it had none), as PostgreSQL's RESET does; the others keep what the client SET.
+    fn follow_settings(&mut self, reset: Vec<String>, reported: Vec<(String, String)>) {
+        if reset.is_empty() && reported.is_empty() {
+            return;
+        }
+        let startup = &self.reg.settings;
+        let mut list = self.settings.list.clone();
+        for name in reset {
+            match startup.get(&name) {
+                Some(v) => match list.iter_mut().find(|(n, _)| *n == name) {
+                    Some(e) => e.1 = v.to_string(),
+                    None => list.push((name, v.to_string())),
+                },
+                None => list.retain(|(n, _)| *n != name),
             }
-            list.sort();
+        }
+        for (name, value) in reported {
+            match list.iter_mut().find(|(n, _)| *n == name) {
+                Some(e) => e.1 = value,
+                None => list.push((name, value)),
+            }
+        }
+        list.sort();
+        self.settings = if list == startup.list {
+            startup.clone()
+        } else {
             Arc::new(params::Settings::new(list))
         };
     }

@@ -246,3 +246,121 @@ async fn reset_one_parameter_keeps_the_others() {
         proxy.stop();
     }
 }
+
+const STALE: &str = r#"
+import asyncio, asyncpg, psycopg, sys
+dsn, ddl_dsn = sys.argv[1], sys.argv[2]
+async def main():
+    ddl = await asyncpg.connect(ddl_dsn)
+    a = await asyncpg.connect(dsn)
+    await a.execute("CREATE TABLE s1(id int, v text); INSERT INTO s1 VALUES (1, 'x')")
+    print('a', await a.fetch("SELECT * FROM s1"))
+    await ddl.execute("ALTER TABLE s1 ADD COLUMN w int")
+    for who, c in [('a', a), ('b', await asyncpg.connect(dsn))]:
+        try:
+            print(who, await c.fetch("SELECT * FROM s1"))
+        except Exception as e:
+            print(who, 'error', type(e).__name__)
+    await a.execute("CREATE TYPE mood AS ENUM ('x', 'y')")
+    print('a', await a.fetch("SELECT $1::mood AS m", 'x'))
+    await ddl.execute("DROP TYPE mood; CREATE TYPE mood AS ENUM ('x', 'y', 'z')")
+    for who, c in [('a', a), ('c', await asyncpg.connect(dsn))]:
+        try:
+            print(who, await c.fetch("SELECT $1::mood AS m", 'z'))
+        except Exception as e:
+            print(who, 'error', type(e).__name__)
+    await ddl.execute("DROP TABLE s1; DROP TYPE mood")
+asyncio.run(main())
+# psycopg: prepared from the first execution; its recovery (DEALLOCATE ALL, prepare again)
+with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as p, \
+     psycopg.connect(ddl_dsn, autocommit=True) as d:
+    p.execute("CREATE TABLE s2(id int)")
+    p.execute("INSERT INTO s2 VALUES (1)")
+    print('p', p.execute("SELECT * FROM s2").fetchall())
+    d.execute("ALTER TABLE s2 ADD COLUMN w text DEFAULT 'w'")
+    for i in range(2):
+        try:
+            print('p', p.execute("SELECT * FROM s2").fetchall())
+        except Exception as e:
+            print('p error', type(e).__name__)
+    d.execute("DROP TABLE s2")
+"#;
+
+/// Shared statements follow the schema (transaction mode): after `ALTER TABLE` or
+/// `DROP TYPE` (through the proxy or not), the drivers' own recovery works as it does
+/// against PostgreSQL (asyncpg prepares again; psycopg deallocates and prepares again), and
+/// a new client's fresh prepare gets a fresh statement. Compared line by line with the same
+/// script run straight against PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_follow_schema_changes() {
+    let db = TestDb::create("compat_stale", &["acme"]).await;
+    let direct = format!("{}?options=-csearch_path%3Dtenant_acme", dsn_direct(&db));
+    proxy_stale(&db, &direct).await;
+}
+
+async fn proxy_stale(db: &TestDb, direct: &str) {
+    let run = |dsn: &str, ddl: &str| {
+        let py = python_with("psycopg").expect("python3-psycopg");
+        let _ = python_with("asyncpg").expect("python3-asyncpg");
+        let out = std::process::Command::new(py)
+            .args(["-c", STALE, dsn, ddl])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let want = run(direct, direct);
+    assert!(want.contains("b [<Record id=1 v='x' w=None>]"), "{want}");
+    // One difference: PostgreSQL fails psycopg's stale statement until psycopg prepares it
+    // again; the proxy dropped the stale copy at the first error and prepares it afresh.
+    let want = want.replacen(
+        "p error FeatureNotSupported\np error FeatureNotSupported",
+        "p error FeatureNotSupported\np [(1, 'w')]",
+        1,
+    );
+    let proxy = Proxy::start(db.config(2, ""));
+    let via = dsn_proxy(&proxy, "acme");
+    assert_eq!(run(&via, &via), want, "DDL through the proxy");
+    assert_eq!(run(&via, direct), want, "DDL straight to PostgreSQL");
+    proxy.stop();
+}
+
+/// A client's `DEALLOCATE ALL` reaches the server when the connection holds SQL-level
+/// statements, so those go as on PostgreSQL (transaction mode); the protocol-level ones of
+/// the client go too, and the proxy prepares again what others need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_all_drops_sql_level_statements() {
+    let db = TestDb::create("compat_dealloc", &["acme"]).await;
+    let proxy = Proxy::start(db.config(1, TRUST));
+    let mut other = Raw::login(proxy.addr, "acme").await;
+    let mut m = parse("shared", "SELECT 'shared'");
+    m.extend(run("shared"));
+    other.send(&m).await;
+    assert_eq!(first_column(&other.until_ready().await), ["shared"]);
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    let mut m = parse("mine", "SELECT 'mine'");
+    m.extend(sync());
+    r.send(&m).await;
+    assert_eq!(tags(&r.until_ready().await), "1Z");
+    for (sql, code) in [
+        ("BEGIN", None),
+        ("PREPARE sqlside AS SELECT 1", None),
+        ("DEALLOCATE ALL", None),
+        ("EXECUTE sqlside", Some("26000")),
+        ("ROLLBACK", None),
+    ] {
+        r.send(&query(sql)).await;
+        let msgs = r.until_ready().await;
+        assert_eq!(error_code(&msgs).as_deref(), code, "{sql}: {msgs:?}");
+    }
+    r.send(&run("mine")).await;
+    assert_eq!(error_code(&r.until_ready().await).as_deref(), Some("26000"));
+    other.send(&run("shared")).await;
+    assert_eq!(first_column(&other.until_ready().await), ["shared"]);
+    proxy.stop();
+}

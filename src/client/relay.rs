@@ -307,6 +307,13 @@ impl ServerScan {
             match tag {
                 b"DISCARD ALL" | b"DEALLOCATE ALL" => t.all_gone(),
                 b"DEALLOCATE" => t.some_gone(),
+                // DDL: plans of statements prepared before it may be stale.
+                t2 if t2.starts_with(b"ALTER ")
+                    || t2.starts_with(b"DROP ")
+                    || t2.starts_with(b"CREATE ") =>
+                {
+                    t.cache.schema_changed()
+                }
                 _ => {}
             }
         }
@@ -688,6 +695,7 @@ impl Relay<'_> {
                 self.cpos = *self.cfwd;
             }
             Some(t) => {
+                t.sql_statements |= self.cscan.touched & STATEMENTS != 0;
                 t.rewrite(self.cbuf, &mut self.cpos, *self.cfwd, self.cout)?;
                 if !self.sscan.mid_message() {
                     let a = t.answer(self.sscan.status, self.sout);

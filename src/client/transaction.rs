@@ -146,6 +146,7 @@ impl Session {
             .server_prepared
             .store(conn.work.stmts.len() as u32, Ordering::Relaxed);
 
+        let sql_statements = conn.state.untracked();
         let server: &mut ServerConn = &mut conn;
         let ServerConn {
             stream: sstream,
@@ -171,6 +172,7 @@ impl Session {
                 self.reg.tenant,
                 max_statements,
             )
+            .with_sql_statements(sql_statements)
         });
         let mut relay = Relay {
             client: &mut self.stream,

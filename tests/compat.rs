@@ -364,3 +364,133 @@ async fn deallocate_all_drops_sql_level_statements() {
     assert_eq!(first_column(&other.until_ready().await), ["shared"]);
     proxy.stop();
 }
+
+/// Waits for a NotificationResponse; returns its payload (`None` if none came in `limit`).
+async fn notification(r: &mut Raw, limit: Duration) -> Option<String> {
+    let m = recv_within(r, limit).await?;
+    assert_eq!(m.tag, b'A', "{m:?}");
+    let mut parts = m.body[4..].split(|&b| b == 0);
+    let _channel = parts.next();
+    Some(String::from_utf8_lossy(parts.next().unwrap()).into_owned())
+}
+
+/// LISTEN/NOTIFY in transaction mode: a client's LISTEN is the proxy's, notifications fan
+/// out to the idle clients of the sender's tenant listening on the channel (NOTIFY inside a
+/// transaction at its commit, `pg_notify` too), never to another tenant's, even though the
+/// two tenants' clients share two server connections that keep changing tenant; UNLISTEN
+/// and leaving stop them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_in_transaction_mode_stays_within_the_tenant() {
+    let db = TestDb::create("compat_listen", &["acme", "globex"]).await;
+    let proxy = Proxy::start(db.config(2, TRUST));
+    let short = Duration::from_millis(300);
+    let mut a1 = Raw::login(proxy.addr, "acme").await;
+    let mut a2 = Raw::login(proxy.addr, "acme").await;
+    let mut g1 = Raw::login(proxy.addr, "globex").await;
+    for r in [&mut a1, &mut a2, &mut g1] {
+        r.send(&query("LISTEN jobs")).await;
+        assert_eq!(tags(&r.until_ready().await), "CZ");
+    }
+    // Extended protocol (psycopg sends it so) is answered too.
+    let mut a3 = Raw::login(proxy.addr, "acme").await;
+    let mut g2 = Raw::login(proxy.addr, "globex").await;
+    a3.send(&extended("LISTEN other")).await;
+    assert_eq!(tags(&a3.until_ready().await), "12CZ");
+
+    for round in 0..5 {
+        // Both tenants send on the same channel name, over connections that switch tenant.
+        a3.send(&query(&format!("NOTIFY jobs, 'acme-{round}'")))
+            .await;
+        assert_eq!(tags(&a3.until_ready().await), "CZ");
+        g2.send(&query(&format!(
+            "SELECT pg_notify('jobs', 'globex-{round}')"
+        )))
+        .await;
+        assert_eq!(error_code(&g2.until_ready().await), None);
+        for r in [&mut a1, &mut a2] {
+            assert_eq!(
+                notification(r, Duration::from_secs(5)).await.as_deref(),
+                Some(format!("acme-{round}").as_str())
+            );
+        }
+        assert_eq!(
+            notification(&mut g1, Duration::from_secs(5))
+                .await
+                .as_deref(),
+            Some(format!("globex-{round}").as_str())
+        );
+        assert_eq!(notification(&mut a1, short).await, None);
+        assert_eq!(notification(&mut g1, short).await, None);
+    }
+    // Inside a transaction: at its commit, as PostgreSQL delivers it.
+    a3.send(&query("BEGIN; NOTIFY jobs, 'in-tx'")).await;
+    a3.until_ready().await;
+    assert_eq!(notification(&mut a1, short).await, None);
+    a3.send(&query("COMMIT")).await;
+    a3.until_ready().await;
+    assert_eq!(
+        notification(&mut a1, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("in-tx")
+    );
+    assert_eq!(
+        notification(&mut a2, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("in-tx")
+    );
+    // UNLISTEN: a2 hears no more; a1 still does, and its queries go on as usual.
+    a2.send(&query("UNLISTEN jobs")).await;
+    assert_eq!(tags(&a2.until_ready().await), "CZ");
+    a3.send(&query("NOTIFY jobs, 'after'")).await;
+    a3.until_ready().await;
+    assert_eq!(
+        notification(&mut a1, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("after")
+    );
+    assert_eq!(notification(&mut a2, short).await, None);
+    assert_eq!(notification(&mut g1, short).await, None);
+    a1.send(&query("SELECT 1")).await;
+    assert_eq!(first_column(&a1.until_ready().await), ["1"]);
+    // A client that leaves listens no more; the server connections were never LISTENed on.
+    drop(a1);
+    a3.send(&query("SELECT count(*) FROM pg_listening_channels()"))
+        .await;
+    assert_eq!(first_column(&a3.until_ready().await), ["0"]);
+    proxy.stop();
+}
+
+/// A listening client that does not read: its backlog is bounded, and past it the client
+/// is disconnected with FATAL 53200; others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_listener_is_bounded() {
+    let db = TestDb::create("compat_listen_slow", &["acme"]).await;
+    let proxy = Proxy::start(db.config(2, TRUST));
+    let mut slow = Raw::login(proxy.addr, "acme").await;
+    slow.send(&query("LISTEN flood")).await;
+    slow.until_ready().await;
+    let mut sender = Raw::login(proxy.addr, "acme").await;
+    let payload = "x".repeat(7000);
+    // 35 MB: more than the socket buffers and the backlog bound together.
+    for i in 0..100 {
+        let mut sql = String::new();
+        // Distinct payloads: PostgreSQL folds identical ones within a transaction.
+        for j in 0..50 {
+            sql.push_str(&format!("SELECT pg_notify('flood', '{i}-{j}-{payload}');"));
+        }
+        sender.send(&query(&sql)).await;
+        assert_eq!(error_code(&sender.until_ready().await), None);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let msgs = slow.until_eof().await;
+    let last = msgs.last().expect("messages");
+    assert_eq!(last.tag, b'E', "{:?}", &last.tag);
+    assert_eq!(last.field(b'C').as_deref(), Some("53200"));
+    assert!(msgs.len() < 4000, "{}", msgs.len());
+    sender.send(&query("SELECT 1")).await;
+    assert_eq!(first_column(&sender.until_ready().await), ["1"]);
+    proxy.stop();
+}

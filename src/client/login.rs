@@ -148,6 +148,7 @@ pub(super) async fn admit_client(
         settings: reg.settings.clone(),
         held: None,
         statements: ClientStatements::default(),
+        inbox: None,
         reg,
     })
 }

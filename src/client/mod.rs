@@ -79,6 +79,8 @@ struct Session {
     held: Option<Box<crate::pool::PooledConn>>,
     /// The client's named prepared statements (when tracking is on).
     statements: ClientStatements,
+    /// Transaction mode: the notifications of the channels it LISTENs on.
+    inbox: Option<Arc<crate::listen::Inbox>>,
 }
 
 /// What woke an idle session.
@@ -91,11 +93,16 @@ enum Wake {
     Killed,
     /// Session mode: the server sent something while the client was idle.
     Server,
+    /// Notifications for the client arrived.
+    Notified,
 }
 
 impl Session {
     async fn run(&mut self) {
         let reason = self.serve_transactions().await;
+        if self.inbox.is_some() {
+            self.reg.shared.notify.forget(self.reg.id);
+        }
         tracing::info!(
             client = %self.reg.client.addr,
             tenant = %self.reg.shared.tenants.get(self.reg.tenant).name,
@@ -111,6 +118,12 @@ impl Session {
             if !self.first_message_ready() {
                 if self.cscan.terminated && self.cfwd == 0 {
                     return "terminated";
+                }
+                // Between transactions: the notifications of its channels.
+                if self.inbox.as_ref().is_some_and(|i| i.has_pending())
+                    && !self.boxed_deliver_notifications().await
+                {
+                    return "notification backlog";
                 }
                 match self.wait_for_data().await {
                     Wake::Data => {}
@@ -131,6 +144,7 @@ impl Session {
                         let _ = self.boxed_send_error(PgError::client_idle_timeout()).await;
                         return "client_idle_timeout";
                     }
+                    Wake::Notified => continue,
                     Wake::Server => {
                         if self.boxed_relay_idle_server().await {
                             continue;
@@ -191,6 +205,34 @@ impl Session {
 
     fn boxed_send_ready(&mut self, n: u32) -> BoxFuture<'_, Result<(), PgError>> {
         Box::pin(self.send_ready(n))
+    }
+
+    fn boxed_deliver_notifications(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(self.deliver_notifications())
+    }
+
+    /// Sends the client the notifications waiting for it; false (after a FATAL) when its
+    /// backlog passed the bound, or when the socket failed.
+    async fn deliver_notifications(&mut self) -> bool {
+        let Some(inbox) = self.inbox.as_ref() else {
+            return true;
+        };
+        match inbox.take() {
+            Some(bytes) => bytes.is_empty() || self.write_client(&bytes).await.is_ok(),
+            None => {
+                tracing::warn!(client = %self.reg.client.addr, "notification backlog over its bound; client disconnected");
+                let e = PgError::fatal(
+                    "53200",
+                    format!(
+                        "too many notifications waiting for this client (more than {} or {} bytes); it does not read them",
+                        crate::listen::MAX_BACKLOG_MESSAGES,
+                        crate::listen::MAX_BACKLOG_BYTES
+                    ),
+                );
+                let _ = self.write_client(&e.to_bytes()).await;
+                false
+            }
+        }
     }
 
     fn boxed_relay_idle_server(&mut self) -> BoxFuture<'_, bool> {
@@ -305,6 +347,8 @@ impl Session {
                 .map(|d| Box::pin(tokio::time::sleep(d)));
             // Session mode: the server is heard while the client is idle.
             let mut held = self.held.as_deref_mut();
+            // Notifications of the channels it listens on (transaction mode).
+            let mut notified = self.inbox.as_ref().map(|i| Box::pin(i.ready.notified()));
             let wake = std::future::poll_fn(|cx| {
                 if stop.as_mut().poll(cx).is_ready() {
                     // Shutdown or KILL; the flags above say which (or neither: wait again).
@@ -314,6 +358,11 @@ impl Session {
                     && t.as_mut().poll(cx).is_ready()
                 {
                     return Poll::Ready(Some(Wake::IdleTimeout));
+                }
+                if let Some(n) = notified.as_mut()
+                    && n.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Wake::Notified));
                 }
                 if let Some(conn) = held.as_deref_mut()
                     && conn.stream.poll_read_ready(cx).is_ready()

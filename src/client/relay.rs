@@ -185,6 +185,8 @@ pub struct ServerScan {
     pub reported: Vec<(String, String)>,
     /// A RESET went through: the client's settings go back to its startup values.
     pub reset_seen: bool,
+    /// An UNLISTEN (or DISCARD ALL) the proxy did not answer went through.
+    pub unlisten_seen: bool,
     /// Tracked parameters a RESET sent back to their defaults (lowercase names): the
     /// client's go back to its startup values for these only.
     pub reset_names: Vec<String>,
@@ -220,6 +222,7 @@ impl ServerScan {
             touched: 0,
             reported: Vec::new(),
             reset_seen: false,
+            unlisten_seen: false,
             reset_names: Vec::new(),
             startup: None,
             reset_in_cycle: false,
@@ -297,6 +300,9 @@ impl ServerScan {
             b"LISTEN" | b"DECLARE CURSOR" => STATE,
             _ => 0,
         };
+        if matches!(tag, b"UNLISTEN" | b"DISCARD ALL") {
+            self.unlisten_seen = true;
+        }
         if matches!(tag, b"RESET" | b"DISCARD ALL") {
             // PostgreSQL reports the reset values just before ReadyForQuery:
             // those are not the client's.

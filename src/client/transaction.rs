@@ -46,13 +46,19 @@ pub(super) fn prepare(
     settings: &Arc<params::Settings>,
 ) -> u8 {
     let t = shared.tenants.get(tenant);
-    let ServerConn { state, work, .. } = conn;
+    let ServerConn {
+        state,
+        work,
+        backend_pid,
+        ..
+    } = conn;
     let ConnWork {
         stmts,
         to_server: cout,
         to_client: sout,
     } = &mut **work;
     let reset = state.begin(tenant, client, policy(shared), !stmts.is_empty());
+    let fence = shared.notify.fence(*backend_pid, tenant);
     if reset == Reset::Switch {
         shared
             .pool
@@ -82,6 +88,18 @@ pub(super) fn prepare(
         replies += u8::from(added);
         state.settings = Some(settings.clone());
     }
+    if let Some(payload) = fence {
+        // LISTEN/NOTIFY: the connection announces its tenant in the notification queue
+        // before its first transaction for it (see crate::listen).
+        cout.own_with(|b| {
+            crate::protocol::put_statement(
+                b,
+                "SELECT pg_catalog.pg_notify($1, $2)",
+                &[Some(crate::listen::FENCE_CHANNEL), Some(&payload)],
+            )
+        });
+        replies += 1;
+    }
     replies
 }
 
@@ -101,7 +119,7 @@ impl Session {
             return Ok(true);
         }
         let shared = self.reg.shared.clone();
-        if self.answer_without_server(&shared).await? {
+        if self.answer_without_server(&shared).await? || self.answer_listen(&shared).await? {
             return Ok(true);
         }
         let tenant = shared.tenants.get(self.reg.tenant);
@@ -203,6 +221,7 @@ impl Session {
         let server_fatal_bytes = relay.sscan.fatal_bytes.take();
         let reported = std::mem::take(&mut relay.sscan.reported);
         let reset_seen = relay.sscan.reset_seen;
+        let unlisten_seen = relay.sscan.unlisten_seen;
         let reset_names = std::mem::take(&mut relay.sscan.reset_names);
         let mid_message = relay.sscan.mid_message() || !relay.sout.is_empty();
         let owes_nothing = relay.owes_nothing();
@@ -231,6 +250,11 @@ impl Session {
             .prepared
             .store(self.statements.len() as u32, Ordering::Relaxed);
         self.reg.client.detach();
+        if unlisten_seen && self.inbox.is_some() && !session_mode {
+            // An UNLISTEN in a longer query string (a pool's reset), or DISCARD ALL: the
+            // client listens on nothing any more.
+            shared.notify.forget(self.reg.id);
+        }
         if reset_seen || !reported.is_empty() {
             self.follow_settings(reset_names, reported);
             // After a RESET the connection no longer has the client's startup values.
@@ -359,6 +383,41 @@ impl Session {
             .client
             .prepared
             .store(self.statements.len() as u32, Ordering::Relaxed);
+        self.write_client(&reply).await?;
+        Ok(true)
+    }
+
+    /// Transaction mode: a LISTEN, UNLISTEN or `UNLISTEN *` sent alone is the proxy's (see
+    /// crate::listen): answered without a server connection. Returns whether it was.
+    async fn answer_listen(&mut self, shared: &Arc<Shared>) -> Result<bool, PgError> {
+        if self.held.is_some()
+            || shared.config.proxy.pool_mode == PoolMode::Session
+            || !matches!(self.buf.first(), Some(b'Q' | b'P'))
+            || self.cscan.pending != 1
+            || self.cscan.unsynced
+            || self.cscan.body_left != 0
+        {
+            return Ok(false);
+        }
+        let Some((cmd, reply)) = crate::listen::answer(&self.buf[..self.cfwd]) else {
+            return Ok(false);
+        };
+        self.buf.advance(self.cfwd);
+        self.cfwd = 0;
+        self.cscan.pending = 0;
+        self.cscan.touched = 0;
+        let inbox = self.inbox.get_or_insert_with(Default::default).clone();
+        shared
+            .notify
+            .run(
+                shared.pool.target(),
+                shared.shutdown_tx.subscribe(),
+                self.reg.tenant,
+                self.reg.id,
+                &inbox,
+                &cmd,
+            )
+            .await;
         self.write_client(&reply).await?;
         Ok(true)
     }

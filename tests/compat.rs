@@ -494,3 +494,76 @@ async fn a_slow_listener_is_bounded() {
     assert_eq!(first_column(&sender.until_ready().await), ["1"]);
     proxy.stop();
 }
+
+const PIPELINE_ERRORS: &str = r#"
+import asyncio, asyncpg, psycopg, sys
+dsn = sys.argv[1]
+async def main():
+    a = await asyncpg.connect(dsn)
+    await a.execute("CREATE TABLE pk(id int primary key)")
+    for first in [0, 3000]:
+        rows = [(i,) for i in range(first)] + [(None,)] + [(i,) for i in range(first, first + 30000)]
+        try:
+            await a.executemany("INSERT INTO pk VALUES ($1)", rows)
+        except Exception as e:
+            print('executemany', type(e).__name__)
+    try:
+        async with a.transaction():
+            async for r in a.cursor("SELECT 1/(g - 500) FROM generate_series(1, 1000) g", prefetch=50):
+                pass
+    except Exception as e:
+        print('cursor', type(e).__name__)
+    print(await a.fetchval("SELECT count(*) FROM pk"))
+    await a.execute("DROP TABLE pk")
+asyncio.run(main())
+for threshold in [None, 0]:
+    with psycopg.connect(dsn, prepare_threshold=threshold) as c:
+        for i in range(3):
+            try:
+                with c.cursor("named") as cur:
+                    cur.itersize = 3
+                    cur.execute("SELECT 10 / (g - 6) FROM generate_series(1, 10) g")
+                    print([r for r in cur])
+            except Exception as e:
+                print('cursor', type(e).__name__)
+            c.rollback()
+            with c.cursor("n2", withhold=True) as cur:
+                cur.execute("SELECT g FROM generate_series(1, 5) g")
+                c.commit()
+                print(cur.fetchall())
+        try:
+            with c.pipeline():
+                for i in range(2000):
+                    c.execute("SELECT 1 / (%s - 1500)", (i,))
+        except Exception as e:
+            print('pipeline', type(e).__name__)
+        c.rollback()
+        print(c.execute("SELECT 'after'").fetchone())
+"#;
+
+/// Errors while the client is still sending a pipeline (asyncpg's executemany, psycopg's
+/// server-side cursors and pipeline mode): handled as PostgreSQL handles them (skipped to
+/// Sync), the same answers as straight to PostgreSQL, the server connection kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_inside_pipelines_are_postgres_own() {
+    let db = TestDb::create("compat_pipeline", &["acme"]).await;
+    let direct = format!("{}?options=-csearch_path%3Dtenant_acme", dsn_direct(&db));
+    let want = python("psycopg", PIPELINE_ERRORS, &direct);
+    assert!(want.contains("executemany NotNullViolationError"), "{want}");
+    let proxy = Proxy::start(db.config(1, ""));
+    assert_eq!(
+        python("psycopg", PIPELINE_ERRORS, &dsn_proxy(&proxy, "acme")),
+        want
+    );
+    // Replies never went out of step: the one server connection was kept throughout.
+    assert_eq!(
+        proxy
+            .shared
+            .pool
+            .stats
+            .connects_ok
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    proxy.stop();
+}

@@ -392,7 +392,13 @@ impl Session {
     async fn answer_listen(&mut self, shared: &Arc<Shared>) -> Result<bool, PgError> {
         if self.held.is_some()
             || shared.config.proxy.pool_mode == PoolMode::Session
-            || !matches!(self.buf.first(), Some(b'Q' | b'P'))
+            // A query text starting with L or U (LISTEN, UNLISTEN): one look at a byte.
+            || !match self.buf.first() {
+                Some(b'Q') => self.buf.get(5),
+                Some(b'P') if self.buf.get(5) == Some(&0) => self.buf.get(6),
+                _ => None,
+            }
+            .is_some_and(|&b| matches!(b | 0x20, b'l' | b'u'))
             || self.cscan.pending != 1
             || self.cscan.unsynced
             || self.cscan.body_left != 0

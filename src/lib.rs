@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod directory;
 pub mod error;
+pub mod listen;
 pub mod live;
 pub mod metrics;
 pub mod pool;
@@ -65,6 +66,8 @@ pub struct Shared {
     pub no_settings: Arc<client::params::Settings>,
     /// Named prepared statements of all clients, interned per tenant.
     pub statements: Arc<prepared::StatementCache>,
+    /// LISTEN/NOTIFY in transaction mode: the listener and who listens on what.
+    pub notify: listen::Hub,
     /// Starts a graceful shutdown (signals, the admin console's SHUTDOWN).
     pub shutdown_tx: watch::Sender<bool>,
     /// Client connections admitted now (for `max_client_conn`).
@@ -147,6 +150,7 @@ impl Proxy {
             registry: ClientRegistry::default(),
             no_settings: settings.intern(Vec::new()),
             statements: Default::default(),
+            notify: Default::default(),
             settings,
             metrics,
             shutdown_tx: shutdown_tx.clone(),

@@ -102,6 +102,10 @@ pub struct Stmt {
     cache: Arc<StatementCache>,
     /// What running it may change on the server connection (its text sniffed once).
     pub touches: Touched,
+    /// The cache's schema epoch when it was interned: a statement older than the current
+    /// epoch may have a stale plan on the connections that prepared it, so a client's new
+    /// Parse of its text gets a new statement (prepared afresh) instead.
+    epoch: u64,
 }
 
 impl Stmt {
@@ -142,6 +146,9 @@ impl Drop for Stmt {
 pub struct StatementCache {
     map: DashMap<Bytes, Weak<Stmt>>,
     next_id: AtomicU64,
+    /// Bumped when the schema may have changed (DDL went through, or PostgreSQL said a
+    /// statement's plan or types went stale).
+    epoch: AtomicU64,
 }
 
 impl StatementCache {
@@ -151,13 +158,18 @@ impl StatementCache {
         key.put_u32(tenant);
         key.extend_from_slice(tail);
         let key = key.freeze();
-        if let Some(s) = self.map.get(&key).and_then(|w| w.upgrade()) {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        if let Some(s) = self.map.get(&key).and_then(|w| w.upgrade())
+            && s.epoch >= epoch
+        {
             return s;
         }
         let entry = self.map.entry(key.clone());
         match entry {
             dashmap::Entry::Occupied(mut o) => {
-                if let Some(s) = o.get().upgrade() {
+                if let Some(s) = o.get().upgrade()
+                    && s.epoch >= epoch
+                {
                     return s;
                 }
                 let s = self.make(key, tail);
@@ -174,6 +186,7 @@ impl StatementCache {
 
     fn make(self: &Arc<Self>, key: Bytes, tail: &[u8]) -> Arc<Stmt> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let epoch = self.epoch.load(Ordering::Relaxed);
         let mut name = PREFIX.to_vec();
         name.extend_from_slice(id.to_string().as_bytes());
         name.push(0);
@@ -188,6 +201,7 @@ impl StatementCache {
             parse: parse.freeze(),
             name_end: HEADER_LEN + name.len(),
             touches: crate::sniff::sniff(tail),
+            epoch,
             key,
             cache: self.clone(),
         })
@@ -199,7 +213,19 @@ impl StatementCache {
         let mut key = BytesMut::with_capacity(4 + tail.len());
         key.put_u32(tenant);
         key.extend_from_slice(tail);
-        self.map.get(&key[..]).and_then(|w| w.upgrade())
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        self.map
+            .get(&key[..])
+            .and_then(|w| w.upgrade())
+            .filter(|s| s.epoch >= epoch)
+    }
+
+    /// The schema may have changed: statements interned so far are not handed to new
+    /// Parses any more (each text is prepared afresh once, then shared again). Those that
+    /// clients hold stay theirs, as on PostgreSQL, where a statement prepared before a
+    /// schema change stays that statement.
+    pub fn schema_changed(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Statements alive now.
@@ -490,6 +516,9 @@ pub struct Tracker<'a> {
     pub desync: bool,
     /// What the statements bound in this transaction may have changed.
     pub touched: Touched,
+    /// The server connection may hold SQL-level prepared statements (a client's
+    /// `PREPARE`): a client's `DEALLOCATE ALL` must reach the server.
+    pub sql_statements: bool,
 }
 
 /// A C string at the front of `b`: (bytes before the NUL, length with the NUL).
@@ -522,7 +551,14 @@ impl<'a> Tracker<'a> {
             barrier: false,
             desync: false,
             touched: 0,
+            sql_statements: false,
         }
+    }
+
+    /// The server connection may hold SQL-level prepared statements.
+    pub fn with_sql_statements(mut self, yes: bool) -> Self {
+        self.sql_statements = yes;
+        self
     }
 
     /// Waiting on a DISCARD ALL (more client bytes would not be rewritten yet).
@@ -868,6 +904,10 @@ impl<'a> Tracker<'a> {
     /// is a barrier; the rest passes.
     fn query(&mut self, text: &[u8], out: &mut Out, pos: &mut usize, len: usize) {
         let answer = match sql_command(text) {
+            // The server has SQL-level statements (of this client, or left for it): it runs the
+            // DEALLOCATE ALL, and its CommandComplete clears the client's and the
+            // connection's sets (`all_gone`).
+            SqlCommand::DeallocateAll if self.sql_statements => None,
             SqlCommand::DeallocateAll => {
                 let undo: Vec<_> = std::mem::take(&mut self.client.map).into_iter().collect();
                 self.client.bytes = 0;
@@ -975,10 +1015,20 @@ impl<'a> Tracker<'a> {
         }
         let mut undo = Vec::new();
         if let Some(e) = self.server.expect.pop_front() {
-            if let Act::Uses(id) = e.act
-                && code == Some("26000")
-            {
-                self.server.remove(id);
+            if let Act::Uses(id) = e.act {
+                match code {
+                    // Lost behind the proxy's back.
+                    Some("26000") => self.server.remove(id),
+                    // The server's copy went stale: "cached plan must not change result
+                    // type" (0A000), "cache lookup failed for type" (XX000) after a type
+                    // was dropped. This connection prepares it afresh at its next use, and
+                    // new Parses of any text get fresh statements: the schema changed.
+                    Some("0A000" | "XX000") => {
+                        self.server.remove(id);
+                        self.cache.schema_changed();
+                    }
+                    _ => {}
+                }
             }
             undo.push(e);
         }

@@ -107,6 +107,11 @@ impl SessionState {
         self.tenant
     }
 
+    /// May the connection hold SQL-level prepared statements (a client's `PREPARE`)?
+    pub fn untracked(&self) -> bool {
+        self.untracked
+    }
+
     /// Decides what the connection needs before a transaction of `client` of `tenant`
     /// (`tracked`: it holds statements the proxy tracks), and records that it will have
     /// it once the returned reset has run. Settings are left to the caller.

@@ -50,8 +50,37 @@ async fn validate_settings(
     conn.work.to_server.take_own(&mut out);
     let result = conn.run_queries(&out, u32::from(replies)).await;
     match result {
-        Ok(reported) => {
-            conn.set_clean(conn.buf.is_empty());
+        Ok(mut reported) => {
+            let mut read_back = true;
+            // PostgreSQL reports a parameter only when its value changed, so a value equal to
+            // the connection's (`utf8` on a UTF8 connection) would be missing, and the client
+            // would be told its own spelling. The values PostgreSQL reports are read back.
+            let names: Vec<&str> = settings
+                .list
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .filter(|n| params::REPORTED.contains(n))
+                .collect();
+            if !names.is_empty() {
+                let sql = format!(
+                    "SELECT {}",
+                    names
+                        .iter()
+                        .map(|n| format!("pg_catalog.current_setting('{n}')"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                match conn.query_rows(&sql).await {
+                    Ok(rows) if rows.len() == 1 => {
+                        for (name, value) in names.iter().zip(&rows[0]) {
+                            reported.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+                            reported.push((name.to_string(), value.clone().unwrap_or_default()));
+                        }
+                    }
+                    _ => read_back = false,
+                }
+            }
+            conn.set_clean(read_back && conn.buf.is_empty());
             let _ = settings.reported.set(reported);
             Ok(())
         }
@@ -124,6 +153,7 @@ pub(super) async fn admit_client(
         settings: reg.settings.clone(),
         held: None,
         statements: ClientStatements::default(),
+        inbox: None,
         reg,
     })
 }

@@ -79,6 +79,8 @@ struct Session {
     held: Option<Box<crate::pool::PooledConn>>,
     /// The client's named prepared statements (when tracking is on).
     statements: ClientStatements,
+    /// Transaction mode: the notifications of the channels it LISTENs on.
+    inbox: Option<Arc<crate::listen::Inbox>>,
 }
 
 /// What woke an idle session.
@@ -89,11 +91,18 @@ enum Wake {
     IdleTimeout,
     /// The admin console's KILL.
     Killed,
+    /// Session mode: the server sent something while the client was idle.
+    Server,
+    /// Notifications for the client arrived.
+    Notified,
 }
 
 impl Session {
     async fn run(&mut self) {
         let reason = self.serve_transactions().await;
+        if self.inbox.is_some() {
+            self.reg.shared.notify.forget(self.reg.id);
+        }
         tracing::info!(
             client = %self.reg.client.addr,
             tenant = %self.reg.shared.tenants.get(self.reg.tenant).name,
@@ -110,6 +119,12 @@ impl Session {
                 if self.cscan.terminated && self.cfwd == 0 {
                     return "terminated";
                 }
+                // Between transactions: the notifications of its channels.
+                if self.inbox.as_ref().is_some_and(|i| i.has_pending())
+                    && !self.boxed_deliver_notifications().await
+                {
+                    return "notification backlog";
+                }
                 match self.wait_for_data().await {
                     Wake::Data => {}
                     Wake::Closed => return "closed",
@@ -124,6 +139,13 @@ impl Session {
                     Wake::IdleTimeout => {
                         let _ = self.boxed_send_error(PgError::client_idle_timeout()).await;
                         return "client_idle_timeout";
+                    }
+                    Wake::Notified => continue,
+                    Wake::Server => {
+                        if self.boxed_relay_idle_server().await {
+                            continue;
+                        }
+                        return "server closed the connection";
                     }
                 }
                 // Results are turned into boxed futures before any await, so that no error
@@ -200,6 +222,104 @@ impl Session {
         }
     }
 
+    fn boxed_deliver_notifications(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(self.deliver_notifications())
+    }
+
+    /// Sends the client the notifications waiting for it; false (after a FATAL) when its
+    /// backlog passed the bound, or when the socket failed.
+    async fn deliver_notifications(&mut self) -> bool {
+        let Some(inbox) = self.inbox.as_ref() else {
+            return true;
+        };
+        match inbox.take() {
+            Some(bytes) => bytes.is_empty() || self.write_client(&bytes).await.is_ok(),
+            None => {
+                tracing::warn!(client = %self.reg.client.addr, "notification backlog over its bound; client disconnected");
+                let e = PgError::fatal(
+                    "53200",
+                    format!(
+                        "too many notifications waiting for this client (more than {} or {} bytes); it does not read them",
+                        crate::listen::MAX_BACKLOG_MESSAGES,
+                        crate::listen::MAX_BACKLOG_BYTES
+                    ),
+                );
+                let _ = self.write_client(&e.to_bytes()).await;
+                false
+            }
+        }
+    }
+
+    fn boxed_relay_idle_server(&mut self) -> BoxFuture<'_, bool> {
+        Box::pin(self.relay_idle_server())
+    }
+
+    /// Session mode: relays what the server sent while the client was idle (notifications,
+    /// notices, parameter changes) as it arrives, as PostgreSQL would. When the backend
+    /// ends (its FATAL, or the socket closing) the client gets PostgreSQL's own FATAL, as it
+    /// came, and the session ends. Returns whether it goes on.
+    async fn relay_idle_server(&mut self) -> bool {
+        let Some(held) = self.held.as_deref_mut() else {
+            return true;
+        };
+        let conn: &mut crate::server::ServerConn = held;
+        let mut gone = false;
+        loop {
+            conn.buf.reserve(4096);
+            match conn.stream.try_read_buf(&mut conn.buf) {
+                Ok(0) => {
+                    gone = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        // Whole messages go to the client; a FATAL ends the session after it.
+        let mut end = 0;
+        let mut fatal = false;
+        while let Some((tag, Ok(len))) = header(&conn.buf[end..]) {
+            if conn.buf.len() - end < len {
+                break;
+            }
+            let body = &conn.buf[end + crate::protocol::HEADER_LEN..end + len];
+            end += len;
+            if tag == b'E' {
+                let severity = crate::protocol::error_field(body, b'V')
+                    .or_else(|| crate::protocol::error_field(body, b'S'));
+                if matches!(severity, Some("FATAL") | Some("PANIC")) {
+                    fatal = true;
+                    break;
+                }
+            }
+        }
+        if matches!(header(&conn.buf[end..]), Some((_, Err(_)))) {
+            gone = true;
+        }
+        let out = conn.buf.split_to(end);
+        if fatal || gone {
+            held.set_clean(false);
+        }
+        let mut wrote = self.stream.write_all(&out).await.is_ok();
+        if gone && !fatal && wrote {
+            let e = PgError::fatal(
+                "08006",
+                "server closed the connection unexpectedly\n\tThis probably means the server terminated abnormally\n\tbefore or while processing the request.",
+            );
+            wrote = self.stream.write_all(&e.to_bytes()).await.is_ok();
+        }
+        if fatal || gone {
+            tracing::info!(client = %self.reg.client.addr, "session mode: the server backend ended while the client was idle");
+            self.held = None;
+            return false;
+        }
+        wrote
+    }
+
     /// Sends an error, best effort (the connection is about to close).
     async fn send_error(&mut self, e: PgError) {
         let _ = self.stream.write_all(&e.to_bytes()).await;
@@ -241,6 +361,10 @@ impl Session {
                 .client_idle_timeout
                 .nonzero()
                 .map(|d| Box::pin(tokio::time::sleep(d)));
+            // Session mode: the server is heard while the client is idle.
+            let mut held = self.held.as_deref_mut();
+            // Notifications of the channels it listens on (transaction mode).
+            let mut notified = self.inbox.as_ref().map(|i| Box::pin(i.ready.notified()));
             let wake = std::future::poll_fn(|cx| {
                 if stop.as_mut().poll(cx).is_ready() {
                     // Shutdown or KILL; the flags above say which (or neither: wait again).
@@ -250,6 +374,16 @@ impl Session {
                     && t.as_mut().poll(cx).is_ready()
                 {
                     return Poll::Ready(Some(Wake::IdleTimeout));
+                }
+                if let Some(n) = notified.as_mut()
+                    && n.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Wake::Notified));
+                }
+                if let Some(conn) = held.as_deref_mut()
+                    && conn.stream.poll_read_ready(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Wake::Server));
                 }
                 stream.poll_read_ready(cx).map(|r| {
                     Some(match r {

@@ -136,6 +136,18 @@ pub const TRACKED_REPORTS: [&str; 6] = [
     "standard_conforming_strings",
 ];
 
+/// Every parameter PostgreSQL reports with ParameterStatus (GUC_REPORT) that a client may
+/// set at startup (lowercase; names from [`valid_name`], so safe in SQL text).
+pub const REPORTED: [&str; 7] = [
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+];
+
 /// A client's session settings, sorted by name, with the query that applies them.
 /// Clients with identical settings share one `Arc` (see [`SettingsCache`]), so "the
 /// server connection already has this client's settings" is a pointer comparison.

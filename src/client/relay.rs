@@ -185,11 +185,21 @@ pub struct ServerScan {
     pub reported: Vec<(String, String)>,
     /// A RESET went through: the client's settings go back to its startup values.
     pub reset_seen: bool,
+    /// An UNLISTEN (or DISCARD ALL) the proxy did not answer went through.
+    pub unlisten_seen: bool,
+    /// Tracked parameters a RESET sent back to their defaults (lowercase names): the
+    /// client's go back to its startup values for these only.
+    pub reset_names: Vec<String>,
+    /// The client's startup settings, when it has any: a parameter a RESET reports is
+    /// reported to the client with its startup value, as PostgreSQL reports it.
+    pub startup: Option<std::sync::Arc<crate::client::params::Settings>>,
     /// A RESET ran in the current query: its ParameterStatus reports are ignored.
     reset_in_cycle: bool,
     /// The server sent a FATAL error (SQLSTATE, message) and is about to close; it is
     /// held back, not forwarded, so the client can be told in a way that keeps it usable.
     pub fatal: Option<(String, String)>,
+    /// That FATAL ErrorResponse as PostgreSQL sent it (session mode passes it on as it is).
+    pub fatal_bytes: Option<Vec<u8>>,
 }
 
 impl Default for ServerScan {
@@ -212,28 +222,68 @@ impl ServerScan {
             touched: 0,
             reported: Vec::new(),
             reset_seen: false,
+            unlisten_seen: false,
+            reset_names: Vec::new(),
+            startup: None,
             reset_in_cycle: false,
             fatal: None,
+            fatal_bytes: None,
         }
     }
 
     /// Follows a ParameterStatus the client's own commands caused.
     fn note_parameter(&mut self, body: &[u8]) {
-        if self.reset_in_cycle {
-            return;
-        }
         let mut parts = body.split(|&b| b == 0);
         let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
             return;
         };
         let name = String::from_utf8_lossy(name).to_ascii_lowercase();
-        if crate::client::params::TRACKED_REPORTS.contains(&name.as_str()) {
-            let value = String::from_utf8_lossy(value).into_owned();
-            match self.reported.iter_mut().find(|(n, _)| *n == name) {
-                Some(e) => e.1 = value,
-                None => self.reported.push((name, value)),
-            }
+        if !crate::client::params::TRACKED_REPORTS.contains(&name.as_str()) {
+            return;
         }
+        if self.reset_in_cycle {
+            // A RESET sent it back to the server's default: the client's goes back to its
+            // startup value (see `startup_value`).
+            self.reported.retain(|(n, _)| *n != name);
+            if !self.reset_names.contains(&name) {
+                self.reset_names.push(name);
+            }
+            return;
+        }
+        self.reset_names.retain(|n| *n != name);
+        let value = String::from_utf8_lossy(value).into_owned();
+        match self.reported.iter_mut().find(|(n, _)| *n == name) {
+            Some(e) => e.1 = value,
+            None => self.reported.push((name, value)),
+        }
+    }
+
+    /// The client's startup settings (see `startup`).
+    pub fn with_startup(
+        mut self,
+        startup: Option<std::sync::Arc<crate::client::params::Settings>>,
+    ) -> ServerScan {
+        self.startup = startup;
+        self
+    }
+
+    /// In a RESET's cycle: the client's startup value of the reported parameter `body`
+    /// names, as PostgreSQL reported it at login, if the client had one (PostgreSQL's RESET
+    /// goes back to the session's startup value; the proxy's server connection goes back
+    /// to the server's default, and the client's value is set again before its next
+    /// message).
+    fn startup_value<'s>(&'s self, body: &'s [u8]) -> Option<(&'s str, &'s str)> {
+        let startup = self.startup.as_deref()?;
+        let name = std::str::from_utf8(body.split(|&b| b == 0).next()?).ok()?;
+        let lower = name.to_ascii_lowercase();
+        startup.get(&lower)?;
+        let value = startup
+            .reported
+            .get()
+            .and_then(|r| r.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))
+            .map(|(_, v)| v.as_str())
+            .or_else(|| startup.get(&lower))?;
+        Some((name, value))
     }
 
     /// Is a message partly passed on?
@@ -250,17 +300,26 @@ impl ServerScan {
             b"LISTEN" | b"DECLARE CURSOR" => STATE,
             _ => 0,
         };
+        if matches!(tag, b"UNLISTEN" | b"DISCARD ALL") {
+            self.unlisten_seen = true;
+        }
         if matches!(tag, b"RESET" | b"DISCARD ALL") {
             // PostgreSQL reports the reset values just before ReadyForQuery:
             // those are not the client's.
             self.reset_seen = true;
             self.reset_in_cycle = true;
-            self.reported.clear();
         }
         if let Some(t) = track {
             match tag {
                 b"DISCARD ALL" | b"DEALLOCATE ALL" => t.all_gone(),
                 b"DEALLOCATE" => t.some_gone(),
+                // DDL: plans of statements prepared before it may be stale.
+                t2 if t2.starts_with(b"ALTER ")
+                    || t2.starts_with(b"DROP ")
+                    || t2.starts_with(b"CREATE ") =>
+                {
+                    t.cache.schema_changed()
+                }
                 _ => {}
             }
         }
@@ -385,8 +444,20 @@ impl ServerScan {
                     if !whole {
                         break;
                     }
-                    self.note_parameter(&buf[pos + HEADER_LEN..pos + len]);
-                    fwd += len;
+                    let body = &buf[pos + HEADER_LEN..pos + len];
+                    self.note_parameter(body);
+                    match self
+                        .reset_in_cycle
+                        .then(|| self.startup_value(body))
+                        .flatten()
+                    {
+                        Some((name, value)) => {
+                            flush(out, &mut fwd);
+                            out.skip(len);
+                            out.own_with(|b| crate::protocol::put_parameter_status(b, name, value));
+                        }
+                        None => fwd += len,
+                    }
                     pos += len;
                     continue;
                 }
@@ -404,6 +475,7 @@ impl ServerScan {
                                 .to_string()
                         };
                         self.fatal = Some((field(b'C'), field(b'M')));
+                        self.fatal_bytes = Some(buf[pos..pos + len].to_vec());
                         // Nothing after a FATAL matters: stop before it.
                         break;
                     }
@@ -597,6 +669,7 @@ impl Relay<'_> {
             && !self.cscan.unsynced
             && self.cscan.body_left == 0
             && self.sscan.status == b'I'
+            && !self.sscan.mid_message()
             && *self.cfwd == 0
             && self.owes_nothing()
     }
@@ -628,6 +701,7 @@ impl Relay<'_> {
                 self.cpos = *self.cfwd;
             }
             Some(t) => {
+                t.sql_statements |= self.cscan.touched & STATEMENTS != 0;
                 t.rewrite(self.cbuf, &mut self.cpos, *self.cfwd, self.cout)?;
                 if !self.sscan.mid_message() {
                     let a = t.answer(self.sscan.status, self.sout);

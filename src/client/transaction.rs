@@ -25,10 +25,13 @@ use crate::prepared::Tracker;
 /// How the proxy is configured to reset connections.
 pub(super) fn policy(shared: &Shared) -> Policy {
     let proxy = &shared.config.proxy;
+    let session_mode = proxy.pool_mode == PoolMode::Session;
     Policy {
-        session_mode: proxy.pool_mode == PoolMode::Session,
+        session_mode,
         always: proxy.reset_path_and_role == ResetPathAndRole::Always,
-        tracking: proxy.max_prepared_statements > 0,
+        // Session mode: the client owns the connection and its statement names pass
+        // through untouched; the proxy tracks none.
+        tracking: proxy.max_prepared_statements > 0 && !session_mode,
     }
 }
 
@@ -43,7 +46,12 @@ pub(super) fn prepare(
     settings: &Arc<params::Settings>,
 ) -> u8 {
     let t = shared.tenants.get(tenant);
-    let ServerConn { state, work, .. } = conn;
+    let ServerConn {
+        state,
+        work,
+        backend_pid,
+        ..
+    } = conn;
     let ConnWork {
         stmts,
         to_server: cout,
@@ -56,6 +64,7 @@ pub(super) fn prepare(
         policy(shared),
         !stmts.is_empty(),
     );
+    let fence = shared.notify.fence(*backend_pid, tenant);
     if reset == Reset::Switch {
         shared
             .pool
@@ -85,6 +94,18 @@ pub(super) fn prepare(
         replies += u8::from(added);
         state.settings = Some(settings.clone());
     }
+    if let Some(payload) = fence {
+        // LISTEN/NOTIFY: the connection announces its tenant in the notification queue
+        // before its first transaction for it (see crate::listen).
+        cout.own_with(|b| {
+            crate::protocol::put_statement(
+                b,
+                "SELECT pg_catalog.pg_notify($1, $2)",
+                &[Some(crate::listen::FENCE_CHANNEL), Some(&payload)],
+            )
+        });
+        replies += 1;
+    }
     replies
 }
 
@@ -104,7 +125,7 @@ impl Session {
             return Ok(true);
         }
         let shared = self.reg.shared.clone();
-        if self.answer_without_server(&shared).await? {
+        if self.answer_without_server(&shared).await? || self.answer_listen(&shared).await? {
             return Ok(true);
         }
         let tenant = shared.tenants.get(self.reg.tenant);
@@ -149,6 +170,7 @@ impl Session {
             .server_prepared
             .store(conn.work.stmts.len() as u32, Ordering::Relaxed);
 
+        let sql_statements = conn.state.untracked();
         let server: &mut ServerConn = &mut conn;
         let ServerConn {
             stream: sstream,
@@ -161,7 +183,11 @@ impl Session {
             to_server: cout,
             to_client: sout,
         } = &mut **work;
-        let max_statements = shared.config.proxy.max_prepared_statements as usize;
+        let max_statements = if session_mode {
+            0
+        } else {
+            shared.config.proxy.max_prepared_statements as usize
+        };
         let track = (max_statements > 0).then(|| {
             Tracker::new(
                 &mut self.statements,
@@ -170,6 +196,7 @@ impl Session {
                 self.reg.tenant,
                 max_statements,
             )
+            .with_sql_statements(sql_statements)
         });
         let mut relay = Relay {
             client: &mut self.stream,
@@ -178,7 +205,9 @@ impl Session {
             cscan: &mut self.cscan,
             server: sstream,
             sbuf,
-            sscan: ServerScan::new(swallow),
+            sscan: ServerScan::new(swallow).with_startup(
+                (!self.reg.settings.list.is_empty()).then(|| self.reg.settings.clone()),
+            ),
             cout,
             cpos: 0,
             sout,
@@ -200,8 +229,11 @@ impl Session {
         self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
         relay.counts.flush(stats);
         let server_fatal = relay.sscan.fatal.take();
+        let server_fatal_bytes = relay.sscan.fatal_bytes.take();
         let reported = std::mem::take(&mut relay.sscan.reported);
         let reset_seen = relay.sscan.reset_seen;
+        let unlisten_seen = relay.sscan.unlisten_seen;
+        let reset_names = std::mem::take(&mut relay.sscan.reset_names);
         let mid_message = relay.sscan.mid_message() || !relay.sout.is_empty();
         let owes_nothing = relay.owes_nothing();
         let status = relay.sscan.status;
@@ -220,7 +252,7 @@ impl Session {
         touched |= relay.track.as_ref().map_or(0, |t| t.touched);
         drop(relay);
         touched |= std::mem::take(&mut self.cscan.touched);
-        if max_statements == 0 && touched & NAMED_PARSE != 0 {
+        if max_statements == 0 && !session_mode && touched & NAMED_PARSE != 0 {
             // An untracked named statement whose text may change state can run again later.
             touched |= STATEMENTS;
         }
@@ -229,8 +261,13 @@ impl Session {
             .prepared
             .store(self.statements.len() as u32, Ordering::Relaxed);
         self.reg.client.detach();
+        if unlisten_seen && self.inbox.is_some() && !session_mode {
+            // An UNLISTEN in a longer query string (a pool's reset), or DISCARD ALL: the
+            // client listens on nothing any more.
+            shared.notify.forget(self.reg.id);
+        }
         if reset_seen || !reported.is_empty() {
-            self.follow_settings(reset_seen, reported);
+            self.follow_settings(reset_names, reported);
             // After a RESET the connection no longer has the client's startup values.
             conn.state.settings = (!reset_seen).then(|| self.settings.clone());
         }
@@ -263,6 +300,13 @@ impl Session {
             }
             RelayEnd::ServerLost(why) => {
                 drop(conn);
+                if session_mode && let Some(bytes) = server_fatal_bytes {
+                    // The client's own backend ended: it gets PostgreSQL's own FATAL, as
+                    // PostgreSQL sent it, and its session ends with it.
+                    tracing::info!(client = %self.reg.client.addr, "session mode: the server backend ended");
+                    let _ = self.write_client(&bytes).await;
+                    return Ok(false);
+                }
                 let err = match server_fatal {
                     Some((code, msg)) if code.len() == 5 => PgError::server_ended(&code, &msg),
                     _ => PgError::server_lost(&why),
@@ -319,6 +363,7 @@ impl Session {
     /// it was.
     async fn answer_without_server(&mut self, shared: &Arc<Shared>) -> Result<bool, PgError> {
         if self.held.is_some()
+            || shared.config.proxy.pool_mode == PoolMode::Session
             // Only a named Parse or a Close can start a batch answered without a server.
             || !match self.buf.first() {
                 Some(b'P') => self.buf.get(5).is_some_and(|&b| b != 0),
@@ -349,6 +394,47 @@ impl Session {
             .client
             .prepared
             .store(self.statements.len() as u32, Ordering::Relaxed);
+        self.write_client(&reply).await?;
+        Ok(true)
+    }
+
+    /// Transaction mode: a LISTEN, UNLISTEN or `UNLISTEN *` sent alone is the proxy's (see
+    /// crate::listen): answered without a server connection. Returns whether it was.
+    async fn answer_listen(&mut self, shared: &Arc<Shared>) -> Result<bool, PgError> {
+        if self.held.is_some()
+            || shared.config.proxy.pool_mode == PoolMode::Session
+            // A query text starting with L or U (LISTEN, UNLISTEN): one look at a byte.
+            || !match self.buf.first() {
+                Some(b'Q') => self.buf.get(5),
+                Some(b'P') if self.buf.get(5) == Some(&0) => self.buf.get(6),
+                _ => None,
+            }
+            .is_some_and(|&b| matches!(b | 0x20, b'l' | b'u'))
+            || self.cscan.pending != 1
+            || self.cscan.unsynced
+            || self.cscan.body_left != 0
+        {
+            return Ok(false);
+        }
+        let Some((cmd, reply)) = crate::listen::answer(&self.buf[..self.cfwd]) else {
+            return Ok(false);
+        };
+        self.buf.advance(self.cfwd);
+        self.cfwd = 0;
+        self.cscan.pending = 0;
+        self.cscan.touched = 0;
+        let inbox = self.inbox.get_or_insert_with(Default::default).clone();
+        shared
+            .notify
+            .run(
+                &shared.pool,
+                shared.shutdown_tx.subscribe(),
+                self.reg.tenant,
+                self.reg.id,
+                &inbox,
+                &cmd,
+            )
+            .await;
         self.write_client(&reply).await?;
         Ok(true)
     }
@@ -435,25 +521,34 @@ impl Session {
         checkout
     }
 
-    /// Follows the client's own SET (reported by the server) and RESET: after a RESET the
-    /// client is back to its startup settings, then what it SET since applies on top.
-    fn follow_settings(&mut self, reset: bool, reported: Vec<(String, String)>) {
-        let base = if reset {
-            self.reg.settings.clone()
-        } else {
-            self.settings.clone()
-        };
-        self.settings = if reported.is_empty() {
-            base
-        } else {
-            let mut list = base.list.clone();
-            for (name, value) in reported {
-                match list.iter_mut().find(|(n, _)| *n == name) {
-                    Some(e) => e.1 = value,
-                    None => list.push((name, value)),
-                }
+    /// Follows the client's own SET (reported by the server) and RESET: a parameter a RESET
+    /// sent back to its default goes back to the client's startup value (or is dropped when
+    /// it had none), as PostgreSQL's RESET does; the others keep what the client SET.
+    fn follow_settings(&mut self, reset: Vec<String>, reported: Vec<(String, String)>) {
+        if reset.is_empty() && reported.is_empty() {
+            return;
+        }
+        let startup = &self.reg.settings;
+        let mut list = self.settings.list.clone();
+        for name in reset {
+            match startup.get(&name) {
+                Some(v) => match list.iter_mut().find(|(n, _)| *n == name) {
+                    Some(e) => e.1 = v.to_string(),
+                    None => list.push((name, v.to_string())),
+                },
+                None => list.retain(|(n, _)| *n != name),
             }
-            list.sort();
+        }
+        for (name, value) in reported {
+            match list.iter_mut().find(|(n, _)| *n == name) {
+                Some(e) => e.1 = value,
+                None => list.push((name, value)),
+            }
+        }
+        list.sort();
+        self.settings = if list == startup.list {
+            startup.clone()
+        } else {
             Arc::new(params::Settings::new(list))
         };
     }

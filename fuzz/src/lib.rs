@@ -6,7 +6,9 @@
 
 use std::collections::HashSet;
 
-use tenantpool::prepared::{MAX_INSPECTED_QUERY, SqlCommand, sql_command};
+use tenantpool::prepared::{
+    MAX_CLIENT_STATEMENT_BYTES, MAX_INSPECTED_QUERY, SqlCommand, sql_command,
+};
 
 /// splitmix64: enough to turn a few fuzzer bytes into split points.
 pub struct Rng(u64);
@@ -300,6 +302,8 @@ pub struct FakePg {
     failed: bool,
     skipping: bool,
     buf: Vec<u8>,
+    /// Bytes of a message being dropped as they come.
+    drop_left: usize,
     /// The backend sent FATAL (or got Terminate) and reads nothing more.
     pub gone: bool,
 }
@@ -356,12 +360,35 @@ impl FakePg {
         }
         self.buf.extend_from_slice(bytes);
         let mut pos = 0;
-        while !self.gone && self.buf.len() - pos >= 5 {
+        loop {
+            if self.drop_left > 0 {
+                let n = self.drop_left.min(self.buf.len() - pos);
+                pos += n;
+                self.drop_left -= n;
+                if self.drop_left > 0 {
+                    break;
+                }
+            }
+            if self.gone || self.buf.len() - pos < 5 {
+                break;
+            }
             let b = &self.buf[pos..];
             let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
             if len < 4 {
                 self.fatal(out);
                 break;
+            }
+            if b[0] == b'P'
+                && len - 4 > MAX_CLIENT_STATEMENT_BYTES
+                && b.len() > 5
+                && b[5] != 0
+                && !self.skipping
+            {
+                // A named statement over the proxy's bound: it answers at once (before the
+                // message is all there) and drops the rest.
+                self.proxy_error(out, "53400", true);
+                self.drop_left = len + 1;
+                continue;
             }
             if b.len() < len + 1 {
                 break;

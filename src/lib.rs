@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod session_state;
+pub mod settings;
 pub mod sniff;
 pub mod splice;
 pub mod tenant;
@@ -61,9 +62,9 @@ pub struct Shared {
     pub registry: ClientRegistry,
     pub metrics: Arc<Metrics>,
     /// Client session settings, shared by the clients that have the same ones.
-    pub settings: client::params::SettingsCache,
+    pub settings: settings::SettingsCache,
     /// No settings: what a fresh or reset server connection has.
-    pub no_settings: Arc<client::params::Settings>,
+    pub no_settings: Arc<settings::Settings>,
     /// Named prepared statements of all clients, interned per tenant.
     pub statements: Arc<prepared::StatementCache>,
     /// LISTEN/NOTIFY in transaction mode: the listener and who listens on what.
@@ -138,7 +139,7 @@ impl Proxy {
             None => Metrics::disabled(&tenants),
         };
         let metrics = Arc::new(metrics);
-        let settings = client::params::SettingsCache::default();
+        let settings = settings::SettingsCache::default();
         metrics.live.last_reload.set(metrics::unix_now());
         let shared = Arc::new(Shared {
             live: live::Live::new(config.clone()),

@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use crate::client::params::Settings;
+use crate::settings::Settings;
 use crate::sniff::{PATH, STATE, STATEMENTS, Touched};
 use crate::tenant::TenantId;
 

@@ -28,7 +28,7 @@ async fn validate_settings(
     shared: &Arc<Shared>,
     tenant: TenantId,
     client: u64,
-    settings: &Arc<params::Settings>,
+    settings: &Arc<crate::settings::Settings>,
 ) -> Result<(), PgError> {
     if settings.list.is_empty() || settings.reported.get().is_some() {
         return Ok(());
@@ -276,7 +276,7 @@ pub(super) struct Registration {
     pub(super) client: Arc<ClientSlot>,
     pub(super) id: u64,
     /// The client's startup settings (RESET goes back to these).
-    pub(super) settings: Arc<params::Settings>,
+    pub(super) settings: Arc<crate::settings::Settings>,
 }
 
 impl Registration {

@@ -74,7 +74,7 @@ struct Session {
     reg: Registration,
     /// The client's settings now: its startup settings plus what it SET since (followed
     /// through ParameterStatus).
-    settings: Arc<params::Settings>,
+    settings: Arc<crate::settings::Settings>,
     /// Session mode: the server connection kept between transactions.
     held: Option<Box<crate::pool::PooledConn>>,
     /// The client's named prepared statements (when tracking is on).

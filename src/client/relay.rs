@@ -192,7 +192,7 @@ pub struct ServerScan {
     pub reset_names: Vec<String>,
     /// The client's startup settings, when it has any: a parameter a RESET reports is
     /// reported to the client with its startup value, as PostgreSQL reports it.
-    pub startup: Option<std::sync::Arc<crate::client::params::Settings>>,
+    pub startup: Option<std::sync::Arc<crate::settings::Settings>>,
     /// A RESET ran in the current query: its ParameterStatus reports are ignored.
     reset_in_cycle: bool,
     /// The server sent a FATAL error (SQLSTATE, message) and is about to close; it is
@@ -261,7 +261,7 @@ impl ServerScan {
     /// The client's startup settings (see `startup`).
     pub fn with_startup(
         mut self,
-        startup: Option<std::sync::Arc<crate::client::params::Settings>>,
+        startup: Option<std::sync::Arc<crate::settings::Settings>>,
     ) -> ServerScan {
         self.startup = startup;
         self

@@ -395,7 +395,7 @@ fn tenant_from_name(
 pub async fn welcome(
     stream: &mut Stream,
     server_params: &[(String, String)],
-    settings: &params::Settings,
+    settings: &crate::settings::Settings,
     key: (i32, i32),
 ) -> Result<(), PgError> {
     let mut out = BytesMut::with_capacity(512);

@@ -18,8 +18,8 @@ use crate::server::{ConnWork, ServerConn};
 use crate::session_state::{Policy, Reset};
 use crate::sniff::{COMMITS, NAMED_PARSE, STATEMENTS};
 
+use super::Session;
 use super::relay::{self, Relay, RelayEnd, ServerScan};
-use super::{Session, params};
 use crate::prepared::Tracker;
 
 /// How the proxy is configured to reset connections.
@@ -43,7 +43,7 @@ pub(super) fn prepare(
     conn: &mut ServerConn,
     tenant: crate::tenant::TenantId,
     client: u64,
-    settings: &Arc<params::Settings>,
+    settings: &Arc<crate::settings::Settings>,
 ) -> u8 {
     let t = shared.tenants.get(tenant);
     let ServerConn {
@@ -549,7 +549,7 @@ impl Session {
         self.settings = if list == startup.list {
             startup.clone()
         } else {
-            Arc::new(params::Settings::new(list))
+            Arc::new(crate::settings::Settings::new(list))
         };
     }
 }

@@ -72,8 +72,17 @@ impl ServerTarget {
         })
     }
 
-    /// A TCP connection to the server, with TLS negotiated when configured.
+    /// A connection to the server: over its Unix socket `<host>/.s.PGSQL.<port>` when
+    /// `host` is a directory (as libpq reads it; never TLS there, as in libpq), else TCP
+    /// with TLS negotiated when configured.
     pub async fn open(&self) -> Result<Stream, String> {
+        if self.host.starts_with('/') {
+            let path = crate::listen::socket_path(&self.host, self.port);
+            let unix = tokio::net::UnixStream::connect(&path)
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            return Ok(Stream::Unix(unix));
+        }
         let addr = format!("{}:{}", self.host, self.port);
         let tcp = TcpStream::connect(&addr)
             .await

@@ -41,7 +41,7 @@ async fn validate_settings(
         .map_err(|e| match e {
             CheckoutError::Timeout => PgError::query_wait_timeout(
                 &shared.tenants.get(tenant).name,
-                shared.pool.down_reason().as_deref(),
+                shared.pool.wait_reason(tenant).as_deref(),
             ),
             CheckoutError::Unavailable(m) => PgError::server_unavailable(&m, true),
         })?;

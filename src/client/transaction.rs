@@ -117,7 +117,7 @@ impl Session {
                             stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
                             PgError::query_wait_timeout(
                                 &tenant.name,
-                                shared.pool.down_reason().as_deref(),
+                                shared.pool.wait_reason(self.reg.tenant).as_deref(),
                             )
                         }
                         CheckoutError::Unavailable(msg) => PgError::server_unavailable(&msg, false),

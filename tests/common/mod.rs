@@ -321,6 +321,18 @@ impl Pg {
         )
     }
 
+    /// The directory of the server's Unix socket (`socket=DIR` in `TENANTPOOL_TEST_PG` for
+    /// an existing server).
+    pub fn socket_dir(&self) -> Option<PathBuf> {
+        match &self.cluster {
+            Some(c) => Some(c.dir.clone()),
+            None => std::env::var("TENANTPOOL_TEST_PG").ok().and_then(|spec| {
+                spec.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix("socket=").map(PathBuf::from))
+            }),
+        }
+    }
+
     /// Can this test process stop and start the server (it started it itself)?
     pub fn controllable(&self) -> bool {
         self.cluster.is_some()

@@ -28,6 +28,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The schema check of the Kubernetes manifests (tests/manifests.rs): kubernetes-validate,
+# from PyPI (it ships the API schemas).
+if ! command -v kubernetes-validate >/dev/null; then
+  echo "installing kubernetes-validate..."
+  python3 -m pip install -q kubernetes-validate || echo "warning: kubernetes-validate not installed" >&2
+fi
+
 # Benches and examples must build; the tests are the library's and tests/ (run last).
 cargo build --benches --examples
 cargo test --lib --bins --tests "$@"

@@ -432,6 +432,28 @@ async fn send_cancel(port: u16, pid: i32, secret: i32) {
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await;
 }
 
+/// Waits until a `pg_sleep(60)` runs in database `db` (a cancel sent before the query
+/// reached the server would find nothing to cancel).
+async fn wait_sleeping(su: &tokio_postgres::Client, db: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: i64 = su
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                 AND state = 'active' AND query = 'SELECT pg_sleep(60)'",
+                &[&db],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the query never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_reaching_another_instance_is_forwarded_to_the_owner() {
     let db = TestDb::create("peers", &["a"]).await;
@@ -449,11 +471,12 @@ async fn a_cancel_reaching_another_instance_is_forwarded_to_the_owner() {
     let b = Proxy::start(instance(2, pb, 1, pa));
     let (mut client, pid, secret) = login_with_key(a.addr, "a").await;
     assert_eq!(tenantpool::peers::owner(pid), 1);
+    let su = pg().superuser(&db.name).await;
 
     // Sent to B, for a query running through A: cancelled.
     for port in [pb, pa] {
         client.send(&query("SELECT pg_sleep(60)")).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_sleeping(&su, &db.name).await;
         let start = Instant::now();
         send_cancel(port, pid, secret).await;
         let msgs = tokio::time::timeout(Duration::from_secs(20), client.until_ready())
@@ -466,7 +489,7 @@ async fn a_cancel_reaching_another_instance_is_forwarded_to_the_owner() {
     // A request already forwarded (top bit set) is never forwarded again: B, which does
     // not own the key, drops it, and the query runs on until A cancels it.
     client.send(&query("SELECT pg_sleep(60)")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_sleeping(&su, &db.name).await;
     send_cancel(pb, (pid as u32 | 0x8000_0000) as i32, secret).await;
     // A wrong secret through B does nothing either.
     send_cancel(pb, pid, secret.wrapping_add(1)).await;
@@ -533,7 +556,7 @@ async fn unix_sockets_for_clients_and_towards_the_server() {
     // A cancel over the Unix socket works too.
     let c = unix.cancel_token();
     let running = tokio::spawn(async move { unix.simple_query("SELECT pg_sleep(60)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_sleeping(&pg().superuser(&db.name).await, &db.name).await;
     c.cancel_query_raw(
         tokio::net::UnixStream::connect(&path).await.unwrap(),
         tokio_postgres::NoTls,

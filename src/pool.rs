@@ -563,24 +563,32 @@ impl Pool {
     async fn probe_login(self: Arc<Self>, login: LoginId) {
         let l = login as usize;
         loop {
-            let retry_at = {
+            // While the server is failing too, its backoff holds this probe back as well (a
+            // failure other than 53300 does not push the login's own backoff).
+            let retry_at = |st: &State| {
+                let f = st.full[l].as_ref()?;
+                let at = match &st.down {
+                    Some(d) => f.retry_at.max(d.retry_at),
+                    None => f.retry_at,
+                };
+                (!st.closed && self.login_waits(st, login)).then_some(at)
+            };
+            let next = {
                 let mut st = self.lock();
-                match &st.full[l] {
-                    Some(f) if !st.closed && self.login_waits(&st, login) => f.retry_at,
-                    _ => {
+                match retry_at(&st) {
+                    Some(at) => at,
+                    None => {
                         st.full_probing[l] = false;
                         return;
                     }
                 }
             };
-            tokio::time::sleep_until(retry_at.into()).await;
+            tokio::time::sleep_until(next.into()).await;
             let (slot, retire) = {
                 let mut st = self.lock();
-                let due = match &st.full[l] {
-                    Some(f) if !st.closed && self.login_waits(&st, login) => {
-                        f.retry_at <= Instant::now()
-                    }
-                    _ => {
+                let due = match retry_at(&st) {
+                    Some(at) => at <= Instant::now(),
+                    None => {
                         st.full_probing[l] = false;
                         return;
                     }
@@ -1622,6 +1630,23 @@ mod tests {
             Some("the server refuses more connections as ub: too many connections for role")
         );
         assert_eq!(pool.wait_reason_locked(&st, 0), None);
+    }
+
+    #[tokio::test]
+    async fn a_refused_logins_probe_backs_off_while_the_server_is_down() {
+        // b's role was refused (53300); then the server goes away (port 1: refused at
+        // once). b's probe must not spin: it waits for the server's backoff too.
+        let pool = pool("server_user = \"ub\"\n");
+        let _ = failed(&mut pool.lock().full[1], "too many connections for role");
+        assert_eq!(
+            pool.checkout(1, Duration::from_millis(1000)).await.err(),
+            Some(CheckoutError::Timeout)
+        );
+        let attempts = pool.stats.connects_failed.load(Ordering::Relaxed);
+        assert!(
+            (1..=8).contains(&attempts),
+            "{attempts} connects in one second"
+        );
     }
 
     #[tokio::test]

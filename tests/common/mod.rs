@@ -424,7 +424,7 @@ impl Pg {
 pub async fn connect_str(s: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(s, tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|e| panic!("connect {s}: {e}"));
+        .unwrap_or_else(|e| panic!("connect {s}: {e:?}"));
     tokio::spawn(async move {
         let _ = conn.await;
     });

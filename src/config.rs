@@ -640,7 +640,7 @@ impl Config {
         }
         self.validate_tls(&mut p);
         crate::peers::validate(self, &mut p);
-        crate::listen::validate(self, &mut p);
+        crate::listener::validate(self, &mut p);
         if self.server.max_connections == 0 {
             p.push("server.max_connections: must be at least 1".into());
         }

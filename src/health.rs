@@ -72,7 +72,7 @@ pub fn bind(listen: &str, reuseport: bool) -> std::io::Result<TcpListener> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad metrics.listen"))?;
-    crate::listen::tcp_listener(addr, reuseport, 128)
+    crate::listener::tcp_listener(addr, reuseport, 128)
         .map_err(|e| std::io::Error::new(e.kind(), format!("metrics listener on {addr}: {e}")))
 }
 

@@ -12,7 +12,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod health;
-pub mod listen;
+pub mod listener;
 pub mod metrics;
 pub mod peers;
 pub mod pool;
@@ -72,7 +72,7 @@ pub struct Shared {
 
 /// A bound, not yet running proxy.
 pub struct Proxy {
-    listener: listen::Listeners,
+    listener: listener::Listeners,
     shared: Arc<Shared>,
     shutdown_tx: watch::Sender<bool>,
     shutdown_rx: watch::Receiver<bool>,
@@ -91,7 +91,7 @@ impl ShutdownHandle {
 impl Proxy {
     /// Builds the shared state and binds the listening sockets.
     pub async fn bind(config: Config) -> io::Result<Proxy> {
-        let listener = listen::Listeners::bind(&config)?;
+        let listener = listener::Listeners::bind(&config)?;
 
         let tenants = Arc::new(Tenants::from_config(&config));
         let target = ServerTarget::from_config(&config)

@@ -77,7 +77,7 @@ impl ServerTarget {
     /// with TLS negotiated when configured.
     pub async fn open(&self) -> Result<Stream, String> {
         if self.host.starts_with('/') {
-            let path = crate::listen::socket_path(&self.host, self.port);
+            let path = crate::listener::socket_path(&self.host, self.port);
             let unix = tokio::net::UnixStream::connect(&path)
                 .await
                 .map_err(|e| format!("{}: {e}", path.display()))?;

@@ -304,7 +304,7 @@ impl Stream {
                 let mut byte = [0u8; 1];
                 matches!(tcp.peek(&mut byte).await, Ok(n) if n > 0)
             }
-            None => crate::listen::unix_open(self).await,
+            None => crate::listener::unix_open(self).await,
         };
         if open {
             std::future::pending::<()>().await;

@@ -29,11 +29,13 @@ start_pg() {
     -c "CREATE ROLE tenantpool LOGIN PASSWORD 'server-secret'" -c "CREATE DATABASE app OWNER tenantpool" >/dev/null
 }
 
-# start_pgbouncer INI_BODY: runs PgBouncer (as postgres when root) with the given ini;
-# sets PB_PORT and PB_PID. User "bench" with password "bench-secret".
+# start_pgbouncer INI_BODY [MORE_SETTINGS] [NAME]: runs PgBouncer (as postgres when root)
+# with the given ini; sets PB_PORT and PB_PID. User "bench" with password "bench-secret".
+# NAME (default pgbouncer) names its ini, log and pid files, so several can run.
 start_pgbouncer() {
   PB_PORT=$(freeport)
-  cat > "$WORK/pgbouncer.ini" <<INI
+  local name=${3:-pgbouncer}
+  cat > "$WORK/$name.ini" <<INI
 $1
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -43,15 +45,15 @@ auth_type = scram-sha-256
 auth_file = $WORK/userlist.txt
 pool_mode = transaction
 max_client_conn = 10000
-logfile = $WORK/pgbouncer.log
-pidfile = $WORK/pgbouncer.pid
-$2
+logfile = $WORK/$name.log
+pidfile = $WORK/$name.pid
+${2:-}
 INI
   echo '"bench" "bench-secret"' > "$WORK/userlist.txt"
   chown -R postgres "$WORK" 2>/dev/null || true
-  rm -f "$WORK/pgbouncer.pid"
-  "${AS[@]}" bash -c "ulimit -n \$(ulimit -Hn); exec pgbouncer '$WORK/pgbouncer.ini'" >/dev/null 2>&1 &
-  for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
-  PB_PID=$(cat "$WORK/pgbouncer.pid")
+  rm -f "$WORK/$name.pid"
+  "${AS[@]}" bash -c "ulimit -n \$(ulimit -Hn); exec pgbouncer '$WORK/$name.ini'" >/dev/null 2>&1 &
+  for _ in $(seq 50); do [ -s "$WORK/$name.pid" ] && break; sleep 0.1; done
+  PB_PID=$(cat "$WORK/$name.pid")
   PIDS+=("$PB_PID")
 }

@@ -28,6 +28,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The schema check of the Kubernetes manifests (tests/manifests.rs): kubernetes-validate,
+# from PyPI (it ships the API schemas).
+if ! command -v kubernetes-validate >/dev/null; then
+  echo "installing kubernetes-validate..."
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3-pip >/dev/null || true
+  fi
+  # Debian's Python refuses pip installs outside a venv (PEP 668) unless told otherwise.
+  python3 -m pip install -q kubernetes-validate 2>/dev/null \
+    || $SUDO python3 -m pip install -q --break-system-packages kubernetes-validate \
+    || echo "warning: kubernetes-validate not installed" >&2
+fi
+
 # Benches and examples must build; the tests are the library's and tests/ (run last).
 cargo build --benches --examples
 cargo test --lib --bins --tests "$@"

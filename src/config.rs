@@ -34,6 +34,10 @@ pub struct Config {
     pub plans: BTreeMap<String, PlanConfig>,
     /// `[directory]`: tenants read from the database, merged with `[tenants.*]`.
     pub directory: Option<DirectoryConfig>,
+    /// `[peers.N]`: the other instances behind the same address, by `peer_id` (cancel
+    /// requests are forwarded to the instance that owns the key: see [`crate::peers`]).
+    #[serde(default)]
+    pub peers: BTreeMap<String, crate::peers::PeerConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -119,6 +123,28 @@ pub struct ProxyConfig {
     pub tls_key_file: Option<String>,
     pub tls_client_ca_file: Option<String>,
     pub sni_domain: Option<String>,
+    /// Not in the original contract (docs/deploy.md): several instances on one port.
+    pub so_reuseport: bool,
+    /// What a graceful shutdown waits for (docs/deploy.md).
+    pub shutdown_mode: ShutdownMode,
+    /// Also listen on `<dir>/.s.PGSQL.<port>`.
+    pub unix_socket_dir: Option<String>,
+    /// Permissions of the Unix socket, octal as in PgBouncer ("0777").
+    pub unix_socket_mode: String,
+    /// This instance's id in cancel keys, 1..=16383 (0: no peers).
+    pub peer_id: u16,
+}
+
+/// What a graceful shutdown (SIGTERM, SIGINT, SHUTDOWN) waits for, as PgBouncer's
+/// `SHUTDOWN WAIT_FOR_SERVERS` / `WAIT_FOR_CLIENTS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShutdownMode {
+    /// Running transactions finish; idle clients get FATAL 57P01 (they reconnect,
+    /// to another instance).
+    WaitForServers,
+    /// Clients are left alone until they disconnect (or `shutdown_timeout`).
+    WaitForClients,
 }
 
 impl Default for ProxyConfig {
@@ -138,6 +164,11 @@ impl Default for ProxyConfig {
             tls_key_file: None,
             tls_client_ca_file: None,
             sni_domain: None,
+            so_reuseport: true,
+            shutdown_mode: ShutdownMode::WaitForServers,
+            unix_socket_dir: None,
+            unix_socket_mode: "0777".into(),
+            peer_id: 0,
         }
     }
 }
@@ -714,6 +745,8 @@ impl Config {
             p.push("proxy.max_client_conn: must be at least 1".into());
         }
         self.validate_tls(&mut p);
+        crate::peers::validate(self, &mut p);
+        crate::listener::validate(self, &mut p);
         if self.server.max_connections == 0 {
             p.push("server.max_connections: must be at least 1".into());
         }
@@ -966,6 +999,10 @@ impl Config {
             "proxy.reset_path_and_role" => proxy.reset_path_and_role;
             "proxy.client_tls" => proxy.client_tls;
             "proxy.sni_domain" => proxy.sni_domain;
+            "proxy.so_reuseport" => proxy.so_reuseport;
+            "proxy.unix_socket_dir" => proxy.unix_socket_dir;
+            "proxy.unix_socket_mode" => proxy.unix_socket_mode;
+            "proxy.peer_id" => proxy.peer_id;
             "server.host" => server.host;
             "server.port" => server.port;
             "server.database" => server.database;

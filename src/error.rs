@@ -135,10 +135,11 @@ impl PgError {
     }
 
     /// A transaction queued longer than `query_wait_timeout`: ERROR 53300, connection stays.
-    /// `down` is why the server cannot be reached, when that is why.
-    pub fn query_wait_timeout(tenant: &str, down: Option<&str>) -> PgError {
-        let why = match down {
-            Some(d) => format!(" (the server cannot be reached: {d})"),
+    /// `why` says what kept connections away besides the caps (the server cannot be
+    /// reached, or refuses the tenant's login more connections), when something did.
+    pub fn query_wait_timeout(tenant: &str, why: Option<&str>) -> PgError {
+        let why = match why {
+            Some(w) => format!(" ({w})"),
             None => String::new(),
         };
         PgError::error(

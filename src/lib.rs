@@ -12,9 +12,12 @@ pub mod client;
 pub mod config;
 pub mod directory;
 pub mod error;
+pub mod health;
 pub mod listen;
+pub mod listener;
 pub mod live;
 pub mod metrics;
+pub mod peers;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
@@ -33,7 +36,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::client::auth::UserDb;
@@ -77,11 +79,13 @@ pub struct Shared {
     /// Set when the proxy starts shutting down; `stop` then wakes every idle client.
     pub stopping: AtomicBool,
     pub stop: Notify,
+    /// What `/readyz` reports beyond the pool (see [`health`]).
+    pub health: health::State,
 }
 
 /// A bound, not yet running proxy.
 pub struct Proxy {
-    listener: TcpListener,
+    listener: listener::Listeners,
     shared: Arc<Shared>,
     shutdown_tx: watch::Sender<bool>,
     shutdown_rx: watch::Receiver<bool>,
@@ -98,21 +102,9 @@ impl ShutdownHandle {
 }
 
 impl Proxy {
-    /// Builds the shared state and binds the listening socket.
+    /// Builds the shared state and binds the listening sockets.
     pub async fn bind(config: Config) -> io::Result<Proxy> {
-        let addr: SocketAddr = config
-            .proxy
-            .listen
-            .parse()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad proxy.listen"))?;
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(4096)?;
+        let listener = listener::Listeners::bind(&config)?;
 
         let tenants = Arc::new(Tenants::from_config(&config));
         let target = ServerTarget::from_config(&config)
@@ -129,18 +121,17 @@ impl Proxy {
         let pool = Pool::new(target, settings, tenants.clone());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let users = UserDb::from_config(&config);
-        let metrics = match &config.metrics {
-            Some(m) => {
-                let addr: SocketAddr = m.listen.parse().map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "bad metrics.listen")
-                })?;
-                Metrics::start(addr, &tenants).map_err(io::Error::other)?
-            }
-            None => Metrics::disabled(&tenants),
+        let (metrics, http) = match &config.metrics {
+            Some(m) => (
+                Metrics::start(&tenants).map_err(io::Error::other)?,
+                Some(health::bind(&m.listen, config.proxy.so_reuseport)?),
+            ),
+            None => (Metrics::disabled(&tenants), None),
         };
         let metrics = Arc::new(metrics);
         let settings = settings::SettingsCache::default();
         metrics.live.last_reload.set(metrics::unix_now());
+        let peer_id = config.proxy.peer_id;
         let shared = Arc::new(Shared {
             live: live::Live::new(config.clone()),
             config,
@@ -148,7 +139,7 @@ impl Proxy {
             tenants,
             users: ArcSwap::from_pointee(users),
             pool,
-            registry: ClientRegistry::default(),
+            registry: ClientRegistry::with_peer_id(peer_id),
             no_settings: settings.intern(Vec::new()),
             statements: Default::default(),
             notify: Default::default(),
@@ -159,7 +150,11 @@ impl Proxy {
             next_client_id: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
+            health: Default::default(),
         });
+        if let Some(http) = http {
+            tokio::spawn(health::serve(http, shared.clone()));
+        }
         Ok(Proxy {
             listener,
             shared,
@@ -218,7 +213,12 @@ impl Proxy {
         .await;
         // Every client task holds a clone; when all are gone, `recv` yields None.
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tenantpool listening");
+        tracing::info!(
+            listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            unix_socket = %listener.unix_path().map(|p| p.display().to_string()).unwrap_or_default(),
+            "tenantpool listening"
+        );
+        shared.health.set_accepting(true);
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
@@ -236,17 +236,45 @@ impl Proxy {
                 _ = shutdown.changed() => break,
             }
         }
-        drop(listener);
-        tracing::info!("shutting down: waiting for running transactions");
-        shared.stopping.store(true, Ordering::Release);
-        shared.stop.notify_waiters();
-        drop(alive_tx);
+        shared.health.set_draining();
+        // Connections already queued by the kernel would be reset when the listener closes.
+        for (stream, peer) in listener.drain() {
+            tokio::spawn(client::serve(
+                stream,
+                peer,
+                shared.clone(),
+                alive_tx.clone(),
+            ));
+        }
+        listener.close();
+        shared.health.set_accepting(false);
         let timeout = shared.live.config().proxy.shutdown_timeout.0;
+        let mode = shared.live.config().proxy.shutdown_mode;
+        let tell_idle_clients = || {
+            shared.stopping.store(true, Ordering::Release);
+            shared.stop.notify_waiters();
+        };
+        match mode {
+            config::ShutdownMode::WaitForServers => {
+                tracing::info!("shutting down: waiting for running transactions");
+                tell_idle_clients();
+            }
+            config::ShutdownMode::WaitForClients => {
+                tracing::info!("shutting down: waiting for clients to disconnect");
+            }
+        }
+        drop(alive_tx);
         if tokio::time::timeout(timeout, alive_rx.recv())
             .await
             .is_err()
         {
             tracing::warn!("shutdown_timeout reached with clients still running");
+            if mode == config::ShutdownMode::WaitForClients {
+                // Idle clients are told (57P01) rather than cut off.
+                tell_idle_clients();
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), alive_rx.recv()).await;
+            }
         }
         shared.pool.close();
         drop(shutdown_tx);

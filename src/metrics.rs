@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::pool::Pool;
 use crate::tenant::{Tenant, Tenants};
@@ -314,18 +314,19 @@ impl Metrics {
         }
     }
 
-    /// Builds the recorder, starts the HTTP exporter on `listen` (GET /metrics) and
-    /// registers every series. Must run inside the tokio runtime.
-    pub fn start(listen: std::net::SocketAddr, tenants: &Tenants) -> Result<Metrics, String> {
-        let (recorder, exporter) = PrometheusBuilder::new()
-            .with_http_listener(listen)
+    /// Builds the recorder (rendered by [`crate::health`]'s HTTP server at GET /metrics)
+    /// and registers every series. Must run inside the tokio runtime.
+    pub fn start(tenants: &Tenants) -> Result<Metrics, String> {
+        let recorder = PrometheusBuilder::new()
             .set_buckets(&BUCKETS)
             .map_err(|e| e.to_string())?
-            .build()
-            .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
+            .build_recorder();
+        // What the exporter's own listener did: drain histogram samples every 5 s.
+        let upkeep = recorder.handle();
         tokio::spawn(async move {
-            if let Err(e) = exporter.await {
-                tracing::error!(error = ?e, "metrics exporter stopped");
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                upkeep.run_upkeep();
             }
         });
         let r = &recorder;
@@ -385,6 +386,11 @@ impl Metrics {
 
     pub fn enabled(&self) -> bool {
         self.recorder.is_some()
+    }
+
+    /// Renders the Prometheus text (None with metrics off).
+    pub fn handle(&self) -> Option<PrometheusHandle> {
+        self.recorder.as_ref().map(|r| r.handle())
     }
 
     /// Copies the atomic totals and current counts into the series.

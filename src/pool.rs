@@ -106,7 +106,8 @@ struct Waiter {
     tx: oneshot::Sender<Grant>,
 }
 
-/// The server has been failing: only the probe connects, not before `retry_at`.
+/// A run of failed connects: the server's (`State::down`), or one login's refused with
+/// 53300 (`State::full`). Only a probe connects meanwhile, not before `retry_at`.
 struct Down {
     retry_at: Instant,
     delay: Duration,
@@ -147,6 +148,13 @@ struct State {
     paused: Vec<bool>,
     next_waiter: u64,
     down: Option<Down>,
+    /// Per login: PostgreSQL refuses it more connections (53300 at login: the role's
+    /// `CONNECTION LIMIT`, which holds across every instance, or another limit of the
+    /// server). Its tenants' transactions wait for one of its connections to come back, or
+    /// for its probe (see [`Pool::probe_login`]); other logins go on.
+    full: Vec<Option<Down>>,
+    /// Per login: its probe task is scheduled or connecting.
+    full_probing: Vec<bool>,
     closed: bool,
 }
 
@@ -233,6 +241,8 @@ impl Pool {
                 paused: vec![false; n],
                 next_waiter: 0,
                 down: None,
+                full: (0..target.logins.len()).map(|_| None).collect(),
+                full_probing: vec![false; target.logins.len()],
                 closed: false,
             }),
             target: ArcSwap::from_pointee(target),
@@ -272,13 +282,17 @@ impl Pool {
     /// connections above a lowered `max_connections` are closed (the rest as they come
     /// back).
     pub fn reconfigure(&self, target: Option<ServerTarget>, settings: Option<PoolSettings>) {
+        let mut st = self.lock();
         if let Some(t) = target {
+            // A new login gets its own "refused" state before any tenant can use it.
+            if st.full.len() < t.logins.len() {
+                st.full.resize_with(t.logins.len(), || None);
+            }
             self.target.store(Arc::new(t));
         }
         if let Some(s) = settings {
             self.settings.store(Arc::new(s));
         }
-        let mut st = self.lock();
         if st.closed {
             return;
         }
@@ -372,6 +386,7 @@ impl Pool {
                     if st.down.is_some() {
                         self.ensure_probe(&mut st);
                     }
+                    self.ensure_login_probe(&mut st, self.tenants.get(tenant).login());
                     Ok((id, rx))
                 }
             }
@@ -434,8 +449,9 @@ impl Pool {
             st.in_use[t] += 1;
             return Take::Conn(conn);
         }
-        if st.down.is_some() {
-            // Only the probe connects while the server is failing; it re-opens the pool.
+        if st.down.is_some() || st.full[tn.login() as usize].is_some() {
+            // Only the probe connects while the server is failing (or refuses this login
+            // more connections); it re-opens the pool.
             return Take::Wait;
         }
         if st.open < self.settings.load().max_connections {
@@ -502,12 +518,24 @@ impl Pool {
                 self.stats.connects_ok.fetch_add(1, Ordering::Relaxed);
                 self.remember_params(login.conn.login, login.params);
                 let mut st = self.lock();
-                if let Some(d) = st.down.take() {
+                let was_down = st.down.take();
+                let was_full = st.full[login.conn.login as usize].take();
+                if let Some(d) = &was_down {
                     tracing::info!(
                         down_for = ?d.since.elapsed(),
                         failed_connects = d.failures,
                         "server reachable again"
                     );
+                }
+                if let Some(f) = &was_full {
+                    tracing::info!(
+                        user = %self.target.load().login(login.conn.login).user,
+                        full_for = ?f.since.elapsed(),
+                        refused_connects = f.failures,
+                        "server accepts connections of this login again"
+                    );
+                }
+                if was_down.is_some() || was_full.is_some() {
                     self.dispatch(&mut st);
                 }
                 Ok(login.conn)
@@ -515,39 +543,144 @@ impl Pool {
             Err(e) => {
                 self.stats.connects_failed.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.lock();
-                let now = Instant::now();
-                let mut down = st.down.take().unwrap_or(Down {
-                    retry_at: now,
-                    delay: BACKOFF_MIN / 2,
-                    error: String::new(),
-                    since: now,
-                    failures: 0,
-                    warned_at: None,
-                });
-                down.delay = (down.delay * 2).min(BACKOFF_MAX);
-                down.retry_at = now + down.delay;
-                down.failures += 1;
-                // One warning when it starts, when the error changes and every 30 s; the
-                // attempts in between (up to two a second) are debug lines.
-                let warn = down.error != e
-                    || down
-                        .warned_at
-                        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30));
-                if warn {
-                    down.warned_at = Some(now);
-                    tracing::warn!(
-                        error = %e,
-                        retry_in = ?down.delay,
-                        failed_connects = down.failures,
-                        "server connection failed"
-                    );
+                if e.is_full() {
+                    // The server works but refuses this login another connection (53300):
+                    // only this login's tenants wait, and its own probe tries again.
+                    let user = self.target.load().login(login).user.clone();
+                    let (warn, delay) = failed(&mut st.full[login as usize], &e.message);
+                    if warn {
+                        tracing::warn!(
+                            error = %e,
+                            %user,
+                            retry_in = ?delay,
+                            "server refuses more connections of this login; its tenants' transactions wait"
+                        );
+                    } else {
+                        tracing::debug!(error = %e, %user, retry_in = ?delay, "server connection refused (53300)");
+                    }
+                    self.ensure_login_probe(&mut st, login);
                 } else {
-                    tracing::debug!(error = %e, retry_in = ?down.delay, "server connection failed");
+                    let (warn, delay) = failed(&mut st.down, &e.message);
+                    if warn {
+                        let failures = st.down.as_ref().map_or(0, |d| d.failures);
+                        tracing::warn!(
+                            error = %e,
+                            retry_in = ?delay,
+                            failed_connects = failures,
+                            "server connection failed"
+                        );
+                    } else {
+                        tracing::debug!(error = %e, retry_in = ?delay, "server connection failed");
+                    }
+                    self.ensure_probe(&mut st);
                 }
-                down.error.clone_from(&e);
-                st.down = Some(down);
-                self.ensure_probe(&mut st);
-                Err(e)
+                Err(e.message)
+            }
+        }
+    }
+
+    /// Starts `login`'s probe if PostgreSQL refuses it connections, its tenants wait, and
+    /// none runs.
+    fn ensure_login_probe(&self, st: &mut State, login: LoginId) {
+        let l = login as usize;
+        if st.full_probing[l] || st.closed || st.full[l].is_none() || !self.login_waits(st, login) {
+            return;
+        }
+        let (Some(pool), Ok(rt)) = (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        st.full_probing[l] = true;
+        rt.spawn(pool.probe_login(login));
+    }
+
+    /// [`Pool::ensure_login_probe`] for every login PostgreSQL refuses connections.
+    fn ensure_login_probes(&self, st: &mut State) {
+        for login in 0..st.full.len() {
+            if st.full[login].is_some() {
+                self.ensure_login_probe(st, login as LoginId);
+            }
+        }
+    }
+
+    /// Does a tenant of `login` wait that could be served but for the login's refusal?
+    fn login_waits(&self, st: &State, login: LoginId) -> bool {
+        st.ring
+            .iter()
+            .any(|&t| self.tenants.get(t).login() == login && self.eligible(st, t))
+    }
+
+    /// While PostgreSQL refuses `login` connections (53300) and its tenants wait: one
+    /// connect at a time as `login`, each when the backoff allows, in a free slot (or the
+    /// slot of the least recently used idle connection, closed first, when the pool is
+    /// full). The first success goes to one of its waiters and [`Pool::connect`] lets the
+    /// others connect. Meanwhile a connection of the login that comes back from a
+    /// transaction goes straight to the next of them. Ends when the login is accepted
+    /// again, none of its tenants waits, or no slot can be had (a slot given back starts it
+    /// again).
+    async fn probe_login(self: Arc<Self>, login: LoginId) {
+        let l = login as usize;
+        loop {
+            // While the server is failing too, its backoff holds this probe back as well (a
+            // failure other than 53300 does not push the login's own backoff).
+            let retry_at = |st: &State| {
+                let f = st.full[l].as_ref()?;
+                let at = match &st.down {
+                    Some(d) => f.retry_at.max(d.retry_at),
+                    None => f.retry_at,
+                };
+                (!st.closed && self.login_waits(st, login)).then_some(at)
+            };
+            let next = {
+                let mut st = self.lock();
+                match retry_at(&st) {
+                    Some(at) => at,
+                    None => {
+                        st.full_probing[l] = false;
+                        return;
+                    }
+                }
+            };
+            tokio::time::sleep_until(next.into()).await;
+            let (slot, retire) = {
+                let mut st = self.lock();
+                let due = match retry_at(&st) {
+                    Some(at) => at <= Instant::now(),
+                    None => {
+                        st.full_probing[l] = false;
+                        return;
+                    }
+                };
+                if !due {
+                    continue;
+                }
+                if st.open < self.settings.load().max_connections {
+                    st.open += 1;
+                    (Slot::counted(&self, None), None)
+                } else if let Some(pos) = (0..st.idle.len()).min_by_key(|&i| st.idle[i].idle_since)
+                {
+                    // Idle connections are all of other logins (one of this login would
+                    // have gone to its waiters): the least recently used gives its slot.
+                    let old = st.idle.swap_remove(pos);
+                    (Slot::counted(&self, None), Some(old))
+                } else {
+                    st.full_probing[l] = false;
+                    return;
+                }
+            };
+            let slot = match retire {
+                Some(old) => Pool::close_in(old, slot).await,
+                None => slot,
+            };
+            match self.connect(login).await {
+                Ok(conn) => {
+                    let mut st = self.lock();
+                    st.full_probing[l] = false;
+                    self.add_new(&mut st, slot, conn);
+                    return;
+                }
+                // The backoff has grown; try again when it allows.
+                Err(_) => drop(slot),
             }
         }
     }
@@ -596,7 +729,11 @@ impl Pool {
                     // Another failure pushed the next attempt back.
                     continue;
                 }
-                let next = st.ring.iter().copied().find(|&t| self.eligible(&st, t));
+                let next = st
+                    .ring
+                    .iter()
+                    .copied()
+                    .find(|&t| self.can_take(&st, t, None));
                 let Some(t) = next.filter(|_| st.open < self.settings.load().max_connections)
                 else {
                     st.probing = false;
@@ -658,6 +795,7 @@ impl Pool {
                 st.open -= 1;
             }
         }
+        self.ensure_login_probes(st);
     }
 
     /// Gives `grant` to the next waiter whose tenant is below its cap, tenants taking turns
@@ -715,6 +853,13 @@ impl Pool {
             && !st.paused[t as usize]
     }
 
+    /// May `t`'s next waiter take a grant: a connection of `login`, or (`None`) a slot to
+    /// connect in? Not a slot while PostgreSQL refuses its login connections.
+    fn can_take(&self, st: &State, t: TenantId, login: Option<LoginId>) -> bool {
+        let own = self.tenants.get(t).login();
+        self.eligible(st, t) && (st.full[own as usize].is_none() || login == Some(own))
+    }
+
     /// The tenant whose waiter gets the next connection. Tenants with waiters take turns
     /// in rounds: in each round every tenant below its cap is served once, in ring order
     /// (FIFO within a tenant). Within a round the order is free, so a connection goes back
@@ -729,7 +874,7 @@ impl Pool {
     ) -> Option<TenantId> {
         for _ in 0..2 {
             if let Some(p) = preferred
-                && self.eligible(st, p)
+                && self.can_take(st, p, login)
                 && st.served[p as usize] < st.round
             {
                 return Some(p);
@@ -737,7 +882,7 @@ impl Pool {
             if let Some(l) = login
                 && let Some(&t) = st.ring.iter().find(|&&t| {
                     self.tenants.get(t).login() == l
-                        && self.eligible(st, t)
+                        && self.can_take(st, t, login)
                         && st.served[t as usize] < st.round
                 })
             {
@@ -746,12 +891,12 @@ impl Pool {
             if let Some(&t) = st
                 .ring
                 .iter()
-                .find(|&&t| self.eligible(st, t) && st.served[t as usize] < st.round)
+                .find(|&&t| self.can_take(st, t, login) && st.served[t as usize] < st.round)
             {
                 return Some(t);
             }
             // Everyone eligible has had a turn in this round: start the next one.
-            if !st.ring.iter().any(|&t| self.eligible(st, t)) {
+            if !st.ring.iter().any(|&t| self.can_take(st, t, login)) {
                 return None;
             }
             st.round += 1;
@@ -1016,6 +1161,7 @@ impl Pool {
                 break;
             }
         }
+        self.ensure_login_probes(st);
         if st.down.is_some() {
             self.ensure_probe(st);
             return;
@@ -1042,6 +1188,28 @@ impl Pool {
     /// Why connecting to the server fails now, when it does.
     pub fn down_reason(&self) -> Option<String> {
         self.lock().down.as_ref().map(|d| d.error.clone())
+    }
+
+    /// Why `tenant` cannot have a new server connection now, when something other than
+    /// the pool's caps stands in the way: the server cannot be reached, or it refuses the
+    /// tenant's login more connections (53300).
+    pub fn wait_reason(&self, tenant: TenantId) -> Option<String> {
+        let st = self.lock();
+        self.wait_reason_locked(&st, tenant)
+    }
+
+    fn wait_reason_locked(&self, st: &State, tenant: TenantId) -> Option<String> {
+        if let Some(d) = &st.down {
+            return Some(format!("the server cannot be reached: {}", d.error));
+        }
+        let login = self.tenants.get(tenant).login();
+        st.full[login as usize].as_ref().map(|f| {
+            format!(
+                "the server refuses more connections as {}: {}",
+                self.target.load().login(login).user,
+                f.error
+            )
+        })
     }
 
     /// Closes idle connections and refuses new checkouts (shutdown).
@@ -1095,6 +1263,35 @@ impl Drop for Locked<'_> {
             }
         }
     }
+}
+
+/// Records a failed connect in `run` (the server's or a login's): the next attempt waits
+/// twice as long as the previous one, from [`BACKOFF_MIN`] up to [`BACKOFF_MAX`]. Returns
+/// whether to log it as a warning (when the run starts, when the error changes and every
+/// 30 s; the attempts in between, up to two a second, are debug lines) and the delay.
+fn failed(run: &mut Option<Down>, error: &str) -> (bool, Duration) {
+    let now = Instant::now();
+    let d = run.get_or_insert_with(|| Down {
+        retry_at: now,
+        delay: BACKOFF_MIN / 2,
+        error: String::new(),
+        since: now,
+        failures: 0,
+        warned_at: None,
+    });
+    d.delay = (d.delay * 2).min(BACKOFF_MAX);
+    d.retry_at = now + d.delay;
+    d.failures += 1;
+    let warn = d.error != error
+        || d.warned_at
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30));
+    if warn {
+        d.warned_at = Some(now);
+    }
+    if d.error != error {
+        d.error = error.to_string();
+    }
+    (warn, d.delay)
 }
 
 /// Removes an idle connection of `login`, preferring the most recently used one already on
@@ -1397,6 +1594,21 @@ mod tests {
     }
 
     #[test]
+    fn a_login_added_by_reload_has_its_refused_state() {
+        let pool = pool("");
+        assert_eq!(pool.lock().full.len(), 1);
+        let mut target = (*pool.target()).clone();
+        target.logins.push(crate::server::ServerLogin {
+            user: "new".into(),
+            password: None,
+        });
+        pool.reconfigure(Some(target), None);
+        // Indexed by a new tenant's login at its first checkout.
+        assert_eq!(pool.lock().full.len(), 2);
+        assert!(pool.lock().full[1].is_none());
+    }
+
+    #[test]
     fn tenants_get_the_logins_the_config_names() {
         // a and c share the [server] user; b and d share a role of their own.
         let pool = pool(
@@ -1457,6 +1669,60 @@ mod tests {
                 st.waiting
             ),
             (4, 1, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_login_the_server_refuses_gets_its_own_connections_but_no_slots() {
+        // b has its own role, which PostgreSQL refuses more connections (53300).
+        let pool = pool("server_user = \"ub\"\n");
+        let (conn_b, _pb) = conn(1, 1).await;
+        let (conn_b2, _pb2) = conn(1, 1).await;
+        let mut st = pool.lock();
+        st.open = 2;
+        let _ = failed(&mut st.full[1], "too many connections for role");
+        let mut rx_b = wait(&mut st, 1);
+        // A free slot is not handed to b (it would only be refused again)...
+        st.open = 1;
+        assert!(!pool.hand_out(&mut st, Grant::Connect(None)));
+        assert!(rx_b.try_recv().is_err());
+        // ... nor does a new checkout of b connect: it waits.
+        st.queues[1].clear();
+        st.ring.clear();
+        st.waiting = 0;
+        assert!(matches!(pool.try_take(&mut st, 1), Take::Wait));
+        // A connection of b's role that comes back goes to b's waiter.
+        let mut rx_b = wait(&mut st, 1);
+        assert!(pool.hand_out(&mut st, Grant::Conn(conn_b)));
+        assert!(matches!(rx_b.try_recv(), Ok(Grant::Conn(ref c)) if c.login == 1));
+        // a, of the shared login, still gets slots; b's next connection back goes to b.
+        let mut rx_a = wait(&mut st, 0);
+        assert!(pool.hand_out(&mut st, Grant::Connect(None)));
+        assert!(matches!(rx_a.try_recv(), Ok(Grant::Connect(None))));
+        let mut rx_b = wait(&mut st, 1);
+        assert!(pool.hand_out(&mut st, Grant::Conn(conn_b2)));
+        assert!(matches!(rx_b.try_recv(), Ok(Grant::Conn(ref c)) if c.login == 1));
+        assert_eq!(
+            pool.wait_reason_locked(&st, 1).as_deref(),
+            Some("the server refuses more connections as ub: too many connections for role")
+        );
+        assert_eq!(pool.wait_reason_locked(&st, 0), None);
+    }
+
+    #[tokio::test]
+    async fn a_refused_logins_probe_backs_off_while_the_server_is_down() {
+        // b's role was refused (53300); then the server goes away (port 1: refused at
+        // once). b's probe must not spin: it waits for the server's backoff too.
+        let pool = pool("server_user = \"ub\"\n");
+        let _ = failed(&mut pool.lock().full[1], "too many connections for role");
+        assert_eq!(
+            pool.checkout(1, Duration::from_millis(1000)).await.err(),
+            Some(CheckoutError::Timeout)
+        );
+        let attempts = pool.stats.connects_failed.load(Ordering::Relaxed);
+        assert!(
+            (1..=8).contains(&attempts),
+            "{attempts} connects in one second"
         );
     }
 

@@ -64,16 +64,23 @@ impl ClientSlot {
 #[derive(Debug, Default)]
 pub struct ClientRegistry {
     slots: DashMap<i32, Arc<ClientSlot>>,
+    /// This instance's `peer_id`, part of every key it hands out (see [`crate::peers`]).
+    peer_id: u16,
 }
 
 impl ClientRegistry {
+    /// A registry whose keys carry `peer_id` (0: none).
+    pub fn with_peer_id(peer_id: u16) -> ClientRegistry {
+        ClientRegistry {
+            slots: DashMap::new(),
+            peer_id,
+        }
+    }
+
     /// Registers a new client under a fresh random key.
     pub fn register(&self, tenant: TenantId, user: Arc<str>, addr: SocketAddr) -> Arc<ClientSlot> {
         loop {
-            let pid = (rand::random::<u32>() >> 1) as i32;
-            if pid == 0 {
-                continue;
-            }
+            let pid = crate::peers::new_pid(self.peer_id);
             let secret = rand::random::<i32>();
             if let dashmap::Entry::Vacant(v) = self.slots.entry(pid) {
                 let slot = Arc::new(ClientSlot {

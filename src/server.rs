@@ -72,8 +72,17 @@ impl ServerTarget {
         })
     }
 
-    /// A TCP connection to the server, with TLS negotiated when configured.
+    /// A connection to the server: over its Unix socket `<host>/.s.PGSQL.<port>` when
+    /// `host` is a directory (as libpq reads it; never TLS there, as in libpq), else TCP
+    /// with TLS negotiated when configured.
     pub async fn open(&self) -> Result<Stream, String> {
+        if self.host.starts_with('/') {
+            let path = crate::listener::socket_path(&self.host, self.port);
+            let unix = tokio::net::UnixStream::connect(&path)
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            return Ok(Stream::Unix(unix));
+        }
         let addr = format!("{}:{}", self.host, self.port);
         let tcp = TcpStream::connect(&addr)
             .await
@@ -135,14 +144,59 @@ pub struct Login {
     pub params: Vec<(String, String)>,
 }
 
+/// Why opening a server connection failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectError {
+    pub message: String,
+    /// The SQLSTATE of the server's ErrorResponse, when it refused the login.
+    pub code: Option<String>,
+}
+
+impl ConnectError {
+    /// PostgreSQL refused the login with 53300 (too_many_connections): the role's
+    /// `CONNECTION LIMIT`, the database's, or the server's `max_connections` (less its
+    /// reserved slots) is reached. The server works; the login has to wait for a place.
+    /// (Told apart by the code alone: the message text depends on `lc_messages`.)
+    pub fn is_full(&self) -> bool {
+        self.code.as_deref() == Some("53300")
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for ConnectError {
+    fn from(message: String) -> ConnectError {
+        ConnectError {
+            message,
+            code: None,
+        }
+    }
+}
+
+impl From<&str> for ConnectError {
+    fn from(message: &str) -> ConnectError {
+        message.to_string().into()
+    }
+}
+
+impl From<ConnectError> for String {
+    fn from(e: ConnectError) -> String {
+        e.message
+    }
+}
+
 /// Opens a server connection and logs in as `login`, within `connect_timeout`.
-pub async fn connect(target: &ServerTarget, login: LoginId) -> Result<Login, String> {
+pub async fn connect(target: &ServerTarget, login: LoginId) -> Result<Login, ConnectError> {
     connect_with(target, login, true).await
 }
 
 /// Opens a server connection that starts with the role's own defaults, as any other
 /// client's would (for [`crate::audit`]); never for the pool.
-pub async fn connect_plain(target: &ServerTarget, login: LoginId) -> Result<Login, String> {
+pub async fn connect_plain(target: &ServerTarget, login: LoginId) -> Result<Login, ConnectError> {
     connect_with(target, login, false).await
 }
 
@@ -150,13 +204,14 @@ async fn connect_with(
     target: &ServerTarget,
     login: LoginId,
     pooled: bool,
-) -> Result<Login, String> {
+) -> Result<Login, ConnectError> {
     match tokio::time::timeout(target.connect_timeout, connect_inner(target, login, pooled)).await {
         Ok(r) => r,
         Err(_) => Err(format!(
             "connecting to {}:{} timed out after {:?}",
             target.host, target.port, target.connect_timeout
-        )),
+        )
+        .into()),
     }
 }
 
@@ -164,7 +219,7 @@ async fn connect_inner(
     target: &ServerTarget,
     login: LoginId,
     pooled: bool,
-) -> Result<Login, String> {
+) -> Result<Login, ConnectError> {
     let ServerLogin { user, password } = target.login(login);
     let mut stream = target.open().await?;
     let mut out = BytesMut::with_capacity(256);
@@ -283,7 +338,10 @@ async fn connect_inner(
                         _ => {}
                     }
                 }
-                return Err(format!("server refused the login: {text} ({code})"));
+                return Err(ConnectError {
+                    message: format!("server refused the login: {text} ({code})"),
+                    code: Some(code),
+                });
             }
             Message::ReadyForQuery(_) => {
                 buf.clear();

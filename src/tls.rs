@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -266,12 +266,14 @@ impl ServerCertVerifier for AnyName {
     }
 }
 
-/// A socket to a client or to PostgreSQL: plain TCP, or TLS over it. The relay and the
-/// login speak to either the same way; the one difference that shows is [`Stream::
-/// poll_flush_pending`]: TLS may hold written bytes back until flushed.
+/// A socket to a client or to PostgreSQL: plain TCP, TLS over it, or a Unix socket (never
+/// TLS, as in PostgreSQL). The relay and the login speak to each the same way; the one
+/// difference that shows is [`Stream::poll_flush_pending`]: TLS may hold written bytes back
+/// until flushed.
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 impl std::fmt::Debug for Stream {
@@ -279,16 +281,33 @@ impl std::fmt::Debug for Stream {
         match self {
             Stream::Plain(_) => write!(f, "Stream(tcp)"),
             Stream::Tls(_) => write!(f, "Stream(tls)"),
+            Stream::Unix(_) => write!(f, "Stream(unix)"),
         }
     }
 }
 
 impl Stream {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP socket underneath (none for a Unix socket).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(s) => Some(s.get_ref().0),
+            Stream::Unix(_) => None,
+        }
+    }
+
+    /// Resolves once the peer has closed the socket (end of stream or an error); never
+    /// while it is open, whether or not it sent more (that waits in the socket).
+    pub async fn closed(&self) {
+        let open = match self.tcp() {
+            Some(tcp) => {
+                let mut byte = [0u8; 1];
+                matches!(tcp.peek(&mut byte).await, Ok(n) if n > 0)
+            }
+            None => crate::listener::unix_open(self).await,
+        };
+        if open {
+            std::future::pending::<()>().await;
         }
     }
 
@@ -303,7 +322,7 @@ impl Stream {
                 tokio_rustls::TlsStream::Server(s) => s.get_ref().1.server_name(),
                 tokio_rustls::TlsStream::Client(_) => None,
             },
-            Stream::Plain(_) => None,
+            Stream::Plain(_) | Stream::Unix(_) => None,
         }
     }
 
@@ -325,7 +344,7 @@ impl Stream {
                 }?;
                 certs.first().map(|c| c.as_ref())
             }
-            Stream::Plain(_) => None,
+            Stream::Plain(_) | Stream::Unix(_) => None,
         }
     }
 
@@ -334,6 +353,7 @@ impl Stream {
     pub fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
             Stream::Tls(s) => {
                 let (tcp, buffered) = match &mut **s {
                     tokio_rustls::TlsStream::Server(s) => {
@@ -360,7 +380,7 @@ impl Stream {
     /// Flushes what TLS still holds of earlier writes: `Ready` when nothing is left.
     pub fn poll_flush_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Stream::Plain(_) => Poll::Ready(Ok(())),
+            Stream::Plain(_) | Stream::Unix(_) => Poll::Ready(Ok(())),
             Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
@@ -369,6 +389,9 @@ impl Stream {
     pub fn try_write(&mut self, bytes: &[u8]) {
         match self {
             Stream::Plain(s) => {
+                let _ = s.try_write(bytes);
+            }
+            Stream::Unix(s) => {
                 let _ = s.try_write(bytes);
             }
             Stream::Tls(s) => {
@@ -383,6 +406,7 @@ impl Stream {
     pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.try_read_buf(buf),
+            Stream::Unix(s) => s.try_read_buf(buf),
             Stream::Tls(s) => {
                 use std::future::Future;
                 use tokio::io::AsyncReadExt;
@@ -406,6 +430,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -419,6 +444,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -430,6 +456,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -437,6 +464,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
         }
     }
 
@@ -444,6 +472,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -451,6 +480,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

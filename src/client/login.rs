@@ -41,7 +41,7 @@ async fn validate_settings(
         .map_err(|e| match e {
             CheckoutError::Timeout => PgError::query_wait_timeout(
                 &shared.tenants.get(tenant).name,
-                shared.pool.down_reason().as_deref(),
+                shared.pool.wait_reason(tenant).as_deref(),
             ),
             CheckoutError::Unavailable(m) => PgError::server_unavailable(&m, true),
         })?;
@@ -99,11 +99,10 @@ async fn validate_settings(
 /// Logs a client in within `client_login_timeout`; `None` when it was refused (it has been
 /// told why) or it was a cancel request.
 pub(super) async fn admit_client(
-    stream: tokio::net::TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
 ) -> Option<Session> {
-    let _ = stream.set_nodelay(true);
     let login_timeout = shared.live.config().limits.client_login_timeout.0;
     // Over max_client_conn the startup packet is still read, to name the tenant in the
     // refusal's metric, but nothing else is done.
@@ -166,7 +165,7 @@ enum Login {
 }
 
 async fn login(
-    tcp: tokio::net::TcpStream,
+    tcp: Stream,
     slot: &mut Option<Stream>,
     peer: SocketAddr,
     shared: &Arc<Shared>,
@@ -176,10 +175,7 @@ async fn login(
     let stream = slot.as_mut().expect("open set it");
     let startup = match first {
         FirstPacket::Cancel { pid, secret } => {
-            if let Some((spid, ssecret)) = shared.registry.lookup(pid, secret) {
-                tracing::debug!(client = %peer, "forwarding cancel request");
-                let _ = crate::server::send_cancel(&shared.pool.target(), spid, ssecret).await;
-            }
+            crate::peers::cancel(shared, pid, secret, peer).await;
             return Ok(None);
         }
         FirstPacket::Startup(s) => s,

@@ -40,7 +40,7 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Written as a plain function returning a future so that the task's state is just the
 /// (boxed) login and then the session: an idle client's task stays a few hundred bytes.
 pub fn serve<T: Send + 'static>(
-    stream: tokio::net::TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     alive: T,

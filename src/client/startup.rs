@@ -136,19 +136,21 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// decided by [`decode_packet`].
 pub async fn open(
     slot: &mut Option<Stream>,
-    tcp: tokio::net::TcpStream,
+    conn: Stream,
     tls: Option<&crate::tls::Listener>,
     peer: std::net::SocketAddr,
 ) -> Result<FirstPacket, PgError> {
     let mut first = [0u8; 1];
-    *slot = Some(match tls {
-        Some(listener)
+    // No TLS on a Unix socket, as in PostgreSQL.
+    let tls = tls.filter(|_| conn.tcp().is_some());
+    *slot = Some(match (tls, conn) {
+        (Some(listener), Stream::Plain(tcp))
             if tcp.peek(&mut first).await.map_err(PgError::client_io)? == 1
                 && first[0] == TLS_HANDSHAKE =>
         {
             accept(tcp, listener, true, peer).await?
         }
-        _ => Stream::Plain(tcp),
+        (_, conn) => conn,
     });
     let mut packet = Vec::new();
     loop {

@@ -144,7 +144,7 @@ impl Session {
                             stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
                             PgError::query_wait_timeout(
                                 &tenant.name,
-                                shared.pool.down_reason().as_deref(),
+                                shared.pool.wait_reason(self.reg.tenant).as_deref(),
                             )
                         }
                         CheckoutError::Unavailable(msg) => PgError::server_unavailable(&msg, false),
@@ -492,7 +492,7 @@ impl Session {
                 tokio::select! {
                     biased;
                     c = &mut checkout => break Ok(c.map(Some)),
-                    () = closed(self.stream.tcp()) => break Ok(Ok(None)),
+                    () = closed(&self.stream) => break Ok(Ok(None)),
                 }
             }
             // The checkout first: a free connection is the common case, and then the
@@ -560,11 +560,6 @@ const QUEUED_READ_MAX: usize = 4 * relay::CLIENT_BUF;
 
 /// Resolves once the client has closed its socket (end of stream or an error); never while
 /// it is open, whether or not it sent more (that waits in the socket for the relay).
-async fn closed(stream: &tokio::net::TcpStream) {
-    let mut byte = [0u8; 1];
-    if let Ok(n) = stream.peek(&mut byte).await
-        && n > 0
-    {
-        std::future::pending::<()>().await;
-    }
+async fn closed(stream: &crate::tls::Stream) {
+    stream.closed().await
 }

@@ -321,6 +321,18 @@ impl Pg {
         )
     }
 
+    /// The directory of the server's Unix socket (`socket=DIR` in `TENANTPOOL_TEST_PG` for
+    /// an existing server).
+    pub fn socket_dir(&self) -> Option<PathBuf> {
+        match &self.cluster {
+            Some(c) => Some(c.dir.clone()),
+            None => std::env::var("TENANTPOOL_TEST_PG").ok().and_then(|spec| {
+                spec.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix("socket=").map(PathBuf::from))
+            }),
+        }
+    }
+
     /// Can this test process stop and start the server (it started it itself)?
     pub fn controllable(&self) -> bool {
         self.cluster.is_some()
@@ -412,7 +424,7 @@ impl Pg {
 pub async fn connect_str(s: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(s, tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|e| panic!("connect {s}: {e}"));
+        .unwrap_or_else(|e| panic!("connect {s}: {e:?}"));
     tokio::spawn(async move {
         let _ = conn.await;
     });

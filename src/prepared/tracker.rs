@@ -130,6 +130,16 @@ pub(super) fn show(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
 }
 
+/// A Parse after its name: the query, NUL, a parameter count and that many type OIDs, and
+/// nothing more.
+pub(super) fn parse_tail_ok(tail: &[u8]) -> bool {
+    let Some((_, q)) = cstr(tail) else {
+        return false;
+    };
+    let rest = &tail[q..];
+    rest.len() >= 2 && rest.len() == 2 + 4 * u16::from_be_bytes([rest[0], rest[1]]) as usize
+}
+
 impl<'a> Tracker<'a> {
     pub fn new(
         client: &'a mut ClientStatements,
@@ -405,6 +415,11 @@ impl<'a> Tracker<'a> {
         };
         if name.len() > MAX_NAME {
             return Err(PgError::protocol_violation("statement name too long"));
+        }
+        // PostgreSQL reads the whole message before it looks at the name: a malformed one
+        // ends the connection even when the name is taken.
+        if !parse_tail_ok(&body[n..]) {
+            return Err(PgError::protocol_violation("invalid message format"));
         }
         if self.client.get(name).is_some() {
             let e = PgError::duplicate_statement(&show(name));

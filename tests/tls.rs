@@ -486,6 +486,128 @@ async fn tenantpool_speaks_tls_to_postgresql() {
     }
 }
 
+/// Large data over TLS on both sides: a 20 MB COPY in, a 20 MB result out (many TLS
+/// records each way, partial writes that TLS holds back), then the bad-input cases over a
+/// TLS client: a malformed message is 08P01 and the pool serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_copy_and_results_over_tls_both_ways() {
+    let db = TestDb::create("tls_large", &["acme"]).await;
+    let dir = tempdir("tenantpool-tls-large");
+    db.owner()
+        .await
+        .batch_execute(
+            "CREATE TABLE tenant_acme.big (t text); GRANT ALL ON tenant_acme.big TO PUBLIC;",
+        )
+        .await
+        .unwrap();
+    let extra = format!(
+        "{}auth_method = \"trust\"\n[server]\ntls = \"require\"\n",
+        proxy_tls(&dir, "require")
+    );
+    let proxy = Proxy::start(db.config(1, &extra));
+    let c = conn(&proxy, "127.0.0.1", "acme", "sslmode=require");
+    // 200,000 lines of 100 bytes: 20 MB through COPY FROM STDIN.
+    let line = format!("{}\n", "x".repeat(99));
+    let data = line.repeat(200_000);
+    let mut child = Command::new("psql")
+        .arg(&c)
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "COPY big FROM STDIN",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(data.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        psql_with(&c, "SELECT count(*), sum(length(t)) FROM big").unwrap(),
+        "200000|19800000"
+    );
+    // And 20 MB back: every row, as sent.
+    let out = Command::new("psql")
+        .arg(&c)
+        .args(["-X", "-q", "-A", "-t", "-c", "SELECT t FROM big"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data.as_bytes());
+
+    // Bad input over TLS: an empty Parse, a Bind with a broken count, a truncated Describe.
+    for bad in [
+        &b"P\0\0\0\x04"[..],
+        b"B\0\0\0\x0a\0\0\0\x05\0\0",
+        b"D\0\0\0\x05S",
+    ] {
+        let mut s = tls_client(proxy.addr, "localhost", None, false)
+            .await
+            .unwrap();
+        let code = login_then_send(&mut s, bad).await;
+        assert_eq!(code, "08P01", "{:?}", String::from_utf8_lossy(bad));
+        // The pool (one connection) serves the next client at once.
+        assert_eq!(psql_with(&c, "SELECT count(*) FROM leads").unwrap(), "2");
+    }
+    proxy.stop();
+}
+
+/// Logs a raw client in (trust), sends `msg` and a Sync, and returns the first error's
+/// SQLSTATE.
+async fn login_then_send<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    msg: &[u8],
+) -> String {
+    let mut bytes = startup_packet(&[("user", APP_USER), ("database", "acme")]);
+    bytes.extend_from_slice(msg);
+    bytes.extend_from_slice(b"S\0\0\0\x04");
+    s.write_all(&bytes).await.unwrap();
+    let mut buf = Vec::new();
+    loop {
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
+            if buf.len() < len {
+                break;
+            }
+            let m = Msg {
+                tag: buf[0],
+                body: buf[5..len].to_vec(),
+            };
+            buf.drain(..len);
+            if m.tag == b'E' {
+                return m.field(b'C').unwrap_or_default();
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap_or(0);
+        if n == 0 {
+            return "closed".into();
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// `tenantpool check` reads the TLS files: a key that is not the certificate's, a missing
 /// file, TLS asked for without a certificate.
 #[test]

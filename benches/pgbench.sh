@@ -19,6 +19,9 @@
 #       # named prepared statements: tracked (default), untracked (max_prepared_statements = 0,
 #       # extended only: prepared fails in transaction mode), PgBouncer (prepared only from
 #       # 1.21, with max_prepared_statements = 200)
+#   TARGETS="tenantpool tls pgbouncer pgbouncer_tls" benches/pgbench.sh
+#       # clients over TLS (sslmode=require, an ECDSA P-256 certificate made here) to
+#       # tenantpool and to PgBouncer, beside both in plain TCP; the server side stays plain
 #   PERF_OUT=/tmp/perf.data benches/pgbench.sh   # perf-record tenantpool during its runs
 #   STRACE_DIR=/tmp/st benches/pgbench.sh        # count each pooler's syscalls per run
 #
@@ -96,6 +99,16 @@ if [[ " $TARGETS " == *" always "* ]]; then start_variant always 'reset_path_and
 TENANT_SETTINGS='settings = { "app.tenant" = "{tenant}", "app.tenant_id" = "7c9e6679-7425-40de-944b-e07fc1f90ae7" }'
 if [[ " $TARGETS " == *" settings "* ]]; then start_variant settings "" "" "" "$TENANT_SETTINGS"; fi
 if [[ " $TARGETS " == *" always_settings "* ]]; then start_variant always_settings 'reset_path_and_role = "always"' "" "" "$TENANT_SETTINGS"; fi
+# tls: clients over TLS (the server side stays plain TCP in both poolers).
+if [[ " $TARGETS " == *" tls "* || " $TARGETS " == *" pgbouncer_tls "* ]]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -keyout "$WORK/tls.key" -out "$WORK/tls.crt" >/dev/null 2>&1
+  chmod 644 "$WORK/tls.key"
+fi
+if [[ " $TARGETS " == *" tls "* ]]; then
+  W=${WORK//\//\\/}
+  start_variant tls "client_tls = \"require\"\ntls_cert_file = \"$W\/tls.crt\"\ntls_key_file = \"$W\/tls.key\"" ""
+fi
 if [[ " $TARGETS " == *" before "* ]]; then start_variant before "" "" "${BEFORE_BIN:?set BEFORE_BIN to an older tenantpool binary}"; fi
 
 # PgBouncer, one pool in transaction mode with the same size, search_path set on connect.
@@ -109,6 +122,17 @@ t1 = host=127.0.0.1 port=$PGPORT dbname=app user=tenantpool password=server-secr
 min_pool_size = $POOL
 $( [ "$PB_PREPARED" = yes ] && echo 'max_prepared_statements = 200')"
   PBPORT=$PB_PORT
+  if [[ " $TARGETS " == *" pgbouncer_tls "* ]]; then
+    PB_PLAIN_PID=$PB_PID
+    start_pgbouncer "[databases]
+t1 = host=127.0.0.1 port=$PGPORT dbname=app user=tenantpool password=server-secret pool_size=$POOL connect_query='SET search_path TO tenant_t1, public'" "default_pool_size = $POOL
+min_pool_size = $POOL
+client_tls_sslmode = require
+client_tls_key_file = $WORK/tls.key
+client_tls_cert_file = $WORK/tls.crt" pgbouncer_tls
+    VPORT[pgbouncer_tls]=$PB_PORT; VPID[pgbouncer_tls]=$PB_PID
+    PB_PORT=$PBPORT; PB_PID=$PB_PLAIN_PID
+  fi
 fi
 sleep 1
 
@@ -120,6 +144,7 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
     direct) port=$PGPORT; user=tenantpool; export PGPASSWORD=server-secret; export PGOPTIONS="-c search_path=tenant_t1";;
     tenantpool) port=$TPPORT; pid=$TP_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
     pgbouncer) port=$PBPORT; pid=$PB_PID; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
+    tls|pgbouncer_tls) port=${VPORT[$target]}; pid=${VPID[$target]}; export PGPASSWORD=bench-secret PGSSLMODE=require; unset PGOPTIONS;;
     *) port=${VPORT[$target]}; pid=${VPID[$target]}; export PGPASSWORD=bench-secret; unset PGOPTIONS;;
   esac
   local before=0 after=0 out perf_pid=""
@@ -146,6 +171,7 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
     out=$(pgbench -n $SCRIPT -M "$mode" -c "$c" -j 2 -T "$DURATION" -h 127.0.0.1 -p "$port" -U "$user" "$( [ $target = direct ] && echo app || echo $db )" 2>&1) || true
   fi
   [ -n "$pid" ] && after=$(cpu_ticks "$pid")
+  unset PGSSLMODE
   if [ -n "${STRACE_DIR:-}" ] && [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; fi
   if [ -n "$perf_pid" ]; then wait "$perf_pid" || true; fi
   local txns tps
@@ -161,14 +187,15 @@ run() { # target mode clients -> prints "tps txns cpu_us_per_txn"
 
 printf "pgbench %s, %ss per run, pool %s, tenants %s, %s cores\n" "$SCRIPT" "$DURATION" "$POOL" "$TENANTS" "$(nproc)"
 COLS=()
-for target in direct tenantpool before metrics untracked always settings always_settings pgbouncer; do
+for target in direct tenantpool before metrics untracked always settings always_settings tls pgbouncer pgbouncer_tls; do
   [[ " $TARGETS " == *" $target "* ]] || continue
   [ "$target" = pgbouncer ] && [ -z "$PB_PID" ] && continue
+  [ "$target" = pgbouncer_tls ] && [ -z "${VPID[pgbouncer_tls]:-}" ] && continue
   COLS+=("$target")
 done
 header=$(printf "%-9s %-8s" mode clients)
 for t in "${COLS[@]}"; do
-  case $t in direct) header+=$(printf " | %-20s" "direct tps");; metrics) header+=$(printf " | %-20s" "tenantpool+metrics");; untracked) header+=$(printf " | %-20s" "tp untracked");; pgbouncer) header+=$(printf " | %-20s" "pgbouncer $PB_VERSION");; *) header+=$(printf " | %-20s" "$t tps us/tx");; esac
+  case $t in direct) header+=$(printf " | %-20s" "direct tps");; metrics) header+=$(printf " | %-20s" "tenantpool+metrics");; untracked) header+=$(printf " | %-20s" "tp untracked");; pgbouncer) header+=$(printf " | %-20s" "pgbouncer $PB_VERSION");; pgbouncer_tls) header+=$(printf " | %-20s" "pgbouncer TLS");; tls) header+=$(printf " | %-20s" "tenantpool TLS");; *) header+=$(printf " | %-20s" "$t tps us/tx");; esac
 done
 echo "$header"
 for mode in $MODES; do

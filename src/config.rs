@@ -100,6 +100,29 @@ pub enum ServerTls {
     VerifyFull,
 }
 
+/// The names the config file uses for enum values (`SHOW CONFIG`, messages).
+macro_rules! names {
+    ($ty:ty { $($v:ident => $n:literal),* $(,)? }) => {
+        impl $ty {
+            pub fn as_str(&self) -> &'static str {
+                match self { $(<$ty>::$v => $n),* }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+names!(PoolMode { Transaction => "transaction", Session => "session" });
+names!(AuthMethod { ScramSha256 => "scram-sha-256", Md5 => "md5", Trust => "trust", Cert => "cert" });
+names!(TenantFrom { Database => "database", User => "user", Sni => "sni", Domain => "domain" });
+names!(ResetPathAndRole { WhenChanged => "when_changed", Always => "always" });
+names!(ClientTls { Disable => "disable", Allow => "allow", Prefer => "prefer", Require => "require" });
+names!(ServerTls { Disable => "disable", Prefer => "prefer", Require => "require", VerifyCa => "verify-ca", VerifyFull => "verify-full" });
+names!(LogFormat { Text => "text", Json => "json" });
+
 /// `[proxy]`: the listening side.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -119,6 +142,21 @@ pub struct ProxyConfig {
     pub tls_key_file: Option<String>,
     pub tls_client_ca_file: Option<String>,
     pub sni_domain: Option<String>,
+    /// Read-only console users: SHOW commands only (PgBouncer's `stats_users`).
+    pub stats_users: Vec<String>,
+    /// "text" (no colour unless stderr is a terminal) or "json" (one object a line).
+    pub log_format: LogFormat,
+    /// A log line of per-tenant rates every `stats_period` (PgBouncer's `log_stats`).
+    pub log_stats: bool,
+    /// The window SHOW STATS' averages (and `log_stats`) cover (PgBouncer's `stats_period`).
+    pub stats_period: Dur,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Default for ProxyConfig {
@@ -138,6 +176,10 @@ impl Default for ProxyConfig {
             tls_key_file: None,
             tls_client_ca_file: None,
             sni_domain: None,
+            stats_users: Vec::new(),
+            log_format: LogFormat::Text,
+            log_stats: false,
+            stats_period: Dur::secs(60),
         }
     }
 }
@@ -150,7 +192,7 @@ pub struct MetricsConfig {
     pub listen: String,
 }
 
-fn default_metrics_listen() -> String {
+pub fn default_metrics_listen() -> String {
     "127.0.0.1:9930".into()
 }
 
@@ -189,25 +231,25 @@ pub struct ServerConfig {
     pub tls_key_file: Option<String>,
 }
 
-fn default_host() -> String {
+pub fn default_host() -> String {
     "127.0.0.1".into()
 }
-fn default_port() -> u16 {
+pub fn default_port() -> u16 {
     5432
 }
-fn default_max_connections() -> u32 {
+pub fn default_max_connections() -> u32 {
     50
 }
-fn default_min_idle() -> u32 {
+pub fn default_min_idle() -> u32 {
     5
 }
-fn default_connect_timeout() -> Dur {
+pub fn default_connect_timeout() -> Dur {
     Dur::secs(5)
 }
-fn default_idle_timeout() -> Dur {
+pub fn default_idle_timeout() -> Dur {
     Dur::secs(600)
 }
-fn default_lifetime() -> Dur {
+pub fn default_lifetime() -> Dur {
     Dur::secs(3600)
 }
 fn default_server_tls() -> ServerTls {
@@ -288,10 +330,10 @@ pub struct DirectoryConfig {
     pub max_tenants: u32,
 }
 
-fn default_directory_refresh() -> Dur {
+pub fn default_directory_refresh() -> Dur {
     Dur::secs(30)
 }
-fn default_directory_max_tenants() -> u32 {
+pub fn default_directory_max_tenants() -> u32 {
     10_000
 }
 
@@ -431,7 +473,11 @@ impl FromStr for Dur {
         }
         let split = s
             .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .ok_or_else(|| format!("duration \"{s}\" needs a unit (ms, s, m, h)"))?;
+            .ok_or_else(|| {
+                format!(
+                    "duration \"{s}\" needs a unit (ms, s, m, h): write \"{s}s\", or {s} without quotes for seconds"
+                )
+            })?;
         let (num, unit) = s.split_at(split);
         let n: f64 = num.parse().map_err(|_| {
             format!("\"{s}\" is not a duration such as \"250ms\", \"30s\", \"10m\"")
@@ -454,8 +500,37 @@ impl FromStr for Dur {
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a duration such as \"250ms\", \"30s\", \"10m\" (a bare number is seconds)",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dur, E> {
+                s.parse().map_err(E::custom)
+            }
+            // A bare number is seconds, as PgBouncer reads its timeouts.
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Dur, E> {
+                u64::try_from(n)
+                    .ok()
+                    .filter(|&n| n <= 1_000_000_000)
+                    .map(Dur::secs)
+                    .ok_or_else(|| E::custom(format!("duration {n} is out of range")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Dur, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Dur, E> {
+                if n.is_finite() && (0.0..=1e9).contains(&n) {
+                    Ok(Dur(Duration::from_secs_f64(n)))
+                } else {
+                    Err(E::custom(format!("duration {n} is out of range")))
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -696,6 +771,9 @@ impl Config {
     /// Checks everything that parsing alone does not; reports all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
+        if self.proxy.stats_period.0 < Duration::from_secs(1) {
+            p.push("proxy.stats_period: must be at least 1s".into());
+        }
         if self.proxy.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(
                 "proxy.listen: \"{}\" is not an address such as \"0.0.0.0:6432\"",
@@ -966,6 +1044,7 @@ impl Config {
             "proxy.reset_path_and_role" => proxy.reset_path_and_role;
             "proxy.client_tls" => proxy.client_tls;
             "proxy.sni_domain" => proxy.sni_domain;
+            "proxy.log_format" => proxy.log_format;
             "server.host" => server.host;
             "server.port" => server.port;
             "server.database" => server.database;

@@ -76,6 +76,10 @@ pub struct Shared {
     /// Set when the proxy starts shutting down; `stop` then wakes every idle client.
     pub stopping: AtomicBool,
     pub stop: Notify,
+    /// SHOW STATS' averages over the last `stats_period`.
+    pub stats_window: admin::StatsWindow,
+    /// Server connection ids below this were open at the last RECONNECT (WAIT_CLOSE).
+    pub reconnect_mark: AtomicU64,
 }
 
 /// A bound, not yet running proxy.
@@ -158,6 +162,8 @@ impl Proxy {
             next_client_id: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
+            stats_window: Default::default(),
+            reconnect_mark: AtomicU64::new(0),
         });
         Ok(Proxy {
             listener,
@@ -200,6 +206,7 @@ impl Proxy {
                 tracing::warn!("{w}");
             }
         });
+        tokio::spawn(admin::run_stats(shared.clone()));
         tokio::spawn(
             shared
                 .metrics

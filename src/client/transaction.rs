@@ -167,6 +167,10 @@ impl Session {
             .attach(conn.backend_pid, conn.backend_secret);
         self.reg
             .client
+            .server_conn
+            .store(conn.id, Ordering::Relaxed);
+        self.reg
+            .client
             .server_prepared
             .store(conn.work.stmts.len() as u32, Ordering::Relaxed);
 

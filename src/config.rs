@@ -575,11 +575,91 @@ impl Config {
     }
 
     /// Parses and validates config text.
+    ///
+    /// Every problem is reported, each with its line, column, section and key: a syntax
+    /// error alone (nothing after it can be trusted), else each key that does not fit (the
+    /// file is read again without it until the rest fits), else what validation finds.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| ConfigError(vec![describe_toml_error(&e)]))?;
-        config.validate()?;
-        Ok(config)
+        if let Err(e) = text.parse::<toml::Table>() {
+            return Err(ConfigError(vec![describe_toml_error(&e, text)]));
+        }
+        let mut work: Vec<String> = text.lines().map(str::to_string).collect();
+        let mut problems = Vec::new();
+        let mut dropped: Vec<String> = Vec::new();
+        for _ in 0..100 {
+            let current = work.join("\n");
+            match toml::from_str::<Config>(&current) {
+                Ok(config) if problems.is_empty() => {
+                    config.validate()?;
+                    return Ok(config);
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    // A key left out because it did not fit is then missing: said already.
+                    if let Some(k) = missing_field(e.message())
+                        && dropped.iter().any(|d| d == k)
+                    {
+                        break;
+                    }
+                    problems.push(describe_toml_error(&e, &current));
+                    let Some(line) = e.span().map(|s| line_col(&current, s.start).0) else {
+                        break;
+                    };
+                    let l = &mut work[line - 1];
+                    if !l.contains('=') || l.trim_start().starts_with('[') {
+                        break;
+                    }
+                    dropped.push(l.split('=').next().unwrap_or("").trim().to_string());
+                    l.clear();
+                }
+            }
+        }
+        Err(ConfigError(problems))
+    }
+
+    /// What `check` and the start-up log warn about: a config that works, but probably
+    /// not as meant.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.proxy.auth_method != AuthMethod::Trust {
+            for (key, list) in [
+                ("admin_users", &self.proxy.admin_users),
+                ("stats_users", &self.proxy.stats_users),
+            ] {
+                for u in list.iter().filter(|u| !self.users.contains_key(*u)) {
+                    w.push(format!(
+                        "proxy.{key}: \"{u}\" has no [users.{u}] entry, so it cannot log in: the admin console is unreachable for it"
+                    ));
+                }
+            }
+        }
+        if self.proxy.auth_method == AuthMethod::Trust
+            && let Ok(addr) = self.proxy.listen.parse::<std::net::SocketAddr>()
+            && !addr.ip().is_loopback()
+        {
+            w.push(format!(
+                "proxy.auth_method = \"trust\" on {}, which is not a loopback address: anyone who reaches it logs in as any user, the admin console included",
+                self.proxy.listen
+            ));
+        }
+        let mut env = |key: String, var: &Option<String>| {
+            if let Some(v) = var
+                && std::env::var(v).is_ok_and(|x| x.is_empty())
+            {
+                w.push(format!("{key}: environment variable {v} is set but empty"));
+            }
+        };
+        env("server.password_env".into(), &self.server.password_env);
+        for (n, u) in &self.users {
+            env(format!("users.{n}.password_env"), &u.password_env);
+        }
+        for (n, t) in &self.tenants {
+            env(
+                format!("tenants.{n}.server_password_env"),
+                &t.server_password_env,
+            );
+        }
+        w
     }
 
     /// The effective server-connection cap of a tenant: its own, else its plan's, else
@@ -1061,13 +1141,62 @@ impl Config {
     }
 }
 
-/// Turns a toml/serde error into one line naming the key and the position.
-fn describe_toml_error(e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_string();
-    match e.span() {
-        Some(span) => format!("{msg} (at byte {})", span.start),
-        None => msg,
-    }
+/// 1-based line and column of byte `at` in `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// `missing field `x`` -> `x`.
+fn missing_field(msg: &str) -> Option<&str> {
+    msg.strip_prefix("missing field `")?.split('`').next()
+}
+
+/// Turns a toml/serde error into one line: line, column, section and key, and what to do.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let msg = e
+        .message()
+        .trim()
+        .replace('\n', " ")
+        .replace("unknown field", "unknown key");
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let (line, col) = line_col(text, span.start);
+    let lines: Vec<&str> = text.lines().collect();
+    let section = lines[..line.min(lines.len())].iter().rev().find_map(|l| {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    });
+    let this = lines.get(line - 1).copied().unwrap_or("");
+    let key = this
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|_| !this.trim_start().starts_with('['));
+    let place = match (&section, &key) {
+        (Some(s), Some(k)) => format!(" [{s}] {k}:"),
+        (Some(s), None) => format!(" [{s}]:"),
+        (None, Some(k)) => format!(" {k}:"),
+        (None, None) => String::new(),
+    };
+    let hint = if let Some(rest) = msg.strip_prefix("invalid type: string ")
+        && (msg.contains("expected u") || msg.contains("expected i"))
+    {
+        let value = rest.split(", expected").next().unwrap_or(rest);
+        let k = key.as_deref().unwrap_or("key");
+        format!(
+            "expected a whole number, found the string {value}: write {k} = {} without quotes",
+            value.trim_matches('"')
+        )
+    } else if let Some(k) = missing_field(&msg) {
+        format!("missing key `{k}` (it has no default)")
+    } else {
+        msg
+    };
+    format!("line {line}, column {col}:{place} {hint}")
 }
 
 #[cfg(test)]

@@ -114,8 +114,14 @@ impl Proxy {
             TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(4096)?;
+        let named = |e: io::Error| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr} (proxy.listen): {e}"),
+            )
+        };
+        socket.bind(addr).map_err(named)?;
+        let listener = socket.listen(4096).map_err(named)?;
 
         let tenants = Arc::new(Tenants::from_config(&config));
         let target = ServerTarget::from_config(&config)
@@ -224,7 +230,34 @@ impl Proxy {
         .await;
         // Every client task holds a clone; when all are gone, `recv` yields None.
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "tenantpool listening");
+        {
+            // One line naming every listener and the file, for whoever reads the log.
+            let listen = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let metrics = shared
+                .config
+                .metrics
+                .as_ref()
+                .map(|m| format!("http://{}/metrics", m.listen))
+                .unwrap_or_else(|| "off".into());
+            let file = shared
+                .live
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(none)".into());
+            tracing::info!(
+                listen = %listen,
+                metrics = %metrics,
+                config = %file,
+                tenants = shared.tenants.len(),
+                pool_mode = %shared.config.proxy.pool_mode,
+                version = env!("CARGO_PKG_VERSION"),
+                "tenantpool {} listening on {listen} (proxy), metrics {metrics}; config {file}",
+                env!("CARGO_PKG_VERSION")
+            );
+        }
         loop {
             tokio::select! {
                 r = listener.accept() => match r {

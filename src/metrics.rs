@@ -322,7 +322,7 @@ impl Metrics {
             .set_buckets(&BUCKETS)
             .map_err(|e| e.to_string())?
             .build()
-            .map_err(|e| format!("metrics exporter on {listen}: {e}"))?;
+            .map_err(|e| format!("cannot listen on {listen} (metrics.listen): {e}"))?;
         tokio::spawn(async move {
             if let Err(e) = exporter.await {
                 tracing::error!(error = ?e, "metrics exporter stopped");

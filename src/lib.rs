@@ -143,7 +143,8 @@ impl Proxy {
                 let addr: SocketAddr = m.listen.parse().map_err(|_| {
                     io::Error::new(io::ErrorKind::InvalidInput, "bad metrics.listen")
                 })?;
-                Metrics::start(addr, &tenants).map_err(io::Error::other)?
+                Metrics::start(addr, &tenants, config.proxy.pool_mode.as_str())
+                    .map_err(io::Error::other)?
             }
             None => Metrics::disabled(&tenants),
         };

@@ -630,6 +630,9 @@ impl<'a> Counts<'a> {
             self.metrics
                 .query_duration
                 .record_many(d.as_secs_f64(), ready as usize);
+            // Counted with the observations, so that the counter and the histogram's
+            // _count agree at every scrape.
+            self.metrics.queries.increment(u64::from(ready));
         }
         self.queries += u64::from(ready);
         if idle > 0 {
@@ -639,6 +642,7 @@ impl<'a> Counts<'a> {
                 self.metrics
                     .transaction_duration
                     .record_many(d.as_secs_f64(), idle as usize);
+                self.metrics.transactions.increment(u64::from(idle));
             }
             self.transactions += u64::from(idle);
             self.transaction_start = more_pending.then_some(now);

@@ -76,10 +76,28 @@ pub struct Shared {
     /// Set when the proxy starts shutting down; `stop` then wakes every idle client.
     pub stopping: AtomicBool,
     pub stop: Notify,
+    /// Set when `shutdown_timeout` ran out; `abort` then wakes every running transaction,
+    /// whose client gets FATAL 57P01 "shutdown timeout reached".
+    pub aborting: AtomicBool,
+    pub abort: Notify,
     /// SHOW STATS' averages over the last `stats_period`.
     pub stats_window: admin::StatsWindow,
     /// Server connection ids below this were open at the last RECONNECT (WAIT_CLOSE).
     pub reconnect_mark: AtomicU64,
+}
+
+impl Shared {
+    /// Completes once `shutdown_timeout` has run out (never before shutdown).
+    pub async fn shutdown_timed_out(&self) {
+        loop {
+            let mut n = std::pin::pin!(self.abort.notified());
+            n.as_mut().enable();
+            if self.aborting.load(Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
+    }
 }
 
 /// A bound, not yet running proxy.
@@ -170,6 +188,8 @@ impl Proxy {
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
             stats_window: Default::default(),
+            aborting: AtomicBool::new(false),
+            abort: Notify::new(),
             reconnect_mark: AtomicU64::new(0),
         });
         Ok(Proxy {
@@ -286,7 +306,17 @@ impl Proxy {
             .await
             .is_err()
         {
-            tracing::warn!("shutdown_timeout reached with clients still running");
+            tracing::warn!(
+                clients = shared.registry.all().len(),
+                "shutdown_timeout reached with clients still running: they get FATAL 57P01 and are dropped"
+            );
+            // Running transactions end with FATAL 57P01 "shutdown timeout reached"; queued
+            // ones get their error from the closed pool. A moment for those messages to go
+            // out, then the process ends regardless.
+            shared.aborting.store(true, Ordering::Release);
+            shared.abort.notify_waiters();
+            shared.pool.close();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), alive_rx.recv()).await;
         }
         shared.pool.close();
         drop(shutdown_tx);

@@ -542,6 +542,8 @@ pub enum RelayEnd {
     /// The client stopped in the middle of a message (or of the data of a COPY) for longer
     /// than `message_timeout`, holding the server connection.
     Stalled,
+    /// `shutdown_timeout` ran out while the transaction (or session) was still running.
+    ShutdownTimeout,
 }
 
 /// What the relay waits for the client to do, when it is the client's turn.

@@ -1787,3 +1787,85 @@ const SOCKET_COLS: [(&str, Ty); 21] = [
     ("age", Ty::Int),
     ("id", Ty::Int),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            "[server]\ndatabase = \"d\"\nuser = \"u\"\n[tenants.acme]\nschema = \"a\"\n\
+             [users.x]\npassword = \"p\"\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn timestamps_as_pgbouncer_writes_them() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_709_251_199);
+        assert_eq!(timestamp(t), "2024-02-29 23:59:59 UTC");
+        assert_eq!(timestamp(SystemTime::UNIX_EPOCH), "1970-01-01 00:00:00 UTC");
+    }
+
+    #[test]
+    fn averages_are_rates_and_times_per_transaction() {
+        let prev = Totals {
+            xact: 10,
+            query: 20,
+            recv: 1000,
+            sent: 2000,
+            xact_us: 100,
+            query_us: 100,
+            wait_us: 0,
+        };
+        let now = Totals {
+            xact: 30,
+            query: 60,
+            recv: 3000,
+            sent: 6000,
+            xact_us: 2100,
+            query_us: 2100,
+            wait_us: 400,
+        };
+        let a = now.average(&prev, 2.0);
+        assert_eq!(
+            a.values(),
+            [10, 20, 1000, 2000, 100, 50, 20],
+            "per second; µs per transaction / query"
+        );
+        assert_eq!(now.average(&now, 2.0), Totals::default());
+    }
+
+    #[test]
+    fn set_takes_file_and_pgbouncer_names() {
+        let mut c = config();
+        assert_eq!(
+            set_key(&mut c, "default_pool_size", "7"),
+            Ok("tenant_defaults.max_server_connections")
+        );
+        assert_eq!(c.tenant_defaults.max_server_connections, 7);
+        set_key(&mut c, "limits.query_wait_timeout", "90").unwrap();
+        assert_eq!(c.limits.query_wait_timeout, Dur::secs(90));
+        set_key(&mut c, "server_idle_timeout", "5m").unwrap();
+        assert_eq!(c.server.idle_timeout, Dur::secs(300));
+        set_key(&mut c, "proxy.stats_users", "a, b").unwrap();
+        assert_eq!(c.proxy.stats_users, ["a", "b"]);
+        let e = set_key(&mut c, "listen", "0.0.0.0:1").unwrap_err();
+        assert!(e.contains("restart"), "{e}");
+        let e = set_key(&mut c, "nope", "1").unwrap_err();
+        assert!(e.contains("unknown config key"), "{e}");
+        assert!(set_key(&mut c, "max_client_conn", "x").is_err());
+    }
+
+    #[test]
+    fn config_rows_use_file_names_and_values() {
+        let rows = config_rows(&config());
+        let get = |k: &str| rows.iter().find(|r| r.0 == k).unwrap().clone();
+        assert_eq!(get("auth_method").1, "scram-sha-256");
+        assert_eq!(get("pool_mode").2, "transaction");
+        assert_eq!(get("server.max_connections").2, "50");
+        assert!(!get("listen").3, "listen needs a restart");
+        assert!(get("limits.query_wait_timeout").3);
+        assert!(rows.iter().all(|r| !r.1.contains("ScramSha")));
+    }
+}

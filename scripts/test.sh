@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against a throwaway PostgreSQL that the tests start themselves.
-# Installs PostgreSQL (server, psql, pgbench), psycopg 3 and asyncpg with apt-get first when missing.
+# Installs PostgreSQL (server, psql, pgbench), psycopg 3, asyncpg and PgBouncer with apt-get first
+# when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +42,16 @@ if ! command -v kubernetes-validate >/dev/null; then
   python3 -m pip install -q kubernetes-validate 2>/dev/null \
     || $SUDO python3 -m pip install -q --break-system-packages kubernetes-validate \
     || echo "warning: kubernetes-validate not installed" >&2
+fi
+
+# PgBouncer (Debian's package): tests/console.rs runs every SHOW command against it and
+# against tenantpool in the same run.
+if [ ! -x /usr/sbin/pgbouncer ]; then
+  echo "installing pgbouncer..."
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq pgbouncer >/dev/null
 fi
 
 # Benches and examples must build; the tests are the library's and tests/ (run last).

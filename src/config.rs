@@ -104,6 +104,29 @@ pub enum ServerTls {
     VerifyFull,
 }
 
+/// The names the config file uses for enum values (`SHOW CONFIG`, messages).
+macro_rules! names {
+    ($ty:ty { $($v:ident => $n:literal),* $(,)? }) => {
+        impl $ty {
+            pub fn as_str(&self) -> &'static str {
+                match self { $(<$ty>::$v => $n),* }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+names!(PoolMode { Transaction => "transaction", Session => "session" });
+names!(AuthMethod { ScramSha256 => "scram-sha-256", Md5 => "md5", Trust => "trust", Cert => "cert" });
+names!(TenantFrom { Database => "database", User => "user", Sni => "sni", Domain => "domain" });
+names!(ResetPathAndRole { WhenChanged => "when_changed", Always => "always" });
+names!(ClientTls { Disable => "disable", Allow => "allow", Prefer => "prefer", Require => "require" });
+names!(ServerTls { Disable => "disable", Prefer => "prefer", Require => "require", VerifyCa => "verify-ca", VerifyFull => "verify-full" });
+names!(LogFormat { Text => "text", Json => "json" });
+
 /// `[proxy]`: the listening side.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -133,6 +156,21 @@ pub struct ProxyConfig {
     pub unix_socket_mode: String,
     /// This instance's id in cancel keys, 1..=16383 (0: no peers).
     pub peer_id: u16,
+    /// Read-only console users: SHOW commands only (PgBouncer's `stats_users`).
+    pub stats_users: Vec<String>,
+    /// "text" (no colour unless stderr is a terminal) or "json" (one object a line).
+    pub log_format: LogFormat,
+    /// A log line of per-tenant rates every `stats_period` (PgBouncer's `log_stats`).
+    pub log_stats: bool,
+    /// The window SHOW STATS' averages (and `log_stats`) cover (PgBouncer's `stats_period`).
+    pub stats_period: Dur,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// What a graceful shutdown (SIGTERM, SIGINT, SHUTDOWN) waits for, as PgBouncer's
@@ -164,11 +202,15 @@ impl Default for ProxyConfig {
             tls_key_file: None,
             tls_client_ca_file: None,
             sni_domain: None,
-            so_reuseport: true,
+            so_reuseport: false,
             shutdown_mode: ShutdownMode::WaitForServers,
             unix_socket_dir: None,
             unix_socket_mode: "0777".into(),
             peer_id: 0,
+            stats_users: Vec::new(),
+            log_format: LogFormat::Text,
+            log_stats: false,
+            stats_period: Dur::secs(60),
         }
     }
 }
@@ -181,7 +223,7 @@ pub struct MetricsConfig {
     pub listen: String,
 }
 
-fn default_metrics_listen() -> String {
+pub fn default_metrics_listen() -> String {
     "127.0.0.1:9930".into()
 }
 
@@ -220,25 +262,25 @@ pub struct ServerConfig {
     pub tls_key_file: Option<String>,
 }
 
-fn default_host() -> String {
+pub fn default_host() -> String {
     "127.0.0.1".into()
 }
-fn default_port() -> u16 {
+pub fn default_port() -> u16 {
     5432
 }
-fn default_max_connections() -> u32 {
+pub fn default_max_connections() -> u32 {
     50
 }
-fn default_min_idle() -> u32 {
+pub fn default_min_idle() -> u32 {
     5
 }
-fn default_connect_timeout() -> Dur {
+pub fn default_connect_timeout() -> Dur {
     Dur::secs(5)
 }
-fn default_idle_timeout() -> Dur {
+pub fn default_idle_timeout() -> Dur {
     Dur::secs(600)
 }
-fn default_lifetime() -> Dur {
+pub fn default_lifetime() -> Dur {
     Dur::secs(3600)
 }
 fn default_server_tls() -> ServerTls {
@@ -319,10 +361,10 @@ pub struct DirectoryConfig {
     pub max_tenants: u32,
 }
 
-fn default_directory_refresh() -> Dur {
+pub fn default_directory_refresh() -> Dur {
     Dur::secs(30)
 }
-fn default_directory_max_tenants() -> u32 {
+pub fn default_directory_max_tenants() -> u32 {
     10_000
 }
 
@@ -462,7 +504,11 @@ impl FromStr for Dur {
         }
         let split = s
             .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .ok_or_else(|| format!("duration \"{s}\" needs a unit (ms, s, m, h)"))?;
+            .ok_or_else(|| {
+                format!(
+                    "duration \"{s}\" needs a unit (ms, s, m, h): write \"{s}s\", or {s} without quotes for seconds"
+                )
+            })?;
         let (num, unit) = s.split_at(split);
         let n: f64 = num.parse().map_err(|_| {
             format!("\"{s}\" is not a duration such as \"250ms\", \"30s\", \"10m\"")
@@ -485,8 +531,37 @@ impl FromStr for Dur {
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a duration such as \"250ms\", \"30s\", \"10m\" (a bare number is seconds)",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dur, E> {
+                s.parse().map_err(E::custom)
+            }
+            // A bare number is seconds, as PgBouncer reads its timeouts.
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Dur, E> {
+                u64::try_from(n)
+                    .ok()
+                    .filter(|&n| n <= 1_000_000_000)
+                    .map(Dur::secs)
+                    .ok_or_else(|| E::custom(format!("duration {n} is out of range")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Dur, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Dur, E> {
+                if n.is_finite() && (0.0..=1e9).contains(&n) {
+                    Ok(Dur(Duration::from_secs_f64(n)))
+                } else {
+                    Err(E::custom(format!("duration {n} is out of range")))
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -531,11 +606,91 @@ impl Config {
     }
 
     /// Parses and validates config text.
+    ///
+    /// Every problem is reported, each with its line, column, section and key: a syntax
+    /// error alone (nothing after it can be trusted), else each key that does not fit (the
+    /// file is read again without it until the rest fits), else what validation finds.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| ConfigError(vec![describe_toml_error(&e)]))?;
-        config.validate()?;
-        Ok(config)
+        if let Err(e) = text.parse::<toml::Table>() {
+            return Err(ConfigError(vec![describe_toml_error(&e, text)]));
+        }
+        let mut work: Vec<String> = text.lines().map(str::to_string).collect();
+        let mut problems = Vec::new();
+        let mut dropped: Vec<String> = Vec::new();
+        for _ in 0..100 {
+            let current = work.join("\n");
+            match toml::from_str::<Config>(&current) {
+                Ok(config) if problems.is_empty() => {
+                    config.validate()?;
+                    return Ok(config);
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    // A key left out because it did not fit is then missing: said already.
+                    if let Some(k) = missing_field(e.message())
+                        && dropped.iter().any(|d| d == k)
+                    {
+                        break;
+                    }
+                    problems.push(describe_toml_error(&e, &current));
+                    let Some(line) = e.span().map(|s| line_col(&current, s.start).0) else {
+                        break;
+                    };
+                    let l = &mut work[line - 1];
+                    if !l.contains('=') || l.trim_start().starts_with('[') {
+                        break;
+                    }
+                    dropped.push(l.split('=').next().unwrap_or("").trim().to_string());
+                    l.clear();
+                }
+            }
+        }
+        Err(ConfigError(problems))
+    }
+
+    /// What `check` and the start-up log warn about: a config that works, but probably
+    /// not as meant.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.proxy.auth_method != AuthMethod::Trust {
+            for (key, list) in [
+                ("admin_users", &self.proxy.admin_users),
+                ("stats_users", &self.proxy.stats_users),
+            ] {
+                for u in list.iter().filter(|u| !self.users.contains_key(*u)) {
+                    w.push(format!(
+                        "proxy.{key}: \"{u}\" has no [users.{u}] entry, so it cannot log in: the admin console is unreachable for it"
+                    ));
+                }
+            }
+        }
+        if self.proxy.auth_method == AuthMethod::Trust
+            && let Ok(addr) = self.proxy.listen.parse::<std::net::SocketAddr>()
+            && !addr.ip().is_loopback()
+        {
+            w.push(format!(
+                "proxy.auth_method = \"trust\" on {}, which is not a loopback address: anyone who reaches it logs in as any user, the admin console included",
+                self.proxy.listen
+            ));
+        }
+        let mut env = |key: String, var: &Option<String>| {
+            if let Some(v) = var
+                && std::env::var(v).is_ok_and(|x| x.is_empty())
+            {
+                w.push(format!("{key}: environment variable {v} is set but empty"));
+            }
+        };
+        env("server.password_env".into(), &self.server.password_env);
+        for (n, u) in &self.users {
+            env(format!("users.{n}.password_env"), &u.password_env);
+        }
+        for (n, t) in &self.tenants {
+            env(
+                format!("tenants.{n}.server_password_env"),
+                &t.server_password_env,
+            );
+        }
+        w
     }
 
     /// The effective server-connection cap of a tenant: its own, else its plan's, else
@@ -727,6 +882,9 @@ impl Config {
     /// Checks everything that parsing alone does not; reports all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
+        if self.proxy.stats_period.0 < Duration::from_secs(1) {
+            p.push("proxy.stats_period: must be at least 1s".into());
+        }
         if self.proxy.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(
                 "proxy.listen: \"{}\" is not an address such as \"0.0.0.0:6432\"",
@@ -1003,6 +1161,7 @@ impl Config {
             "proxy.unix_socket_dir" => proxy.unix_socket_dir;
             "proxy.unix_socket_mode" => proxy.unix_socket_mode;
             "proxy.peer_id" => proxy.peer_id;
+            "proxy.log_format" => proxy.log_format;
             "server.host" => server.host;
             "server.port" => server.port;
             "server.database" => server.database;
@@ -1019,13 +1178,62 @@ impl Config {
     }
 }
 
-/// Turns a toml/serde error into one line naming the key and the position.
-fn describe_toml_error(e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_string();
-    match e.span() {
-        Some(span) => format!("{msg} (at byte {})", span.start),
-        None => msg,
-    }
+/// 1-based line and column of byte `at` in `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// `missing field `x`` -> `x`.
+fn missing_field(msg: &str) -> Option<&str> {
+    msg.strip_prefix("missing field `")?.split('`').next()
+}
+
+/// Turns a toml/serde error into one line: line, column, section and key, and what to do.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let msg = e
+        .message()
+        .trim()
+        .replace('\n', " ")
+        .replace("unknown field", "unknown key");
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let (line, col) = line_col(text, span.start);
+    let lines: Vec<&str> = text.lines().collect();
+    let section = lines[..line.min(lines.len())].iter().rev().find_map(|l| {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    });
+    let this = lines.get(line - 1).copied().unwrap_or("");
+    let key = this
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|_| !this.trim_start().starts_with('['));
+    let place = match (&section, &key) {
+        (Some(s), Some(k)) => format!(" [{s}] {k}:"),
+        (Some(s), None) => format!(" [{s}]:"),
+        (None, Some(k)) => format!(" {k}:"),
+        (None, None) => String::new(),
+    };
+    let hint = if let Some(rest) = msg.strip_prefix("invalid type: string ")
+        && (msg.contains("expected u") || msg.contains("expected i"))
+    {
+        let value = rest.split(", expected").next().unwrap_or(rest);
+        let k = key.as_deref().unwrap_or("key");
+        format!(
+            "expected a whole number, found the string {value}: write {k} = {} without quotes",
+            value.trim_matches('"')
+        )
+    } else if let Some(k) = missing_field(&msg) {
+        format!("missing key `{k}` (it has no default)")
+    } else {
+        msg
+    };
+    format!("line {line}, column {col}:{place} {hint}")
 }
 
 #[cfg(test)]

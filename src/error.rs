@@ -230,6 +230,15 @@ impl PgError {
         )
     }
 
+    /// Still running a transaction when `shutdown_timeout` ran out: the client is dropped
+    /// with this reason.
+    pub fn shutdown_timeout() -> PgError {
+        PgError::fatal(
+            "57P01",
+            "terminating connection: shutdown timeout reached (tenantpool is shutting down)",
+        )
+    }
+
     /// Idle inside a transaction longer than `idle_transaction_timeout`: FATAL 25P03, as
     /// PostgreSQL's own idle_in_transaction_session_timeout.
     pub fn idle_in_transaction_timeout() -> PgError {

@@ -72,8 +72,12 @@ pub fn bind(listen: &str, reuseport: bool) -> std::io::Result<TcpListener> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad metrics.listen"))?;
-    crate::listener::tcp_listener(addr, reuseport, 128)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("metrics listener on {addr}: {e}")))
+    crate::listener::tcp_listener(addr, reuseport, 128).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} (metrics.listen): {e}"),
+        )
+    })
 }
 
 /// Serves the listener until the runtime ends.

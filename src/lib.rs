@@ -81,6 +81,28 @@ pub struct Shared {
     pub stop: Notify,
     /// What `/readyz` reports beyond the pool (see [`health`]).
     pub health: health::State,
+    /// Set when `shutdown_timeout` ran out; `abort` then wakes every running transaction,
+    /// whose client gets FATAL 57P01 "shutdown timeout reached".
+    pub aborting: AtomicBool,
+    pub abort: Notify,
+    /// SHOW STATS' averages over the last `stats_period`.
+    pub stats_window: admin::StatsWindow,
+    /// Server connection ids below this were open at the last RECONNECT (WAIT_CLOSE).
+    pub reconnect_mark: AtomicU64,
+}
+
+impl Shared {
+    /// Completes once `shutdown_timeout` has run out (never before shutdown).
+    pub async fn shutdown_timed_out(&self) {
+        loop {
+            let mut n = std::pin::pin!(self.abort.notified());
+            n.as_mut().enable();
+            if self.aborting.load(Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
+    }
 }
 
 /// A bound, not yet running proxy.
@@ -123,7 +145,8 @@ impl Proxy {
         let users = UserDb::from_config(&config);
         let (metrics, http) = match &config.metrics {
             Some(m) => (
-                Metrics::start(&tenants).map_err(io::Error::other)?,
+                Metrics::start(&tenants, config.proxy.pool_mode.as_str())
+                    .map_err(io::Error::other)?,
                 Some(health::bind(&m.listen, config.proxy.so_reuseport)?),
             ),
             None => (Metrics::disabled(&tenants), None),
@@ -151,6 +174,10 @@ impl Proxy {
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
             health: Default::default(),
+            stats_window: Default::default(),
+            aborting: AtomicBool::new(false),
+            abort: Notify::new(),
+            reconnect_mark: AtomicU64::new(0),
         });
         if let Some(http) = http {
             tokio::spawn(health::serve(http, shared.clone()));
@@ -196,6 +223,7 @@ impl Proxy {
                 tracing::warn!("{w}");
             }
         });
+        tokio::spawn(admin::run_stats(shared.clone()));
         tokio::spawn(
             shared
                 .metrics
@@ -213,11 +241,39 @@ impl Proxy {
         .await;
         // Every client task holds a clone; when all are gone, `recv` yields None.
         let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-        tracing::info!(
-            listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            unix_socket = %listener.unix_path().map(|p| p.display().to_string()).unwrap_or_default(),
-            "tenantpool listening"
-        );
+        {
+            // One line naming every listener and the file, for whoever reads the log.
+            let listen = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let metrics = shared
+                .config
+                .metrics
+                .as_ref()
+                .map(|m| format!("http://{}/metrics", m.listen))
+                .unwrap_or_else(|| "off".into());
+            let file = shared
+                .live
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(none)".into());
+            let unix = listener
+                .unix_path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "off".into());
+            tracing::info!(
+                listen = %listen,
+                unix_socket = %unix,
+                metrics = %metrics,
+                config = %file,
+                tenants = shared.tenants.len(),
+                pool_mode = %shared.config.proxy.pool_mode,
+                version = env!("CARGO_PKG_VERSION"),
+                "tenantpool {} listening on {listen} (proxy), unix socket {unix}, metrics {metrics}; config {file}",
+                env!("CARGO_PKG_VERSION")
+            );
+        }
         shared.health.set_accepting(true);
         loop {
             tokio::select! {
@@ -268,13 +324,21 @@ impl Proxy {
             .await
             .is_err()
         {
-            tracing::warn!("shutdown_timeout reached with clients still running");
+            tracing::warn!(
+                clients = shared.registry.all().len(),
+                "shutdown_timeout reached with clients still running: they get FATAL 57P01 and are dropped"
+            );
+            // Running transactions end with FATAL 57P01 "shutdown timeout reached"; queued
+            // ones get their error from the closed pool. A moment for those messages to go
+            // out, then the process ends regardless.
             if mode == config::ShutdownMode::WaitForClients {
                 // Idle clients are told (57P01) rather than cut off.
                 tell_idle_clients();
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(1), alive_rx.recv()).await;
             }
+            shared.aborting.store(true, Ordering::Release);
+            shared.abort.notify_waiters();
+            shared.pool.close();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), alive_rx.recv()).await;
         }
         shared.pool.close();
         drop(shutdown_tx);

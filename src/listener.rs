@@ -66,7 +66,12 @@ impl Listeners {
             .listen
             .parse()
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad proxy.listen"))?;
-        let tcp = tcp_listener(addr, proxy.so_reuseport, 4096)?;
+        let tcp = tcp_listener(addr, proxy.so_reuseport, 4096).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr} (proxy.listen): {e}"),
+            )
+        })?;
         let unix = match &proxy.unix_socket_dir {
             Some(dir) => {
                 let mode = parse_mode(&proxy.unix_socket_mode).map_err(|e| {

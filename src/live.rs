@@ -76,7 +76,7 @@ impl Live {
         *self.path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.into());
     }
 
-    fn path(&self) -> Option<PathBuf> {
+    pub fn path(&self) -> Option<PathBuf> {
         self.path.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 

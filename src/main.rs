@@ -30,8 +30,38 @@ enum Command {
     Check,
 }
 
+/// "1 tenant", "2 tenants".
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Parses the command line; a bare file name (`tenantpool file.toml`) gets a hint.
+fn parse_cli() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::InvalidSubcommand | ErrorKind::UnknownArgument
+            ) && let Some(arg) = std::env::args()
+                .skip(1)
+                .find(|a| !a.starts_with('-') && a != "check")
+            {
+                eprintln!(
+                    "tenantpool: unexpected argument '{arg}'\n  \
+                     to run the proxy with this config: tenantpool --config {arg}\n  \
+                     to check it:                       tenantpool check --config {arg}"
+                );
+                std::process::exit(2);
+            }
+            e.exit()
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let Some(path) = cli.config else {
         eprintln!("tenantpool: no config file: give --config FILE or set TENANTPOOL_CONFIG");
         return ExitCode::from(2);
@@ -48,11 +78,14 @@ fn main() -> ExitCode {
     };
     if let Some(Command::Check) = cli.command {
         println!(
-            "{}: ok ({} tenants, {} users)",
+            "{}: ok ({}, {})",
             path.display(),
-            config.tenants.len(),
-            config.users.len()
+            count(config.tenants.len(), "tenant"),
+            count(config.users.len(), "user")
         );
+        for w in config.warnings() {
+            println!("warning: {w}");
+        }
         // The server roles, as far as the server can be reached: warnings, not problems.
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -65,12 +98,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logging(config.proxy.log_format);
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
 
     let workers = cli.workers.unwrap_or_else(default_workers).max(1);
     // One worker runs everything on one thread, as PgBouncer does: no cross-thread wakeups.
@@ -93,7 +124,7 @@ fn main() -> ExitCode {
         let proxy = match Proxy::bind(config).await {
             Ok(p) => p,
             Err(e) => {
-                eprintln!("tenantpool: cannot listen: {e}");
+                eprintln!("tenantpool: cannot start: {e}");
                 return ExitCode::from(1);
             }
         };
@@ -108,6 +139,27 @@ fn main() -> ExitCode {
         proxy.run().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Logs on stderr: plain text (colours only when stderr is a terminal), or one JSON
+/// object a line. `RUST_LOG` sets the filter (default `info`).
+fn init_logging(format: tenantpool::config::LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        tenantpool::config::LogFormat::Json => builder
+            .json()
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        tenantpool::config::LogFormat::Text => {
+            builder.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+    }
 }
 
 /// One worker thread per four CPUs: on small hosts the proxy shares the CPUs with

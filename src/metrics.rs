@@ -32,7 +32,48 @@ pub const REJECT_REASONS: [&str; 4] = [
 ];
 
 /// Name, kind (counter, gauge, histogram) and help text of every series.
-const HELP: [(&str, char, &str); 19] = [
+const HELP: [(&str, char, &str); 28] = [
+    (
+        "tenantpool_build_info",
+        'g',
+        "Always 1; the labels say which tenantpool runs (version, pool_mode).",
+    ),
+    (
+        "tenantpool_server_max_connections",
+        'g',
+        "server.max_connections in force: server connections for all tenants together.",
+    ),
+    (
+        "tenantpool_paused_tenants",
+        'g',
+        "Tenants paused now (PAUSE, KILL; all of them after PAUSE without a tenant).",
+    ),
+    (
+        "tenantpool_tenant_paused",
+        'g',
+        "1 while the tenant is paused (PAUSE, KILL), else 0.",
+    ),
+    (
+        "process_cpu_seconds_total",
+        'c',
+        "User and system CPU time of the process, in whole seconds.",
+    ),
+    (
+        "process_resident_memory_bytes",
+        'g',
+        "Resident memory of the process.",
+    ),
+    ("process_open_fds", 'g', "Open file descriptors."),
+    (
+        "process_max_fds",
+        'g',
+        "The limit on open file descriptors.",
+    ),
+    (
+        "process_start_time_seconds",
+        'g',
+        "Unix time the process started.",
+    ),
     (
         "tenantpool_config_reloads_total",
         'c',
@@ -130,6 +171,81 @@ const HELP: [(&str, char, &str); 19] = [
     ),
 ];
 
+/// The process's own numbers, from /proc/self (Linux; elsewhere they stay 0).
+struct ProcessMetrics {
+    cpu: Counter,
+    rss: Gauge,
+    fds: Gauge,
+    max_fds: Gauge,
+}
+
+impl ProcessMetrics {
+    fn new(r: Option<&PrometheusRecorder>) -> ProcessMetrics {
+        let gauge = |name| match r {
+            Some(r) => r.register_gauge(&key(name, &[]), &META),
+            None => Gauge::noop(),
+        };
+        let p = ProcessMetrics {
+            cpu: match r {
+                Some(r) => r.register_counter(&key("process_cpu_seconds_total", &[]), &META),
+                None => Counter::noop(),
+            },
+            rss: gauge("process_resident_memory_bytes"),
+            fds: gauge("process_open_fds"),
+            max_fds: gauge("process_max_fds"),
+        };
+        gauge("process_start_time_seconds").set(start_time().unwrap_or(0.0));
+        p
+    }
+
+    fn refresh(&self) {
+        let (rss, fds) = crate::admin::process_usage();
+        self.rss.set(rss as f64);
+        self.fds.set(fds as f64);
+        if let Some(ticks) = stat_fields()
+            .and_then(|f| Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?))
+        {
+            self.cpu.absolute(ticks / CLOCK_TICKS);
+        }
+        if let Some(n) = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find(|l| l.starts_with("Max open files"))?
+                    .split_whitespace()
+                    .nth(3)?
+                    .parse::<f64>()
+                    .ok()
+            })
+        {
+            self.max_fds.set(n);
+        }
+    }
+}
+
+/// USER_HZ: the unit of /proc times (100 on Linux's common configurations).
+const CLOCK_TICKS: u64 = 100;
+
+/// The fields of /proc/self/stat after the command name (field 3 on).
+fn stat_fields() -> Option<Vec<String>> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// When the process started, Unix seconds: boot time plus its start in ticks.
+fn start_time() -> Option<f64> {
+    let ticks: f64 = stat_fields()?.get(19)?.parse().ok()?;
+    let btime: f64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(btime + ticks / CLOCK_TICKS as f64)
+}
+
 /// One tenant's handles.
 pub struct TenantMetrics {
     pub clients_active: Gauge,
@@ -146,6 +262,7 @@ pub struct TenantMetrics {
     pub rejected: [Counter; 4],
     pub bytes_in: Counter,
     pub bytes_out: Counter,
+    pub paused: Gauge,
 }
 
 /// The handles of every tenant since start, by tenant id (`metrics.tenants[id]`). Grows when
@@ -193,6 +310,9 @@ pub struct Metrics {
     connects_ok: Counter,
     connects_error: Counter,
     switches: Counter,
+    max_connections: Gauge,
+    paused_tenants: Gauge,
+    process: ProcessMetrics,
     /// Keeps the recorder (and so the series) alive.
     recorder: Option<Arc<PrometheusRecorder>>,
 }
@@ -257,6 +377,7 @@ fn tenant_metrics(r: Option<&PrometheusRecorder>, t: &Tenant) -> TenantMetrics {
             "tenantpool_bytes_total",
             &[("tenant", n), ("direction", "out")],
         ),
+        paused: gauge("tenantpool_tenant_paused", &[("tenant", n)]),
     };
     m.max_server.set(t.max_server() as f64);
     m
@@ -310,13 +431,16 @@ impl Metrics {
             connects_ok: Counter::noop(),
             connects_error: Counter::noop(),
             switches: Counter::noop(),
+            max_connections: Gauge::noop(),
+            paused_tenants: Gauge::noop(),
+            process: ProcessMetrics::new(None),
             recorder: None,
         }
     }
 
     /// Builds the recorder (rendered by [`crate::health`]'s HTTP server at GET /metrics)
     /// and registers every series. Must run inside the tokio runtime.
-    pub fn start(tenants: &Tenants) -> Result<Metrics, String> {
+    pub fn start(tenants: &Tenants, pool_mode: &str) -> Result<Metrics, String> {
         let recorder = PrometheusBuilder::new()
             .set_buckets(&BUCKETS)
             .map_err(|e| e.to_string())?
@@ -358,8 +482,19 @@ impl Metrics {
             connects_ok: counter("tenantpool_server_connects_total", &[("result", "ok")]),
             connects_error: counter("tenantpool_server_connects_total", &[("result", "error")]),
             switches: counter("tenantpool_search_path_switches_total", &[]),
+            max_connections: gauge("tenantpool_server_max_connections", &[]),
+            paused_tenants: gauge("tenantpool_paused_tenants", &[]),
+            process: ProcessMetrics::new(Some(r)),
             recorder: None,
         };
+        gauge(
+            "tenantpool_build_info",
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("pool_mode", pool_mode),
+            ],
+        )
+        .set(1.0);
         Ok(Metrics {
             recorder: Some(Arc::new(recorder)),
             ..metrics
@@ -399,6 +534,16 @@ impl Metrics {
             return;
         }
         let snap = pool.snapshot();
+        let paused = &snap.paused;
+        self.paused_tenants.set(
+            tenants
+                .iter()
+                .filter(|t| paused.get(t.id as usize).copied().unwrap_or(false))
+                .count() as f64,
+        );
+        self.max_connections
+            .set(pool.settings().max_connections as f64);
+        self.process.refresh();
         for t in tenants.iter_all() {
             if t.id as usize >= self.tenants.len() {
                 break;
@@ -420,9 +565,12 @@ impl Metrics {
                 .set(clients.saturating_sub(active + waiting) as f64);
             m.server_in_use
                 .set(snap.in_use.get(t.id as usize).copied().unwrap_or(0) as f64);
-            m.transactions
-                .absolute(s.transactions.load(Ordering::Relaxed));
-            m.queries.absolute(s.queries.load(Ordering::Relaxed));
+            m.paused
+                .set(if paused.get(t.id as usize).copied().unwrap_or(false) {
+                    1.0
+                } else {
+                    0.0
+                });
             m.wait_timeouts
                 .absolute(s.wait_timeouts.load(Ordering::Relaxed));
             m.bytes_in.absolute(s.bytes_in.load(Ordering::Relaxed));

@@ -146,6 +146,10 @@ struct State {
     /// PAUSE: everything, or per tenant. Paused tenants' transactions wait.
     paused_all: bool,
     paused: Vec<bool>,
+    /// RECONNECT: connections with an id below this (all, or those a tenant gives back)
+    /// are closed instead of going back to the pool.
+    reconnect_all: u64,
+    reconnect: Vec<u64>,
     next_waiter: u64,
     down: Option<Down>,
     /// Per login: PostgreSQL refuses it more connections (53300 at login: the role's
@@ -239,6 +243,8 @@ impl Pool {
                 probing: false,
                 paused_all: false,
                 paused: vec![false; n],
+                reconnect_all: 0,
+                reconnect: vec![0; n],
                 next_waiter: 0,
                 down: None,
                 full: (0..target.logins.len()).map(|_| None).collect(),
@@ -273,6 +279,7 @@ impl Pool {
             st.queues.resize_with(ids, VecDeque::new);
             st.served.resize(ids, 0);
             st.paused.resize(ids, false);
+            st.reconnect.resize(ids, 0);
         }
     }
 
@@ -916,7 +923,12 @@ impl Pool {
         let expired = now.duration_since(conn.created) >= pool.settings.load().lifetime;
         if clean && !expired {
             let mut st = pool.lock();
-            if !st.closed {
+            let doomed = conn.id < st.reconnect_all
+                || st
+                    .reconnect
+                    .get(tenant as usize)
+                    .is_some_and(|&m| conn.id < m);
+            if !st.closed && !doomed {
                 st.in_use[tenant as usize] -= 1;
                 slot.held = false;
                 conn.idle_since = now;
@@ -1173,6 +1185,47 @@ impl Pool {
                 break;
             }
         }
+    }
+
+    /// Whether PAUSE (of `tenant`, or of everything) is in force: the flag that RESUME of
+    /// the same argument lifts.
+    pub fn is_paused(&self, tenant: Option<TenantId>) -> bool {
+        let st = self.lock();
+        match tenant {
+            Some(t) => st.paused.get(t as usize).copied().unwrap_or(false),
+            None => st.paused_all || st.paused.iter().any(|&p| p),
+        }
+    }
+
+    /// RECONNECT: every server connection open now (or those `tenant` uses) is closed
+    /// when it is next given back, and idle ones at once. Returns the mark to give
+    /// [`Pool::old_idle`] (connection ids below it are the old ones).
+    pub fn reconnect(&self, tenant: Option<TenantId>) -> u64 {
+        let mark = crate::server::next_server_id();
+        let mut st = self.lock();
+        match tenant {
+            Some(t) => {
+                if let Some(m) = st.reconnect.get_mut(t as usize) {
+                    *m = mark;
+                }
+            }
+            None => st.reconnect_all = mark,
+        }
+        let (keep, close): (Vec<_>, Vec<_>) = std::mem::take(&mut st.idle)
+            .into_iter()
+            .partition(|c| c.id >= mark || tenant.is_some_and(|t| c.state.tenant() != Some(t)));
+        st.idle = keep;
+        st.retiring.extend(close);
+        mark
+    }
+
+    /// Is an idle connection (of `tenant`, or any) older than `mark` still in the pool?
+    pub fn old_idle(&self, tenant: Option<TenantId>, mark: u64) -> bool {
+        let st = self.lock();
+        st.idle
+            .iter()
+            .any(|c| c.id < mark && tenant.is_none_or(|t| c.state.tenant() == Some(t)))
+            || st.closing > 0
     }
 
     /// Closes the idle connections carrying `tenant`'s search_path (KILL).

@@ -38,6 +38,8 @@ pub struct ClientSlot {
     /// uses (as of its last transaction), for SHOW CLIENTS/SERVERS.
     pub prepared: AtomicU32,
     pub server_prepared: AtomicU32,
+    /// The id of the server connection it holds (while `server()` is some).
+    pub server_conn: AtomicU64,
 }
 
 impl ClientSlot {
@@ -95,6 +97,7 @@ impl ClientRegistry {
                     killed: AtomicBool::new(false),
                     prepared: AtomicU32::new(0),
                     server_prepared: AtomicU32::new(0),
+                    server_conn: AtomicU64::new(0),
                 });
                 v.insert(slot.clone());
                 return slot;

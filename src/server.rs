@@ -586,6 +586,11 @@ const TERMINATE: &[u8] = b"X\0\0\0\x04";
 const CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 /// Sends a CancelRequest for a server backend over a short new connection.
+/// The id the next server connection gets: connections opened before now have lower ones.
+pub fn next_server_id() -> u64 {
+    NEXT_SERVER_ID.load(Ordering::Relaxed)
+}
+
 pub async fn send_cancel(target: &ServerTarget, pid: i32, secret: i32) -> io::Result<()> {
     // Over TLS too when the server is reached that way (it may refuse plain TCP).
     let mut stream = tokio::time::timeout(target.connect_timeout, target.open())

@@ -83,6 +83,8 @@ pub struct Tenant {
     spec: ArcSwap<Spec>,
     /// Client connections open now.
     pub clients: AtomicU32,
+    /// DISABLE: new logins are refused until ENABLE.
+    pub disabled: AtomicBool,
     /// Running totals and current counts, for metrics and the admin console.
     pub stats: TenantStats,
 }
@@ -367,6 +369,7 @@ impl Tenants {
                         gone: AtomicBool::new(false),
                         spec: ArcSwap::from_pointee(Spec::new(&def, search_path_template, None)),
                         clients: AtomicU32::new(0),
+                        disabled: AtomicBool::new(false),
                         stats: TenantStats::default(),
                     }));
                     names.insert(def.name.clone(), id);

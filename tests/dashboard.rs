@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{CONTRACT_METRICS, LIVE_METRICS};
+use common::{CONTRACT_METRICS, LIVE_METRICS, OPS_METRICS};
 
 fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
     match v {
@@ -21,11 +21,15 @@ fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
-/// Identifiers that look like tenantpool metric names.
+/// Identifiers that look like tenantpool (or process) metric names.
 fn metric_names(expr: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut rest = expr;
-    while let Some(i) = rest.find("tenantpool_") {
+    while let Some(i) = [rest.find("tenantpool_"), rest.find("process_")]
+        .into_iter()
+        .flatten()
+        .min()
+    {
         let tail = &rest[i..];
         let end = tail
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -62,7 +66,9 @@ fn dashboard_queries_name_exported_metrics() {
                 .unwrap_or(&n)
                 .to_string();
             assert!(
-                CONTRACT_METRICS.contains(&base.as_str()) || LIVE_METRICS.contains(&base.as_str()),
+                CONTRACT_METRICS.contains(&base.as_str())
+                    || LIVE_METRICS.contains(&base.as_str())
+                    || OPS_METRICS.contains(&base.as_str()),
                 "unknown metric {n} in {e}"
             );
             if n.ends_with("_bucket") {
@@ -89,6 +95,33 @@ fn dashboard_queries_name_exported_metrics() {
     ] {
         assert!(used.contains(m), "the dashboard does not show {m}");
     }
+    // Several proxies are told apart: an instance variable that every query honours, and
+    // max_connections read from each proxy rather than a dashboard constant.
+    let vars: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert!(vars.contains(&"instance"), "{vars:?}");
+    assert!(!vars.contains(&"max_connections"), "{vars:?}");
+    for e in &all {
+        assert!(
+            e.contains("instance=~\"$instance\""),
+            "not scoped to $instance: {e}"
+        );
+        assert!(!e.contains("vector("), "a constant in {e}");
+    }
+    assert!(used.contains("tenantpool_server_max_connections"));
+    // The per-tenant row: top-N by wait time and by transactions.
+    assert!(
+        all.iter()
+            .any(|e| e.starts_with("topk(") && e.contains("tenantpool_wait_duration_seconds"))
+    );
+    assert!(
+        all.iter()
+            .any(|e| e.starts_with("topk(") && e.contains("tenantpool_transactions_total"))
+    );
     // Provisioning points at the file the compose file mounts.
     let compose = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -300,7 +300,7 @@ async fn rolling_restart_of_two_binaries_on_one_port_loses_and_doubles_nothing()
         db.config_text(
             6,
             &format!(
-                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"30s\"\n\
+                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"30s\"\nso_reuseport = true\n\
                  [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
             ),
         )

@@ -782,3 +782,41 @@ async fn console_shutdown_exits_promptly() {
     );
     proxy.stop();
 }
+
+/// When shutdown_timeout runs out, every client still in a transaction, or queued for a
+/// server connection, gets FATAL 57P01 "shutdown timeout reached" before it is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_dropped_at_shutdown_timeout_get_a_fatal() {
+    let db = TestDb::create("shutdown_timeout", &["acme"]).await;
+    let proxy = Proxy::start(db.config(1, "[proxy]\nshutdown_timeout = \"1s\""));
+    let busy = proxy.connect("acme").await;
+    let queued = proxy.connect("acme").await;
+    let running = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = tokio::spawn(async move { queued.simple_query("SELECT 1").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    proxy.shutdown();
+    for (what, task) in [("running", running), ("queued", waiting)] {
+        let e = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer"))
+            .unwrap()
+            .expect_err(what);
+        let db = e
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{what}: no error message: {e}"));
+        assert_eq!(db.code().code(), "57P01", "{what}: {db:?}");
+        assert_eq!(db.severity(), "FATAL", "{what}");
+        assert!(
+            db.message().contains("shutdown timeout reached"),
+            "{what}: {}",
+            db.message()
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before shutdown_timeout"
+    );
+    assert!(proxy.stopped_within(Duration::from_secs(5)).await);
+}

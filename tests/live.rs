@@ -35,11 +35,11 @@ fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// SHOW CONFIG as key -> (value, changeable).
+/// SHOW CONFIG (key, value, default, changeable) as key -> (value, changeable).
 async fn show_config(console: &tokio_postgres::Client) -> HashMap<String, (String, String)> {
     rows(&console.simple_query("SHOW CONFIG").await.unwrap())
         .into_iter()
-        .map(|r| (r[0].clone(), (r[1].clone(), r[2].clone())))
+        .map(|r| (r[0].clone(), (r[1].clone(), r[3].clone())))
         .collect()
 }
 
@@ -240,7 +240,7 @@ async fn reload_under_load() {
     );
     let cfg = show_config(&admin).await;
     assert_eq!(
-        cfg["query_wait_timeout"],
+        cfg["limits.query_wait_timeout"],
         ("77s".to_string(), "yes".to_string())
     );
     assert_eq!(cfg["listen"].1, "no");
@@ -292,7 +292,10 @@ async fn reload_under_load() {
         try_connect(port, "c", "new-secret").await.err().as_deref(),
         Some("3D000")
     );
-    assert_eq!(show_config(&admin).await["query_wait_timeout"].0, "77s");
+    assert_eq!(
+        show_config(&admin).await["limits.query_wait_timeout"].0,
+        "77s"
+    );
     d.simple_query("SELECT 1").await.unwrap();
 
     stop.store(true, Ordering::Relaxed);

@@ -218,11 +218,11 @@ async fn a_tenant_with_its_own_login_is_confined_by_postgresql() {
     ))
     .await;
     let servers = rows(&console.simple_query("SHOW SERVERS").await.unwrap());
-    // type, user, database, state, addr, port, remote_pid, ...
+    // PgBouncer's columns: type, user, database, ..., remote_pid (the 16th), ...
     let server = |pid: &str| {
         servers
             .iter()
-            .find(|r| r[6] == pid)
+            .find(|r| r[15] == pid)
             .unwrap_or_else(|| panic!("no server {pid} in {servers:?}"))
             .clone()
     };

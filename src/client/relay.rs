@@ -542,6 +542,8 @@ pub enum RelayEnd {
     /// The client stopped in the middle of a message (or of the data of a COPY) for longer
     /// than `message_timeout`, holding the server connection.
     Stalled,
+    /// `shutdown_timeout` ran out while the transaction (or session) was still running.
+    ShutdownTimeout,
 }
 
 /// What the relay waits for the client to do, when it is the client's turn.
@@ -630,6 +632,9 @@ impl<'a> Counts<'a> {
             self.metrics
                 .query_duration
                 .record_many(d.as_secs_f64(), ready as usize);
+            // Counted with the observations, so that the counter and the histogram's
+            // _count agree at every scrape.
+            self.metrics.queries.increment(u64::from(ready));
         }
         self.queries += u64::from(ready);
         if idle > 0 {
@@ -639,6 +644,7 @@ impl<'a> Counts<'a> {
                 self.metrics
                     .transaction_duration
                     .record_many(d.as_secs_f64(), idle as usize);
+                self.metrics.transactions.increment(u64::from(idle));
             }
             self.transactions += u64::from(idle);
             self.transaction_start = more_pending.then_some(now);

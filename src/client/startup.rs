@@ -320,7 +320,8 @@ pub async fn admit(
     };
 
     if ADMIN_DATABASES.contains(&tenant_name.as_str()) {
-        if !shared.live.config().proxy.admin_users.contains(&user_name) {
+        let c = shared.live.config();
+        if !c.proxy.admin_users.contains(&user_name) && !c.proxy.stats_users.contains(&user_name) {
             return Err(PgError::not_allowed(&user_name, "the admin console"));
         }
         return Ok(Admitted {
@@ -333,6 +334,15 @@ pub async fn admit(
         .tenants
         .lookup(&tenant_name)
         .ok_or_else(|| PgError::unknown_tenant(&tenant_name))?;
+    if tenant.disabled.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(PgError::fatal(
+            "55000",
+            format!(
+                "tenant \"{}\" is not currently accepting connections (DISABLE on the admin console)",
+                tenant.name
+            ),
+        ));
+    }
     if let Some(u) = user
         && !u.may_open(&tenant.name)
     {

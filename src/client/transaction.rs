@@ -134,7 +134,14 @@ impl Session {
         let session_mode = shared.config.proxy.pool_mode == PoolMode::Session;
         let mut conn = match self.take_held()? {
             Some(conn) => conn,
-            None => match self.checkout(&shared).await? {
+            // Checkouts are cancel-safe: one still queued when shutdown_timeout runs out
+            // gives its place back.
+            None => match tokio::select! {
+                biased;
+                // First: the closed pool fails queued checkouts right after the timeout.
+                () = shared.shutdown_timed_out() => return Err(PgError::shutdown_timeout()),
+                r = self.checkout(&shared) => r?,
+            } {
                 Ok(Some(c)) => c,
                 // The client went away while queued: nothing of its batch ran.
                 Ok(None) => return Ok(false),
@@ -165,6 +172,10 @@ impl Session {
         self.reg
             .client
             .attach(conn.backend_pid, conn.backend_secret);
+        self.reg
+            .client
+            .server_conn
+            .store(conn.id, Ordering::Relaxed);
         self.reg
             .client
             .server_prepared
@@ -224,7 +235,11 @@ impl Session {
         };
         stats.active.fetch_add(1, Ordering::Relaxed);
         self.reg.client.state.store(STATE_ACTIVE, Ordering::Relaxed);
-        let end = relay.run().await;
+        let end = tokio::select! {
+            biased;
+            end = relay.run() => end,
+            () = shared.shutdown_timed_out() => RelayEnd::ShutdownTimeout,
+        };
         stats.active.fetch_sub(1, Ordering::Relaxed);
         self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
         relay.counts.flush(stats);
@@ -345,6 +360,11 @@ impl Session {
             RelayEnd::Stalled => {
                 tracing::warn!(client = %self.reg.client.addr, "client stalled in the middle of a message; disconnected");
                 Err(PgError::message_timeout())
+            }
+            RelayEnd::ShutdownTimeout => {
+                // The server connection is closed (its transaction rolls back with it).
+                drop(conn);
+                Err(PgError::shutdown_timeout())
             }
             RelayEnd::IdleInTransaction => {
                 // Roll the server connection back so it can serve others, then end the client.

@@ -1008,3 +1008,16 @@ pub const LIVE_METRICS: [&str; 5] = [
     "tenantpool_directory_tenants",
     "tenantpool_directory_last_refresh_timestamp_seconds",
 ];
+
+/// Metrics for operations beyond the contract: build, process, pool sizing, pauses.
+pub const OPS_METRICS: [&str; 9] = [
+    "tenantpool_build_info",
+    "tenantpool_server_max_connections",
+    "tenantpool_paused_tenants",
+    "tenantpool_tenant_paused",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+];

@@ -10,8 +10,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_postgres::SimpleQueryMessage;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -87,20 +85,6 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
-
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("").to_string())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
-
 /// SHOW TENANTS's max_server_connections of `tenant`, if listed.
 async fn cap_of(console: &tokio_postgres::Client, tenant: &str) -> Option<String> {
     rows(&console.simple_query("SHOW TENANTS").await.unwrap())
@@ -108,26 +92,6 @@ async fn cap_of(console: &tokio_postgres::Client, tenant: &str) -> Option<String
         .find(|r| r[0] == tenant)
         .map(|r| r[2].clone())
 }
-
-async fn scrape(port: u16) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// INSERT + NOTIFY: the tenant logs in; UPDATE active = false: refused, and its connected
 /// client ends; UPDATE plan_type: caps change; settings from the column; a name in both
 /// the TOML and the table stays the TOML's. The refresh interval is long, so NOTIFY is

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::SimpleQueryMessage;
 
 const ADMIN: &str = "[users.admin]\npassword = \"admin-secret\"\ntenants = []\n";
@@ -21,20 +20,6 @@ async fn console(port: u16) -> tokio_postgres::Client {
     ))
     .await
 }
-
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("").to_string())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
-
 /// SHOW CONFIG (key, value, default, changeable) as key -> (value, changeable).
 async fn show_config(console: &tokio_postgres::Client) -> HashMap<String, (String, String)> {
     rows(&console.simple_query("SHOW CONFIG").await.unwrap())
@@ -42,26 +27,6 @@ async fn show_config(console: &tokio_postgres::Client) -> HashMap<String, (Strin
         .map(|r| (r[0].clone(), (r[1].clone(), r[3].clone())))
         .collect()
 }
-
-async fn scrape(port: u16) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Removes `[tenants.NAME]` and its keys from config text.
 fn without_tenant(text: &str, name: &str) -> String {
     let header = format!("[tenants.{name}]");

@@ -13,20 +13,6 @@ use common::*;
 use tokio_postgres::SimpleQueryMessage;
 
 const ADMIN_PASSWORD: &str = "admin-secret";
-
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("").to_string())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
-
 fn first(msgs: &[SimpleQueryMessage]) -> String {
     rows(msgs)
         .first()

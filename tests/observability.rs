@@ -5,32 +5,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::SimpleQueryMessage;
 
 const ADMIN_PASSWORD: &str = "admin-secret";
-
-async fn scrape(port: u16) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-/// The value of one series (`name{labels}` exactly as rendered), if present.
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// Scrapes until `series` has `want`, for up to 10 s (the exporter refreshes every 500 ms).
+/// The value of one series (`name{labels}` exactly as rendered), if present./// Scrapes until `series` has `want`, for up to 10 s (the exporter refreshes every 500 ms).
 async fn wait_for(port: u16, series: &str, want: f64) -> String {
     let mut text = String::new();
     for _ in 0..100 {
@@ -42,20 +20,6 @@ async fn wait_for(port: u16, series: &str, want: f64) -> String {
     }
     panic!("{series} never became {want}; last scrape:\n{text}");
 }
-
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or("").to_string())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
-
 fn columns(msgs: &[SimpleQueryMessage]) -> Vec<String> {
     msgs.iter()
         .find_map(|m| match m {

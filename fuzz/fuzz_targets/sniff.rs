@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tenantpool::sniff::{PATH, STATE, STATEMENTS, Sniffer, Touched, sniff};
+use tenantpool::sniff::{COMMITS, PATH, STATE, STATEMENTS, Sniffer, Touched, sniff};
 use tenantpool_fuzz::{Input, Rng, split};
 
 fn reference(text: &[u8]) -> Touched {
@@ -15,7 +15,8 @@ fn reference(text: &[u8]) -> Touched {
             b"role" | b"schema" | b"search_path" | b"authorization" => PATH,
             b"reset" | b"discard" | b"set_config" => PATH | STATE,
             b"temp" | b"temporary" | b"hold" | b"listen" => STATE,
-            b"prepare" => STATE | STATEMENTS,
+            b"prepare" => STATE | STATEMENTS | COMMITS,
+            b"commit" | b"end" => COMMITS,
             w if w.len() > 12 && w.starts_with(b"pg_advisory_") => STATE,
             _ => 0,
         };

@@ -81,6 +81,8 @@ pub struct Tenant {
     /// next transaction boundary.
     gone: AtomicBool,
     spec: ArcSwap<Spec>,
+    /// `spec`'s generation, readable without loading the spec (stored after it).
+    generation: AtomicU64,
     /// Client connections open now.
     pub clients: AtomicU32,
     /// DISABLE: new logins are refused until ENABLE.
@@ -360,6 +362,7 @@ impl Tenants {
                 }
                 None => {
                     let id = all.len() as TenantId;
+                    let spec = Spec::new(&def, search_path_template, None);
                     let t: &'static Tenant = Box::leak(Box::new(Tenant {
                         id,
                         name: def.name.clone(),
@@ -367,7 +370,8 @@ impl Tenants {
                         max_clients: AtomicU32::new(def.max_clients),
                         login: AtomicU32::new(def.login),
                         gone: AtomicBool::new(false),
-                        spec: ArcSwap::from_pointee(Spec::new(&def, search_path_template, None)),
+                        generation: AtomicU64::new(spec.generation),
+                        spec: ArcSwap::from_pointee(spec),
                         clients: AtomicU32::new(0),
                         disabled: AtomicBool::new(false),
                         stats: TenantStats::default(),
@@ -483,6 +487,7 @@ impl Tenant {
             generation,
             ..fresh
         }));
+        self.generation.store(generation, Ordering::Release);
         true
     }
 
@@ -515,12 +520,15 @@ impl Tenant {
     /// The generation of its search_path and settings (see [`Spec::generation`]).
     #[inline]
     pub fn generation(&self) -> u64 {
-        self.spec.load().generation
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The messages a reset sends for this tenant and how many ReadyForQuery replies they
     /// bring.
     pub fn prelude(&self, reset: Reset) -> (Bytes, u8) {
+        if reset == Reset::None {
+            return (Bytes::new(), 0);
+        }
         let spec = self.spec.load();
         let p = &spec.preludes;
         match reset {

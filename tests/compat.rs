@@ -567,3 +567,27 @@ async fn errors_inside_pipelines_are_postgres_own() {
     );
     proxy.stop();
 }
+
+const PSYCOPG_EVICTS: &str = r#"
+import psycopg, sys
+with psycopg.connect(sys.argv[1], prepare_threshold=0, autocommit=True) as c:
+    c.prepared_max = 2
+    for round in range(2):
+        for i in range(5):
+            # Each new text beyond 2 makes psycopg DEALLOCATE its oldest (extended protocol).
+            c.execute("SELECT %s::int + " + str(i) + " FROM leads LIMIT 1", (round,))
+    print("ok", c.execute("SELECT count(*) FROM leads").fetchone()[0])
+"#;
+
+/// psycopg evicts prepared statements from its cache with `DEALLOCATE name` sent over the
+/// extended protocol (found by running psycopg's own suite through the proxy): the name is
+/// the client's, so the proxy rewrites it to the statement's server name, as it does for a
+/// simple-query DEALLOCATE; PostgreSQL answers 26000 otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_cache_eviction_deallocates_through_the_extended_protocol() {
+    let db = TestDb::create("compat_evict", &["acme"]).await;
+    let proxy = Proxy::start(db.config(1, ""));
+    let out = python("psycopg", PSYCOPG_EVICTS, &dsn_proxy(&proxy, "acme"));
+    assert_eq!(out.trim(), "ok 2");
+    proxy.stop();
+}

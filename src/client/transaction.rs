@@ -136,15 +136,20 @@ impl Session {
             Some(conn) => conn,
             // Checkouts are cancel-safe: one still queued when shutdown_timeout runs out
             // gives its place back.
+            // The checkout first: one that gets a connection at once never registers with
+            // the shutdown notification (a lock per transaction).
             None => match tokio::select! {
                 biased;
-                // First: the closed pool fails queued checkouts right after the timeout.
-                () = shared.shutdown_timed_out() => return Err(PgError::shutdown_timeout()),
                 r = self.checkout(&shared) => r?,
+                () = shared.shutdown_timed_out() => return Err(PgError::shutdown_timeout()),
             } {
                 Ok(Some(c)) => c,
                 // The client went away while queued: nothing of its batch ran.
                 Ok(None) => return Ok(false),
+                // The pool closed at the end of shutdown_timeout failed it.
+                Err(_) if shared.aborting.load(Ordering::Acquire) => {
+                    return Err(PgError::shutdown_timeout());
+                }
                 Err(e) => {
                     let err = match e {
                         CheckoutError::Timeout => {
@@ -209,6 +214,14 @@ impl Session {
             )
             .with_sql_statements(sql_statements)
         });
+        // One load of the limits in force for both (a load costs more than the reads).
+        let (idle_in_transaction, message_timeout) = {
+            let config = shared.live.config();
+            (
+                config.limits.idle_transaction_timeout.nonzero(),
+                config.limits.message_timeout.nonzero(),
+            )
+        };
         let mut relay = Relay {
             client: &mut self.stream,
             cbuf: &mut self.buf,
@@ -223,13 +236,8 @@ impl Session {
             cpos: 0,
             sout,
             track,
-            idle_in_transaction: shared
-                .live
-                .config()
-                .limits
-                .idle_transaction_timeout
-                .nonzero(),
-            message_timeout: shared.live.config().limits.message_timeout.nonzero(),
+            idle_in_transaction,
+            message_timeout,
             timer: None,
             counts: relay::Counts::new(tmetrics),
         };

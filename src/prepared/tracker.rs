@@ -236,7 +236,12 @@ impl<'a> Tracker<'a> {
             match tag {
                 b'P' => {
                     if body.first() == Some(&0) {
-                        self.pass(out, pos, len, have, Some(Kind::One(b'1')));
+                        if !(whole
+                            && len <= HEADER_LEN + MAX_INSPECTED_QUERY
+                            && self.unnamed_deallocate(msg, out, pos))
+                        {
+                            self.pass(out, pos, len, have, Some(Kind::One(b'1')));
+                        }
                     } else if len == HEADER_LEN {
                         return Err(PgError::protocol_violation("malformed Parse message"));
                     } else if body.is_empty() {
@@ -442,6 +447,51 @@ impl<'a> Tracker<'a> {
             self.prepare_on_server(&stmt, out, false, Some(name));
         }
         Ok(())
+    }
+
+    /// An unnamed Parse of `DEALLOCATE name` for one of the client's statements (psycopg
+    /// evicts its statements so, over the extended protocol): the text is rewritten to the
+    /// statement's server name (prepared first if the connection lacks it, so that the
+    /// server's DEALLOCATE succeeds as it would on PostgreSQL), and the statement leaves
+    /// the client's set. Returns false when the Parse is to pass unchanged.
+    pub(super) fn unnamed_deallocate(
+        &mut self,
+        msg: &[u8],
+        out: &mut Out,
+        pos: &mut usize,
+    ) -> bool {
+        let body = &msg[HEADER_LEN + 1..];
+        let Some((text, n)) = cstr(body) else {
+            return false;
+        };
+        if !parse_tail_ok(body) {
+            return false;
+        }
+        let SqlCommand::Deallocate(name) = sql_command(text) else {
+            return false;
+        };
+        let Some(stmt) = self.resolve(&name, out) else {
+            return false;
+        };
+        self.client.remove(&name);
+        let server_name = stmt.name();
+        let mut m = BytesMut::with_capacity(msg.len() + server_name.len() + 16);
+        m.put_u8(b'P');
+        m.put_u32(0);
+        m.put_u8(0);
+        m.extend_from_slice(b"DEALLOCATE ");
+        m.extend_from_slice(server_name);
+        m.extend_from_slice(&body[n..]);
+        let l = (m.len() - 1) as u32;
+        m[1..5].copy_from_slice(&l.to_be_bytes());
+        out.skip(msg.len());
+        out.own(&m);
+        *pos += msg.len();
+        // The server's CommandComplete DEALLOCATE makes the connection's set unknown
+        // (`some_gone`); until then the statement counts as gone from it.
+        self.server.remove(stmt.id);
+        self.server.expect.kinds.push_back((Kind::One(b'1'), false));
+        true
     }
 
     /// The statement a Bind or Describe names, made ready on the server; `None` when the

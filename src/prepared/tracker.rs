@@ -53,6 +53,10 @@ pub(super) enum Act {
     /// An injected Close (its CloseComplete dropped); if it does not happen the server
     /// keeps the evicted statement.
     Close { evicted: Option<Arc<Stmt>> },
+    /// The Parse of a client's `DEALLOCATE name` rewritten to the server name: if it fails
+    /// (an aborted transaction) or is skipped, the client keeps its statement, as on
+    /// PostgreSQL.
+    Deallocated { name: Box<[u8]>, stmt: Arc<Stmt> },
     /// A DISCARD ALL: nothing else is rewritten until it is answered.
     Barrier,
     /// Answered by the proxy in its turn; never sent to the server.
@@ -490,7 +494,13 @@ impl<'a> Tracker<'a> {
         // The server's CommandComplete DEALLOCATE makes the connection's set unknown
         // (`some_gone`); until then the statement counts as gone from it.
         self.server.remove(stmt.id);
-        self.server.expect.kinds.push_back((Kind::One(b'1'), false));
+        self.expect(
+            Kind::One(b'1'),
+            Act::Deallocated {
+                name: name.into(),
+                stmt,
+            },
+        );
         true
     }
 
@@ -745,6 +755,7 @@ impl<'a> Tracker<'a> {
                 }
             }
             Act::Close { evicted: Some(s) } => self.server.restore(s),
+            Act::Deallocated { name, stmt } => self.client.insert(name, stmt),
             Act::Barrier => self.barrier = false,
             Act::Answer(Answer::Parsed { name }) => {
                 self.client.remove(&name);

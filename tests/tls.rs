@@ -149,8 +149,18 @@ async fn run_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     params: &[(&str, &str)],
     sql: &str,
 ) -> Result<Vec<String>, String> {
+    send_after_login(stream, params, &query(sql)).await
+}
+
+/// Logs in over `stream` (trust) and sends `after`; the rows up to the ReadyForQuery after
+/// the login's, or the first error's SQLSTATE ("closed" if the connection ends first).
+async fn send_after_login<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    params: &[(&str, &str)],
+    after: &[u8],
+) -> Result<Vec<String>, String> {
     let mut bytes = startup_packet(params);
-    bytes.extend(query(sql));
+    bytes.extend_from_slice(after);
     stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     let mut rows = Vec::new();
@@ -562,50 +572,20 @@ async fn large_copy_and_results_over_tls_both_ways() {
         let mut s = tls_client(proxy.addr, "localhost", None, false)
             .await
             .unwrap();
-        let code = login_then_send(&mut s, bad).await;
-        assert_eq!(code, "08P01", "{:?}", String::from_utf8_lossy(bad));
+        let mut msgs = bad.to_vec();
+        msgs.extend_from_slice(b"S\0\0\0\x04");
+        let got =
+            send_after_login(&mut s, &[("user", APP_USER), ("database", "acme")], &msgs).await;
+        assert_eq!(
+            got,
+            Err("08P01".into()),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
         // The pool (one connection) serves the next client at once.
         assert_eq!(psql_with(&c, "SELECT count(*) FROM leads").unwrap(), "2");
     }
     proxy.stop();
-}
-
-/// Logs a raw client in (trust), sends `msg` and a Sync, and returns the first error's
-/// SQLSTATE.
-async fn login_then_send<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    s: &mut S,
-    msg: &[u8],
-) -> String {
-    let mut bytes = startup_packet(&[("user", APP_USER), ("database", "acme")]);
-    bytes.extend_from_slice(msg);
-    bytes.extend_from_slice(b"S\0\0\0\x04");
-    s.write_all(&bytes).await.unwrap();
-    let mut buf = Vec::new();
-    loop {
-        while buf.len() >= 5 {
-            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
-            if buf.len() < len {
-                break;
-            }
-            let m = Msg {
-                tag: buf[0],
-                body: buf[5..len].to_vec(),
-            };
-            buf.drain(..len);
-            if m.tag == b'E' {
-                return m.field(b'C').unwrap_or_default();
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("an answer within 5 s")
-            .unwrap_or(0);
-        if n == 0 {
-            return "closed".into();
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 /// `tenantpool check` reads the TLS files: a key that is not the certificate's, a missing

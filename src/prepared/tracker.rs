@@ -465,6 +465,10 @@ impl<'a> Tracker<'a> {
         pos: &mut usize,
     ) -> bool {
         let body = &msg[HEADER_LEN + 1..];
+        // Every unnamed Parse passes here: its first letter first, before any scan to NUL.
+        if !matches!(body.trim_ascii_start().first(), Some(b'd' | b'D')) {
+            return false;
+        }
         let Some((text, n)) = cstr(body) else {
             return false;
         };

@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::Shared;
 use crate::config::{Config, Dur};
 use crate::error::PgError;
+use crate::placement::PlaceId;
 use crate::protocol::{
     HEADER_LEN, header, put_command_complete, put_cstr, put_parameter_status, put_ready_for_query,
 };
@@ -579,11 +580,11 @@ pub async fn run(sql: &str, shared: &Arc<Shared>, user: &str, peer: SocketAddr) 
             }
             ("PAUSE", 1 | 2) => {
                 let t = tenant(1)?;
-                shared.pool.pause(id(t));
+                shared.pools.pause(id(t));
                 // As PgBouncer: answered once the tenant's (or every) server connection
                 // is back in the pool.
                 wait_until(shared, || {
-                    let snap = shared.pool.snapshot();
+                    let (snap, _) = shared.pools.snapshot();
                     match t {
                         Some(t) => snap.in_use.get(t.id as usize).is_none_or(|&n| n == 0),
                         None => snap.in_use.iter().all(|&n| n == 0),
@@ -594,19 +595,19 @@ pub async fn run(sql: &str, shared: &Arc<Shared>, user: &str, peer: SocketAddr) 
             }
             ("RESUME", 1 | 2) => {
                 let t = tenant(1)?;
-                if !shared.pool.is_paused(id(t)) {
+                if !shared.pools.is_paused(id(t)) {
                     return Err(not_in_state(match t {
                         Some(t) => format!("tenant {} is not paused", t.name),
                         None => "pooler is not paused".into(),
                     }));
                 }
-                shared.pool.resume(id(t));
+                shared.pools.resume(id(t));
                 Answer::Done("RESUME".into())
             }
             ("KILL", 1 | 2) => {
                 // As PgBouncer: the clients go, and new ones wait (paused) until RESUME.
                 let t = tenant(1)?;
-                shared.pool.pause(id(t));
+                shared.pools.pause(id(t));
                 match t {
                     Some(t) => crate::live::end_clients(shared, t.id),
                     None => {
@@ -631,7 +632,7 @@ pub async fn run(sql: &str, shared: &Arc<Shared>, user: &str, peer: SocketAddr) 
             }
             ("RECONNECT", 1 | 2) => {
                 let t = tenant(1)?;
-                let mark = shared.pool.reconnect(id(t));
+                let mark = shared.pools.reconnect(id(t));
                 shared.reconnect_mark.store(mark, Ordering::Release);
                 Answer::Done("RECONNECT".into())
             }
@@ -669,7 +670,7 @@ async fn wait_until(shared: &Shared, mut done: impl FnMut() -> bool) {
 /// Is a server connection opened before the last RECONNECT still idle in the pool or
 /// serving a client (of `tenant`, or any)?
 fn old_connections(shared: &Shared, tenant: Option<TenantId>, mark: u64) -> bool {
-    shared.pool.old_idle(tenant, mark)
+    shared.pools.old_idle(tenant, mark)
         || shared.registry.all().iter().any(|c| {
             tenant.is_none_or(|t| c.tenant == t)
                 && c.server().is_some()
@@ -1311,13 +1312,24 @@ const STATS_COLS: [&str; 7] = [
 
 fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
     use Ty::{Int, Text};
-    let snap = shared.pool.snapshot();
-    let target = shared.pool.target();
-    let login_user = |login: LoginId| target.login(login).user.clone();
+    let (snap, idle_places) = shared.pools.snapshot();
+    // Login 0 is each server's own user: names are read from the place's target.
+    let login_user =
+        |place: PlaceId, login: LoginId| shared.pools.get(place).target().login(login).user.clone();
+    let user_of = |tn: &crate::tenant::Tenant| login_user(tn.place(), tn.login());
+    let place_of = |tn: &crate::tenant::Tenant| {
+        let target = shared.pools.of(tn).target();
+        (target.host.clone(), target.port, target.database.clone())
+    };
     let config = shared.live.config();
     let mode = config.proxy.pool_mode.as_str();
-    let host = &shared.config.server.host;
-    let port = shared.config.server.port;
+    let server_name = |tn: &crate::tenant::Tenant| {
+        shared
+            .pools
+            .place(tn.place())
+            .map(|p| p.server.clone())
+            .unwrap_or_default()
+    };
     let listen: Option<SocketAddr> = shared.config.proxy.listen.parse().ok();
     let clients = shared.registry.all();
     let at = |v: &[u32], i: usize| v.get(i).copied().unwrap_or(0);
@@ -1352,7 +1364,7 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
             }
         }
         "STATE" => {
-            let paused = shared.pool.is_paused(None);
+            let paused = shared.pools.is_paused(None);
             t = Table::new(&[("key", Text), ("value", Text)]);
             let yes = |b: bool| V::from(if b { "yes" } else { "no" });
             t.row(vec!["active".into(), yes(!paused)]);
@@ -1381,6 +1393,8 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
                 ("disabled", Text),
                 ("plan", Text),
                 ("source", Text),
+                ("server", Text),
+                ("database", Text),
             ]);
             for tn in shared.tenants.iter() {
                 let i = tn.id as usize;
@@ -1413,6 +1427,8 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
                         crate::tenant::Source::Directory => "directory",
                     }
                     .into(),
+                    server_name(tn).into(),
+                    place_of(tn).2.into(),
                 ]);
             }
         }
@@ -1445,7 +1461,7 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
                 let active = tn.clients.load(Ordering::Relaxed).saturating_sub(waiting);
                 t.row(vec![
                     tn.name.clone().into(),
-                    login_user(tn.login()).into(),
+                    user_of(tn).into(),
                     active.into(),
                     waiting.into(),
                     0u32.into(),
@@ -1463,13 +1479,16 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
                     s.active.load(Ordering::Relaxed).into(),
                 ]);
             }
-            // Idle server connections no tenant has used yet: database "*", per login.
-            let mut fresh: std::collections::BTreeMap<LoginId, u32> = Default::default();
-            for c in snap.idle_servers.iter().filter(|c| c.tenant.is_none()) {
-                *fresh.entry(c.login).or_default() += 1;
+            // Idle server connections no tenant has used yet: database "*", per login (and
+            // server).
+            let mut fresh: std::collections::BTreeMap<(PlaceId, LoginId), u32> = Default::default();
+            for (c, &place) in snap.idle_servers.iter().zip(&idle_places) {
+                if c.tenant.is_none() {
+                    *fresh.entry((place, c.login)).or_default() += 1;
+                }
             }
-            for (login, n) in fresh {
-                let mut r: Vec<V> = vec!["*".into(), login_user(login).into()];
+            for ((place, login), n) in fresh {
+                let mut r: Vec<V> = vec!["*".into(), login_user(place, login).into()];
                 r.extend((0..7).map(|_| V::I(0)));
                 r.push(n.into());
                 r.extend((0..5).map(|_| V::I(0)));
@@ -1497,15 +1516,17 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
                 ("paused", Int),
                 ("disabled", Int),
                 ("schema", Text),
+                ("server", Text),
             ]);
             for tn in shared.tenants.iter() {
                 let i = tn.id as usize;
+                let (host, port, database) = place_of(tn);
                 t.row(vec![
                     tn.name.clone().into(),
-                    host.clone().into(),
+                    host.into(),
                     port.into(),
-                    shared.config.server.database.clone().into(),
-                    login_user(tn.login()).into(),
+                    database.into(),
+                    user_of(tn).into(),
                     tn.max_server().into(),
                     0u32.into(),
                     0u32.into(),
@@ -1518,6 +1539,7 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
                     snap.paused.get(i).copied().unwrap_or(false).into(),
                     tn.disabled.load(Ordering::Relaxed).into(),
                     tn.spec().schema.clone().into(),
+                    server_name(tn).into(),
                 ]);
             }
         }
@@ -1729,12 +1751,13 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
             for c in &clients {
                 if let Some((pid, _)) = c.server() {
                     let tn = shared.tenants.get(c.tenant);
+                    let (host, port, _) = place_of(tn);
                     t.row(vec![
                         "S".into(),
-                        login_user(tn.login()).into(),
+                        user_of(tn).into(),
                         tn.name.clone().into(),
                         "active".into(),
-                        host.clone().into(),
+                        host.into(),
                         port.into(),
                         "".into(),
                         0u32.into(),
@@ -1754,15 +1777,16 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
                     ]);
                 }
             }
-            for c in &snap.idle_servers {
+            for (c, &place) in snap.idle_servers.iter().zip(&idle_places) {
                 let tenant = c.tenant.map(|t| shared.tenants.get(t).name.clone());
+                let target = shared.pools.get(place).target();
                 t.row(vec![
                     "S".into(),
-                    login_user(c.login).into(),
+                    login_user(place, c.login).into(),
                     tenant.unwrap_or_default().into(),
                     "idle".into(),
-                    host.clone().into(),
-                    port.into(),
+                    target.host.clone().into(),
+                    target.port.into(),
                     "".into(),
                     0u32.into(),
                     timestamp(now - c.age).into(),

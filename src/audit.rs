@@ -141,14 +141,15 @@ pub async fn pool_roles(shared: &crate::Shared) -> Vec<String> {
     let mut warnings = Vec::new();
     let mut seen = BTreeSet::new();
     for tenant in shared.tenants.iter() {
-        if !seen.insert(tenant.login()) {
+        // Once per login on each server and database (place).
+        if !seen.insert((tenant.place(), tenant.login())) {
             continue;
         }
-        let user = shared.pool.target().login(tenant.login()).user.clone();
+        let pool = shared.pools.of(tenant);
+        let user = pool.target().login(tenant.login()).user.clone();
         let wait = shared.config.limits.query_wait_timeout.0;
         let checked = async {
-            let mut conn = shared
-                .pool
+            let mut conn = pool
                 .checkout(tenant.id, wait)
                 .await
                 .map_err(|e| format!("{e:?}"))?;

@@ -20,7 +20,11 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// `None` turns the Prometheus exporter off.
     pub metrics: Option<MetricsConfig>,
+    /// The default server (named `default`): tenants without a `server` key live there.
     pub server: ServerConfig,
+    /// `[servers.NAME]`: more PostgreSQL servers, for tenants whose `server` names them.
+    #[serde(default)]
+    pub servers: BTreeMap<String, ServerConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
@@ -227,7 +231,9 @@ pub fn default_metrics_listen() -> String {
     "127.0.0.1:9930".into()
 }
 
-/// `[server]`: the one shared PostgreSQL.
+/// `[server]` (the server named `default`) and each `[servers.NAME]`: a PostgreSQL
+/// tenantpool logs in to. Each database tenants use on it gets a pool of its own of up to
+/// `max_connections` connections (see [`crate::placement`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
@@ -422,6 +428,10 @@ pub struct TenantConfig {
     /// Settings of its own, over `tenant_defaults.settings`.
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
+    /// The server it lives on: `default` (`[server]`) unless it names a `[servers.NAME]`.
+    pub server: Option<String>,
+    /// The database it lives in on that server, if not the server's `database`.
+    pub database: Option<String>,
 }
 
 impl TenantConfig {
@@ -595,6 +605,9 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Database names that open the admin console instead of a tenant.
+/// The name of `[server]` (a tenant's `server` key, metrics, the console).
+pub const DEFAULT_SERVER: &str = "default";
+
 pub const ADMIN_DATABASES: [&str; 2] = ["tenantpool", "pgbouncer"];
 
 impl Config {
@@ -681,6 +694,9 @@ impl Config {
             }
         };
         env("server.password_env".into(), &self.server.password_env);
+        for (n, s) in &self.servers {
+            env(format!("servers.{n}.password_env"), &s.password_env);
+        }
         for (n, u) in &self.users {
             env(format!("users.{n}.password_env"), &u.password_env);
         }
@@ -746,6 +762,79 @@ impl Config {
             })
             .collect();
         ServerLogins { logins, of_tenant }
+    }
+
+    /// `[server]` by the name `default`, else `[servers.NAME]`.
+    pub fn server_named(&self, name: &str) -> Option<&ServerConfig> {
+        if name == DEFAULT_SERVER {
+            Some(&self.server)
+        } else {
+            self.servers.get(name)
+        }
+    }
+
+    /// Every server by name, `default` first.
+    pub fn all_servers(&self) -> impl Iterator<Item = (&str, &ServerConfig)> {
+        std::iter::once((DEFAULT_SERVER, &self.server))
+            .chain(self.servers.iter().map(|(n, s)| (n.as_str(), s)))
+    }
+
+    /// Where a tenant with these `server` and `database` keys lives: (server name,
+    /// database). An unknown server is the default one (validation reports it).
+    pub fn place_of(&self, server: Option<&str>, database: Option<&str>) -> (String, String) {
+        let name = server
+            .filter(|s| self.server_named(s).is_some())
+            .unwrap_or(DEFAULT_SERVER);
+        let s = self.server_named(name).unwrap_or(&self.server);
+        (
+            name.to_string(),
+            database.unwrap_or(&s.database).to_string(),
+        )
+    }
+
+    /// Problems with one server's keys (`key` is `server` or `servers.NAME`).
+    fn validate_server(key: &str, s: &ServerConfig, p: &mut Vec<String>) {
+        if s.max_connections == 0 {
+            p.push(format!("{key}.max_connections: must be at least 1"));
+        }
+        if s.min_idle > s.max_connections {
+            p.push(format!(
+                "{key}.min_idle: {} is above {key}.max_connections ({})",
+                s.min_idle, s.max_connections
+            ));
+        }
+        if s.connect_timeout.is_zero() {
+            p.push(format!("{key}.connect_timeout: must be above 0"));
+        }
+        if s.database.is_empty() || s.database.contains('\0') {
+            p.push(format!("{key}.database: must not be empty or contain NUL"));
+        }
+        if s.user.is_empty() || s.user.contains('\0') {
+            p.push(format!("{key}.user: must not be empty or contain NUL"));
+        }
+        if s.password.is_some() && s.password_env.is_some() {
+            p.push(format!(
+                "{key}: give either password or password_env, not both"
+            ));
+        }
+        if let Some(v) = &s.password_env
+            && std::env::var(v).is_err()
+        {
+            p.push(format!(
+                "{key}.password_env: environment variable {v} is not set"
+            ));
+        }
+    }
+
+    /// The `max_connections` of the server a tenant with this `server` key lives on, and
+    /// the key that sets it.
+    fn server_cap(&self, server: Option<&str>) -> (u32, String) {
+        match server.and_then(|n| self.servers.get(n).map(|s| (n, s))) {
+            Some((n, s)) if n != DEFAULT_SERVER => {
+                (s.max_connections, format!("servers.{n}.max_connections"))
+            }
+            _ => (self.server.max_connections, "server.max_connections".into()),
+        }
     }
 
     /// Problems with tenants' own server logins.
@@ -856,26 +945,34 @@ impl Config {
             )),
             _ => {}
         }
-        let server = &self.server;
-        match (&server.tls_cert_file, &server.tls_key_file) {
-            (Some(c), Some(k)) => {
-                for problem in crate::tls::check_identity(c, k) {
-                    p.push(format!("server.tls_cert_file/tls_key_file: {problem}"));
+        for (name, server) in self.all_servers() {
+            let key = if name == DEFAULT_SERVER {
+                "server".to_string()
+            } else {
+                format!("servers.{name}")
+            };
+            match (&server.tls_cert_file, &server.tls_key_file) {
+                (Some(c), Some(k)) => {
+                    for problem in crate::tls::check_identity(c, k) {
+                        p.push(format!("{key}.tls_cert_file/tls_key_file: {problem}"));
+                    }
                 }
+                (None, None) => {}
+                _ => p.push(format!(
+                    "{key}.tls_cert_file and {key}.tls_key_file: both or neither"
+                )),
             }
-            (None, None) => {}
-            _ => p.push("server.tls_cert_file and server.tls_key_file: both or neither".into()),
-        }
-        if let Some(ca) = &server.tls_ca_file
-            && let Err(e) = crate::tls::load_roots(ca)
-        {
-            p.push(format!("server.tls_ca_file: {e}"));
-        }
-        if matches!(server.tls, ServerTls::VerifyCa | ServerTls::VerifyFull)
-            && server.tls_ca_file.is_none()
-            && let Err(e) = crate::tls::system_roots()
-        {
-            p.push(format!("server.tls: {e}"));
+            if let Some(ca) = &server.tls_ca_file
+                && let Err(e) = crate::tls::load_roots(ca)
+            {
+                p.push(format!("{key}.tls_ca_file: {e}"));
+            }
+            if matches!(server.tls, ServerTls::VerifyCa | ServerTls::VerifyFull)
+                && server.tls_ca_file.is_none()
+                && let Err(e) = crate::tls::system_roots()
+            {
+                p.push(format!("{key}.tls: {e}"));
+            }
         }
     }
 
@@ -905,33 +1002,18 @@ impl Config {
         self.validate_tls(&mut p);
         crate::peers::validate(self, &mut p);
         crate::listener::validate(self, &mut p);
-        if self.server.max_connections == 0 {
-            p.push("server.max_connections: must be at least 1".into());
-        }
-        if self.server.min_idle > self.server.max_connections {
-            p.push(format!(
-                "server.min_idle: {} is above server.max_connections ({})",
-                self.server.min_idle, self.server.max_connections
-            ));
-        }
-        if self.server.connect_timeout.is_zero() {
-            p.push("server.connect_timeout: must be above 0".into());
-        }
-        if self.server.database.is_empty() {
-            p.push("server.database: must not be empty".into());
-        }
-        if self.server.user.is_empty() {
-            p.push("server.user: must not be empty".into());
-        }
-        if self.server.password.is_some() && self.server.password_env.is_some() {
-            p.push("server: give either password or password_env, not both".into());
-        }
-        if let Some(v) = &self.server.password_env
-            && std::env::var(v).is_err()
-        {
-            p.push(format!(
-                "server.password_env: environment variable {v} is not set"
-            ));
+        Config::validate_server("server", &self.server, &mut p);
+        for (name, s) in &self.servers {
+            if name == DEFAULT_SERVER {
+                p.push(format!(
+                    "servers.{name}: \"{DEFAULT_SERVER}\" is the name of [server]; give this server another name"
+                ));
+            }
+            if name.is_empty() || name.contains('\0') {
+                p.push("servers: a server name must not be empty or contain NUL".into());
+                continue;
+            }
+            Config::validate_server(&format!("servers.{name}"), s, &mut p);
         }
         if self.limits.query_wait_timeout.is_zero() {
             p.push("limits.query_wait_timeout: must be above 0".into());
@@ -1051,12 +1133,26 @@ impl Config {
                     "tenants.{name}.max_client_connections: must be at least 1"
                 ));
             }
+            let (cap, cap_key) = self.server_cap(t.server.as_deref());
             if let Some(n) = t.max_server_connections
-                && n > self.server.max_connections
+                && n > cap
             {
                 p.push(format!(
-                    "tenants.{name}.max_server_connections: {n} is above server.max_connections ({})",
-                    self.server.max_connections
+                    "tenants.{name}.max_server_connections: {n} is above {cap_key} ({cap})"
+                ));
+            }
+            if let Some(server) = &t.server
+                && self.server_named(server).is_none()
+            {
+                p.push(format!(
+                    "tenants.{name}.server: \"{server}\" is not a configured server ([servers.{server}], or \"{DEFAULT_SERVER}\" for [server])"
+                ));
+            }
+            if let Some(db) = &t.database
+                && (db.is_empty() || db.contains('\0'))
+            {
+                p.push(format!(
+                    "tenants.{name}.database: must not be empty or contain NUL"
                 ));
             }
             if let Some(plan) = &t.plan
@@ -1302,6 +1398,41 @@ password = "secret"
         assert!(
             e.contains("tenants.big.max_server_connections: 500 is above"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn server_problems_are_named() {
+        let text = format!(
+            "{MIN}[servers.default]\ndatabase = \"d\"\nuser = \"u\"\n\
+             [servers.eu2]\ndatabase = \"\"\nuser = \"u\"\nmax_connections = 4\nmin_idle = 5\n\
+             [tenants.a]\nschema = \"a\"\nserver = \"eu2\"\nmax_server_connections = 6\n\
+             [tenants.b]\nschema = \"b\"\nserver = \"nowhere\"\n\
+             [tenants.c]\nschema = \"c\"\ndatabase = \"\"\n"
+        );
+        let e = problems(&text);
+        for needle in [
+            "servers.default: \"default\" is the name of [server]",
+            "servers.eu2.database: must not be empty",
+            "servers.eu2.min_idle: 5 is above servers.eu2.max_connections (4)",
+            "tenants.a.max_server_connections: 6 is above servers.eu2.max_connections (4)",
+            "tenants.b.server: \"nowhere\" is not a configured server",
+            "tenants.c.database: must not be empty",
+        ] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let ok = Config::parse(&format!(
+            "{MIN}[servers.eu2]\ndatabase = \"e\"\nuser = \"u\"\n\
+             [tenants.a]\nschema = \"a\"\nserver = \"eu2\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.place_of(Some("eu2"), None),
+            ("eu2".to_string(), "e".to_string())
+        );
+        assert_eq!(
+            ok.place_of(None, Some("x")),
+            ("default".to_string(), "x".to_string())
         );
     }
 

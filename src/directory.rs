@@ -81,7 +81,7 @@ async fn session(
     first: &mut Option<tokio::sync::oneshot::Sender<()>>,
     version: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Result<(), String> {
-    let target = shared.pool.target();
+    let target = shared.pools.default().target();
     let mut conn = server::connect_plain(&target, SHARED_LOGIN).await?.conn;
     if let Some(channel) = &dir.listen_channel {
         let sql = format!("LISTEN {}", crate::protocol::quote_ident(channel));
@@ -170,8 +170,8 @@ async fn query(conn: &mut ServerConn, sql: &str) -> Result<Vec<DirRow>, String> 
             .write_all(&out)
             .await
             .map_err(|e| format!("directory connection: {e}"))?;
-        // Column positions of tenant, schema, plan, domain, settings.
-        let mut cols: [Option<usize>; 5] = [None; 5];
+        // Column positions of tenant, schema, plan, domain, settings, server, database.
+        let mut cols: [Option<usize>; 7] = [None; 7];
         let mut described = false;
         let mut rows = Vec::new();
         let mut error = None;
@@ -203,9 +203,11 @@ async fn query(conn: &mut ServerConn, sql: &str) -> Result<Vec<DirRow>, String> 
                             "plan" => 2,
                             "domain" => 3,
                             "settings" => 4,
-                            _ => 5,
+                            "server" => 5,
+                            "database" => 6,
+                            _ => 7,
                         };
-                        if slot < 5 && cols[slot].is_none() {
+                        if slot < 7 && cols[slot].is_none() {
                             cols[slot] = Some(i);
                         }
                         i += 1;
@@ -232,6 +234,8 @@ async fn query(conn: &mut ServerConn, sql: &str) -> Result<Vec<DirRow>, String> 
                         plan: get(2),
                         domain: get(3),
                         settings: get(4),
+                        server: get(5),
+                        database: get(6),
                     });
                 }
                 Message::ErrorResponse(b) if error.is_none() => {

@@ -7,7 +7,10 @@
 //!   `max_client_conn` is not reached, and the server was reachable lately: transactions
 //!   completed since the previous probe (with no failed connect since), or else a fresh
 //!   check (at most one a second) connects to it: a TCP or Unix-socket connect, or, while
-//!   the pool's connects fail, a login as `[server] user`.
+//!   the pool's connects fail, a login as `[server] user`. With several servers
+//!   (`[servers.NAME]`) this is about `[server]` only: another server that is down makes
+//!   its tenants wait or fail on every instance alike, so taking instances out of the load
+//!   balancer would not help them and would hurt everyone else.
 //!
 //! Every other path answers the metrics, as the exporter's own listener did.
 
@@ -145,7 +148,7 @@ pub async fn readiness(shared: &Shared) -> Result<(), String> {
     if !h.accepting.load(Ordering::Acquire) {
         return Err("not accepting clients yet".into());
     }
-    let snap = shared.pool.snapshot();
+    let snap = shared.pools.default().snapshot();
     if !snap.paused.is_empty() && snap.paused.iter().all(|&p| p) {
         return Err("paused (PAUSE)".into());
     }
@@ -158,13 +161,14 @@ pub async fn readiness(shared: &Shared) -> Result<(), String> {
 
 /// Was the server reachable lately? See the module docs.
 async fn server_reachable(shared: &Shared) -> Result<(), String> {
-    let down = shared.pool.down_reason();
+    let pool = shared.pools.default();
+    let down = pool.down_reason();
     let progress = shared
         .tenants
         .iter()
         .map(|t| t.stats.transactions.load(Ordering::Relaxed))
         .sum::<u64>()
-        + shared.pool.stats.connects_ok.load(Ordering::Relaxed);
+        + pool.stats.connects_ok.load(Ordering::Relaxed);
     {
         let mut last = shared.health.last.lock().unwrap_or_else(|e| e.into_inner());
         let moved = progress != last.progress;
@@ -180,7 +184,7 @@ async fn server_reachable(shared: &Shared) -> Result<(), String> {
             return last.result.clone();
         }
     }
-    let target = shared.pool.target();
+    let target = pool.target();
     let result = tokio::time::timeout(target.connect_timeout, async {
         if down.is_some() {
             // Connects have been failing: only a login tells that they would work now.

@@ -18,6 +18,7 @@ pub mod listener;
 pub mod live;
 pub mod metrics;
 pub mod peers;
+pub mod placement;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
@@ -41,9 +42,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::client::auth::UserDb;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::pool::{Pool, PoolSettings};
+use crate::pool::Pool;
 use crate::registry::ClientRegistry;
-use crate::server::ServerTarget;
 use crate::tenant::Tenants;
 
 /// State every client task shares.
@@ -59,7 +59,8 @@ pub struct Shared {
     pub tenants: Arc<Tenants>,
     /// The logins in force, swapped whole by a reload.
     pub users: ArcSwap<UserDb>,
-    pub pool: Arc<Pool>,
+    /// One pool per place (server and database) tenants live in.
+    pub pools: placement::Pools,
     /// Live clients: cancel keys, and what the admin console lists.
     pub registry: ClientRegistry,
     pub metrics: Arc<Metrics>,
@@ -129,18 +130,37 @@ impl Proxy {
         let listener = listener::Listeners::bind(&config)?;
 
         let tenants = Arc::new(Tenants::from_config(&config));
-        let target = ServerTarget::from_config(&config)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let tls = tls::Listener::from_config(&config)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
-            .map(Arc::new);
-        let settings = PoolSettings {
-            max_connections: config.server.max_connections,
-            min_idle: config.server.min_idle,
-            idle_timeout: config.server.idle_timeout.0,
-            lifetime: config.server.lifetime.0,
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
+        let (logins, _) = placement::merge_logins(&[], &config);
+        let default = placement::Place {
+            server: config::DEFAULT_SERVER.into(),
+            database: config.server.database.clone(),
         };
-        let pool = Pool::new(target, settings, tenants.clone());
+        let target = placement::target_of(&config, &default, &logins).map_err(invalid)?;
+        let tls = tls::Listener::from_config(&config)
+            .map_err(invalid)?
+            .map(Arc::new);
+        let s = &config.server;
+        let settings = pool::PoolSettings {
+            max_connections: s.max_connections,
+            min_idle: s.min_idle,
+            idle_timeout: s.idle_timeout.0,
+            lifetime: s.lifetime.0,
+        };
+        let pools = placement::Pools::new(
+            default,
+            Pool::new(placement::DEFAULT_PLACE, target, settings, tenants.clone()),
+        );
+        // Every tenant in its place (the pools of the other places made here).
+        let mut defs = Tenants::defs_from_config(&config);
+        let problems = placement::apply(&pools, &tenants, &config, &logins, &mut defs);
+        if !problems.is_empty() {
+            return Err(invalid(problems.join("; ")));
+        }
+        tenants.apply(defs, &config.tenant_defaults.search_path, |_| {});
+        for (_, _, p) in pools.iter() {
+            p.grow(tenants.ids());
+        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let users = UserDb::from_config(&config);
         let (metrics, http) = match &config.metrics {
@@ -161,7 +181,7 @@ impl Proxy {
             tls: arc_swap::ArcSwapOption::new(tls),
             tenants,
             users: ArcSwap::from_pointee(users),
-            pool,
+            pools,
             registry: ClientRegistry::with_peer_id(peer_id),
             no_settings: settings.intern(Vec::new()),
             statements: Default::default(),
@@ -216,7 +236,7 @@ impl Proxy {
             shutdown_tx,
             shutdown_rx: mut shutdown,
         } = self;
-        tokio::spawn(shared.pool.clone().run_maintenance());
+        shared.pools.start_upkeep();
         let audited = shared.clone();
         tokio::spawn(async move {
             for w in audit::pool_roles(&audited).await {
@@ -224,12 +244,7 @@ impl Proxy {
             }
         });
         tokio::spawn(admin::run_stats(shared.clone()));
-        tokio::spawn(
-            shared
-                .metrics
-                .clone()
-                .run_refresh(shared.tenants.clone(), shared.pool.clone()),
-        );
+        tokio::spawn(shared.metrics.clone().run_refresh(Arc::downgrade(&shared)));
         // The directory's tenants, if any: the first attempt may take up to connect_timeout
         // (a server that is down is the TOML tenants only, and the directory later).
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
@@ -337,10 +352,10 @@ impl Proxy {
             }
             shared.aborting.store(true, Ordering::Release);
             shared.abort.notify_waiters();
-            shared.pool.close();
+            shared.pools.close();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), alive_rx.recv()).await;
         }
-        shared.pool.close();
+        shared.pools.close();
         drop(shutdown_tx);
         tracing::info!("tenantpool stopped");
     }

@@ -22,8 +22,6 @@ use arc_swap::ArcSwap;
 use crate::Shared;
 use crate::client::auth::UserDb;
 use crate::config::{ADMIN_DATABASES, Config, settings_problems};
-use crate::pool::PoolSettings;
-use crate::server::{LoginId, ServerLogin, ServerTarget};
 use crate::tenant::{Applied, Source, TenantDef, TenantId, Tenants};
 
 /// One row of the directory's query, as text (`None` for NULL or a missing column).
@@ -34,6 +32,9 @@ pub struct DirRow {
     pub plan: Option<String>,
     pub domain: Option<String>,
     pub settings: Option<String>,
+    /// The server and database it lives in (`server`, `database` columns; optional).
+    pub server: Option<String>,
+    pub database: Option<String>,
 }
 
 /// The live part of the shared state.
@@ -155,10 +156,9 @@ pub fn reload_with(shared: &Shared, mut config: Config) -> Reloaded {
     }
     // SCRAM keys are derived and the TLS files read again here, before anything changes
     // (the files were checked when the config was validated; one that changed since keeps
-    // the running TLS setup).
+    // the running TLS setup). The servers' TLS files are read by `placement::apply`.
     let users = UserDb::from_config(&config);
     let client_tls = crate::tls::Listener::from_config(&config);
-    let server_tls = crate::tls::Connector::from_config(&config);
     let guard = shared
         .live
         .applying
@@ -172,14 +172,6 @@ pub fn reload_with(shared: &Shared, mut config: Config) -> Reloaded {
     match client_tls {
         Ok(tls) => shared.tls.store(tls.map(Arc::new)),
         Err(e) => tracing::error!("config reload: client TLS kept as it was: {e}"),
-    }
-    match server_tls {
-        Ok(tls) => {
-            let mut target = (*shared.pool.target()).clone();
-            target.tls = tls.map(Arc::new);
-            shared.pool.reconfigure(Some(target), None);
-        }
-        Err(e) => tracing::error!("config reload: server TLS kept as it was: {e}"),
     }
     drop(guard);
     shared.live.version.send_modify(|v| *v += 1);
@@ -225,29 +217,6 @@ pub fn apply_directory(shared: &Shared, rows: Vec<DirRow>) -> Applied {
     applied
 }
 
-/// The logins of `config`, merged into `running`'s: a role keeps its id (connections
-/// carry it), a new role gets the next one, passwords are the config's.
-fn merge_logins(running: &ServerTarget, config: &Config) -> (ServerTarget, Vec<LoginId>) {
-    let mut target = running.clone();
-    let wanted = config.server_logins();
-    let mut ids = Vec::with_capacity(wanted.logins.len());
-    for (user, password) in wanted.logins {
-        let id = match target.logins.iter().position(|l| l.user == user) {
-            Some(i) => {
-                target.logins[i].password = password;
-                i
-            }
-            None => {
-                target.logins.push(ServerLogin { user, password });
-                target.logins.len() - 1
-            }
-        };
-        ids.push(id as LoginId);
-    }
-    let of_tenant = wanted.of_tenant.iter().map(|&i| ids[i as usize]).collect();
-    (target, of_tenant)
-}
-
 /// The tenants the directory's rows define, beside the TOML ones; every row that cannot be
 /// used is skipped, with a problem naming it.
 pub fn directory_defs(config: &Config, rows: &[DirRow]) -> (Vec<TenantDef>, Vec<String>) {
@@ -290,6 +259,22 @@ pub fn directory_defs(config: &Config, rows: &[DirRow]) -> (Vec<TenantDef>, Vec<
             )));
             continue;
         }
+        if let Some(server) = &row.server
+            && config.server_named(server).is_none()
+        {
+            problems.push(skip(format!(
+                "names server \"{server}\", which is not configured"
+            )));
+            continue;
+        }
+        if row
+            .database
+            .as_deref()
+            .is_some_and(|d| d.is_empty() || d.contains('\0'))
+        {
+            problems.push(skip("has an empty database".into()));
+            continue;
+        }
         let own: BTreeMap<String, String> = match row.settings.as_deref() {
             None => BTreeMap::new(),
             Some(text) => match parse_settings(text) {
@@ -320,6 +305,9 @@ pub fn directory_defs(config: &Config, rows: &[DirRow]) -> (Vec<TenantDef>, Vec<
             max_server,
             max_clients,
             login: crate::server::SHARED_LOGIN,
+            server: row.server.clone(),
+            database: row.database.clone(),
+            place: crate::placement::DEFAULT_PLACE,
             settings,
             plan: row.plan.clone(),
             domain: row.domain.clone(),
@@ -343,32 +331,35 @@ fn parse_settings(text: &str) -> Result<BTreeMap<String, String>, String> {
 
 /// Puts `config` (and the directory's `rows`) in force. The caller holds `applying`.
 fn apply(shared: &Shared, config: &Config, rows: Option<&[DirRow]>) -> Applied {
-    let (target, logins) = merge_logins(&shared.pool.target(), config);
+    let (logins, of_tenant) =
+        crate::placement::merge_logins(&shared.pools.default().target().logins, config);
     let mut defs = Tenants::defs_from_config(config);
-    for (d, login) in defs.iter_mut().zip(logins) {
+    for (d, login) in defs.iter_mut().zip(of_tenant) {
         d.login = login;
     }
+    let mut problems = Vec::new();
     if let Some(rows) = rows {
-        let (dir, problems) = directory_defs(config, rows);
-        log_new_problems(shared, problems);
+        let (dir, p) = directory_defs(config, rows);
+        problems = p;
         shared.metrics.live.directory_tenants.set(dir.len() as f64);
         defs.extend(dir);
     }
-    let s = &config.server;
-    // New logins first: a new tenant may use one as soon as it can be found.
-    shared.pool.reconfigure(
-        Some(target),
-        Some(PoolSettings {
-            max_connections: s.max_connections,
-            min_idle: s.min_idle,
-            idle_timeout: s.idle_timeout.0,
-            lifetime: s.lifetime.0,
-        }),
-    );
+    // New logins and places first: a new or moved tenant may use them as soon as it can
+    // be found there.
+    problems.extend(crate::placement::apply(
+        &shared.pools,
+        &shared.tenants,
+        config,
+        &logins,
+        &mut defs,
+    ));
+    log_new_problems(shared, problems);
     let applied = shared
         .tenants
         .apply(defs, &config.tenant_defaults.search_path, |new| {
-            shared.pool.grow(shared.tenants.ids());
+            for (_, _, pool) in shared.pools.iter() {
+                pool.grow(shared.tenants.ids());
+            }
             shared.metrics.add_tenants(new);
         });
     for &id in &applied.removed {
@@ -377,18 +368,21 @@ fn apply(shared: &Shared, config: &Config, rows: Option<&[DirRow]>) -> Applied {
         end_clients(shared, id);
     }
     // Raised caps: waiters go on at once.
-    shared.pool.reconfigure(None, None);
+    for (_, _, pool) in shared.pools.iter() {
+        pool.reconfigure(None, None);
+    }
     applied
 }
 
-/// Logs problems with directory rows that were not logged at the last refresh.
+/// Logs problems with directory rows (and tenants' places) that were not logged at the
+/// last refresh or reload.
 fn log_new_problems(shared: &Shared, problems: Vec<String>) {
     let mut logged = shared.live.logged.lock().unwrap_or_else(|e| e.into_inner());
     let now: BTreeSet<String> = problems.into_iter().collect();
     let new: Vec<&String> = now.difference(&logged).collect();
     if !new.is_empty() {
         tracing::error!(
-            "directory rows not used: {}",
+            "not put in force: {}",
             new.iter()
                 .map(|s| s.as_str())
                 .collect::<Vec<_>>()
@@ -408,7 +402,7 @@ pub fn end_clients(shared: &Shared, tenant: TenantId) {
         }
     }
     shared.stop.notify_waiters();
-    shared.pool.close_idle_of(tenant);
+    shared.pools.close_idle_of(tenant);
 }
 
 #[cfg(test)]
@@ -433,6 +427,8 @@ mod tests {
             plan: plan.map(Into::into),
             domain: None,
             settings: settings.map(Into::into),
+            server: None,
+            database: None,
         }
     }
 
@@ -472,20 +468,42 @@ mod tests {
     }
 
     #[test]
-    fn logins_keep_their_ids() {
-        let running = ServerTarget::from_config(&config(
-            "[tenants.b]\nschema = \"b\"\nserver_user = \"rb\"\n",
-        ))
-        .unwrap();
+    fn directory_rows_name_their_server_and_database() {
         let c = config(
-            "[tenants.a]\nschema = \"a\"\nserver_user = \"ra\"\nserver_password = \"pa\"\n\
-             [tenants.b]\nschema = \"b\"\nserver_user = \"rb\"\nserver_password = \"new\"\n",
+            "[directory]\nquery = \"SELECT 1\"\n\
+             [servers.eu2]\ndatabase = \"e\"\nuser = \"u2\"\n",
         );
-        let (target, of_tenant) = merge_logins(&running, &c);
-        let users: Vec<_> = target.logins.iter().map(|l| l.user.as_str()).collect();
-        assert_eq!(users, ["u", "rb", "ra"]);
-        assert_eq!(target.logins[1].password.as_deref(), Some("new"));
-        // Tenants a, acme, b.
-        assert_eq!(of_tenant, [2, 0, 1]);
+        let placed = |server: Option<&str>, database: Option<&str>| DirRow {
+            server: server.map(Into::into),
+            database: database.map(Into::into),
+            ..row("x", None, None)
+        };
+        let rows = vec![
+            DirRow {
+                tenant: Some("a".into()),
+                ..placed(Some("eu2"), Some("big"))
+            },
+            DirRow {
+                tenant: Some("b".into()),
+                ..placed(Some("nowhere"), None)
+            },
+            DirRow {
+                tenant: Some("c".into()),
+                ..placed(None, Some(""))
+            },
+        ];
+        let (defs, problems) = directory_defs(&c, &rows);
+        assert_eq!(defs.len(), 1);
+        assert_eq!(
+            (defs[0].server.as_deref(), defs[0].database.as_deref()),
+            (Some("eu2"), Some("big"))
+        );
+        assert_eq!(
+            c.place_of(defs[0].server.as_deref(), defs[0].database.as_deref()),
+            ("eu2".to_string(), "big".to_string())
+        );
+        let all = problems.join("\n");
+        assert!(all.contains("\"b\" names server \"nowhere\""), "{all}");
+        assert!(all.contains("\"c\" has an empty database"), "{all}");
     }
 }

@@ -14,8 +14,8 @@ use arc_swap::ArcSwap;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::pool::Pool;
-use crate::tenant::{Tenant, Tenants};
+use crate::placement::{PlaceId, Pools};
+use crate::tenant::{Tenant, TenantId, Tenants};
 
 /// Histogram buckets, in seconds: from 100 us to a minute.
 pub const BUCKETS: [f64; 18] = [
@@ -32,7 +32,7 @@ pub const REJECT_REASONS: [&str; 4] = [
 ];
 
 /// Name, kind (counter, gauge, histogram) and help text of every series.
-const HELP: [(&str, char, &str); 28] = [
+const HELP: [(&str, char, &str); 29] = [
     (
         "tenantpool_build_info",
         'g',
@@ -41,7 +41,12 @@ const HELP: [(&str, char, &str); 28] = [
     (
         "tenantpool_server_max_connections",
         'g',
-        "server.max_connections in force: server connections for all tenants together.",
+        "max_connections in force of each server and database (place): server connections for all its tenants together.",
+    ),
+    (
+        "tenantpool_tenant_placement",
+        'g',
+        "1 for the server and database a tenant lives in now, 0 for places it lived in before.",
     ),
     (
         "tenantpool_paused_tenants",
@@ -107,7 +112,7 @@ const HELP: [(&str, char, &str); 28] = [
     (
         "tenantpool_server_connections",
         'g',
-        "Server connections by state (active, idle, connecting).",
+        "Server connections by server, database and state (active, idle, connecting).",
     ),
     (
         "tenantpool_tenant_server_connections",
@@ -157,7 +162,7 @@ const HELP: [(&str, char, &str); 28] = [
     (
         "tenantpool_server_connects_total",
         'c',
-        "Server connection attempts, by result.",
+        "Server connection attempts, by server, database and result.",
     ),
     (
         "tenantpool_search_path_switches_total",
@@ -246,6 +251,43 @@ fn start_time() -> Option<f64> {
     Some(btime + ticks / CLOCK_TICKS as f64)
 }
 
+/// One place's (server and database) handles.
+struct PlaceMetrics {
+    active: Gauge,
+    idle: Gauge,
+    connecting: Gauge,
+    connects_ok: Counter,
+    connects_error: Counter,
+    max_connections: Gauge,
+}
+
+impl PlaceMetrics {
+    fn new(r: &PrometheusRecorder, server: &str, database: &str) -> PlaceMetrics {
+        let l =
+            |k: &'static str, v: &'static str| [("server", server), ("database", database), (k, v)];
+        let gauge = |labels: &[(&'static str, &str)]| {
+            r.register_gauge(&key("tenantpool_server_connections", labels), &META)
+        };
+        let counter = |labels: &[(&'static str, &str)]| {
+            r.register_counter(&key("tenantpool_server_connects_total", labels), &META)
+        };
+        PlaceMetrics {
+            active: gauge(&l("state", "active")),
+            idle: gauge(&l("state", "idle")),
+            connecting: gauge(&l("state", "connecting")),
+            connects_ok: counter(&l("result", "ok")),
+            connects_error: counter(&l("result", "error")),
+            max_connections: r.register_gauge(
+                &key(
+                    "tenantpool_server_max_connections",
+                    &[("server", server), ("database", database)],
+                ),
+                &META,
+            ),
+        }
+    }
+}
+
 /// One tenant's handles.
 pub struct TenantMetrics {
     pub clients_active: Gauge,
@@ -304,13 +346,11 @@ pub struct Metrics {
     pub live: LiveMetrics,
     /// Serializes growing `tenants`.
     grow: std::sync::Mutex<()>,
-    server_active: Gauge,
-    server_idle: Gauge,
-    server_connecting: Gauge,
-    connects_ok: Counter,
-    connects_error: Counter,
+    /// Each place's series, by place id, registered when the upkeep first sees the place.
+    places: std::sync::Mutex<Vec<PlaceMetrics>>,
+    /// Each tenant's `tenantpool_tenant_placement` series, by (tenant, place).
+    placement: std::sync::Mutex<std::collections::HashMap<(TenantId, PlaceId), Gauge>>,
     switches: Counter,
-    max_connections: Gauge,
     paused_tenants: Gauge,
     process: ProcessMetrics,
     /// Keeps the recorder (and so the series) alive.
@@ -425,13 +465,9 @@ impl Metrics {
             tenants: TenantMetricsList(ArcSwap::from_pointee(list)),
             live: live_metrics(None),
             grow: Default::default(),
-            server_active: Gauge::noop(),
-            server_idle: Gauge::noop(),
-            server_connecting: Gauge::noop(),
-            connects_ok: Counter::noop(),
-            connects_error: Counter::noop(),
+            places: Default::default(),
+            placement: Default::default(),
             switches: Counter::noop(),
-            max_connections: Gauge::noop(),
             paused_tenants: Gauge::noop(),
             process: ProcessMetrics::new(None),
             recorder: None,
@@ -471,18 +507,13 @@ impl Metrics {
             .iter_all()
             .map(|t| &*Box::leak(Box::new(tenant_metrics(Some(r), t))))
             .collect();
-        let server = |state| gauge("tenantpool_server_connections", &[("state", state)]);
         let metrics = Metrics {
             tenants: TenantMetricsList(ArcSwap::from_pointee(per_tenant)),
             live: live_metrics(Some(r)),
             grow: Default::default(),
-            server_active: server("active"),
-            server_idle: server("idle"),
-            server_connecting: server("connecting"),
-            connects_ok: counter("tenantpool_server_connects_total", &[("result", "ok")]),
-            connects_error: counter("tenantpool_server_connects_total", &[("result", "error")]),
+            places: Default::default(),
+            placement: Default::default(),
             switches: counter("tenantpool_search_path_switches_total", &[]),
-            max_connections: gauge("tenantpool_server_max_connections", &[]),
             paused_tenants: gauge("tenantpool_paused_tenants", &[]),
             process: ProcessMetrics::new(Some(r)),
             recorder: None,
@@ -529,11 +560,12 @@ impl Metrics {
     }
 
     /// Copies the atomic totals and current counts into the series.
-    pub fn refresh(&self, tenants: &Tenants, pool: &Pool) {
-        if !self.enabled() {
+    pub fn refresh(&self, tenants: &Tenants, pools: &Pools) {
+        let Some(r) = self.recorder.as_deref() else {
             return;
-        }
-        let snap = pool.snapshot();
+        };
+        let snaps: Vec<_> = pools.iter().map(|(_, _, p)| p.snapshot()).collect();
+        let (snap, _) = pools.snapshot();
         let paused = &snap.paused;
         self.paused_tenants.set(
             tenants
@@ -541,9 +573,30 @@ impl Metrics {
                 .filter(|t| paused.get(t.id as usize).copied().unwrap_or(false))
                 .count() as f64,
         );
-        self.max_connections
-            .set(pool.settings().max_connections as f64);
         self.process.refresh();
+        let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
+        let mut switches = 0;
+        for ((id, place, pool), snap) in pools.iter().zip(&snaps) {
+            if places.len() <= id as usize {
+                places.push(PlaceMetrics::new(r, &place.server, &place.database));
+            }
+            let m = &places[id as usize];
+            m.max_connections
+                .set(pool.settings().max_connections as f64);
+            m.idle.set(snap.idle as f64);
+            m.connecting.set(snap.connecting as f64);
+            m.active
+                .set(snap.open.saturating_sub(snap.idle + snap.connecting) as f64);
+            let st = &pool.stats;
+            m.connects_ok
+                .absolute(st.connects_ok.load(Ordering::Relaxed));
+            m.connects_error
+                .absolute(st.connects_failed.load(Ordering::Relaxed));
+            switches += st.search_path_switches.load(Ordering::Relaxed);
+        }
+        drop(places);
+        self.switches.absolute(switches);
+        let mut placement = self.placement.lock().unwrap_or_else(|e| e.into_inner());
         for t in tenants.iter_all() {
             if t.id as usize >= self.tenants.len() {
                 break;
@@ -555,6 +608,23 @@ impl Metrics {
             } else {
                 t.max_server() as f64
             });
+            let now = t.place();
+            if !placement.contains_key(&(t.id, now))
+                && let Some(place) = pools.place(now)
+            {
+                let g = r.register_gauge(
+                    &key(
+                        "tenantpool_tenant_placement",
+                        &[
+                            ("tenant", &t.name),
+                            ("server", &place.server),
+                            ("database", &place.database),
+                        ],
+                    ),
+                    &META,
+                );
+                placement.insert((t.id, now), g);
+            }
             let s = &t.stats;
             let active = s.active.load(Ordering::Relaxed);
             let waiting = s.waiting.load(Ordering::Relaxed);
@@ -576,26 +646,27 @@ impl Metrics {
             m.bytes_in.absolute(s.bytes_in.load(Ordering::Relaxed));
             m.bytes_out.absolute(s.bytes_out.load(Ordering::Relaxed));
         }
-        self.server_idle.set(snap.idle as f64);
-        self.server_connecting.set(snap.connecting as f64);
-        self.server_active
-            .set(snap.open.saturating_sub(snap.idle + snap.connecting) as f64);
-        let st = &pool.stats;
-        self.connects_ok
-            .absolute(st.connects_ok.load(Ordering::Relaxed));
-        self.connects_error
-            .absolute(st.connects_failed.load(Ordering::Relaxed));
-        self.switches
-            .absolute(st.search_path_switches.load(Ordering::Relaxed));
+        for (&(tenant, place), g) in placement.iter() {
+            let t = tenants.get(tenant);
+            g.set(if place == t.place() && !t.is_gone() {
+                1.0
+            } else {
+                0.0
+            });
+        }
     }
 
     /// Refreshes the series every 500 ms.
-    pub async fn run_refresh(self: Arc<Self>, tenants: Arc<Tenants>, pool: Arc<Pool>) {
+    pub async fn run_refresh(self: Arc<Self>, shared: std::sync::Weak<crate::Shared>) {
         if !self.enabled() {
             return;
         }
         loop {
-            self.refresh(&tenants, &pool);
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            self.refresh(&shared.tenants, &shared.pools);
+            drop(shared);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }

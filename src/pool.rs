@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 
+use crate::placement::PlaceId;
 use crate::server::{self, LoginId, SHARED_LOGIN, ServerConn, ServerTarget};
 use crate::tenant::{TenantId, Tenants};
 
@@ -164,6 +165,8 @@ struct State {
 
 /// The shared pool.
 pub struct Pool {
+    /// The place (server and database) it serves ([`crate::placement`]).
+    pub place: PlaceId,
     /// The pool itself, for the tasks it starts (closing, probing).
     me: Weak<Pool>,
     state: Mutex<State>,
@@ -218,7 +221,12 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 impl Pool {
-    pub fn new(target: ServerTarget, settings: PoolSettings, tenants: Arc<Tenants>) -> Arc<Pool> {
+    pub fn new(
+        place: PlaceId,
+        target: ServerTarget,
+        settings: PoolSettings,
+        tenants: Arc<Tenants>,
+    ) -> Arc<Pool> {
         let n = tenants.ids();
         assert!(
             tenants
@@ -227,6 +235,7 @@ impl Pool {
             "every tenant's login is one of the target's"
         );
         Arc::new_cyclic(|me| Pool {
+            place,
             me: me.clone(),
             state: Mutex::new(State {
                 idle: Vec::with_capacity(settings.max_connections as usize),
@@ -1519,6 +1528,11 @@ impl PooledConn {
     pub fn set_clean(&mut self, clean: bool) {
         self.clean = clean;
     }
+
+    /// The pool it came from.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.slot.pool
+    }
 }
 
 impl std::ops::Deref for PooledConn {
@@ -1562,7 +1576,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             lifetime: Duration::from_secs(60),
         };
-        Pool::new(target, settings, Arc::new(Tenants::from_config(&config)))
+        Pool::new(0, target, settings, Arc::new(Tenants::from_config(&config)))
     }
 
     fn wait(st: &mut State, t: TenantId) -> oneshot::Receiver<Grant> {

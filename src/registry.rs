@@ -109,13 +109,14 @@ impl ClientRegistry {
         self.slots.remove(&pid);
     }
 
-    /// The server key to cancel for a client key, if the key is valid and a query runs.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<(i32, i32)> {
+    /// The server key to cancel for a client key, if the key is valid and a query runs,
+    /// and the client's tenant.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<(i32, i32, TenantId)> {
         let slot = self.slots.get(&pid)?;
         if slot.secret != secret {
             return None;
         }
-        slot.server()
+        slot.server().map(|(p, s)| (p, s, slot.tenant))
     }
 
     /// Every live client (for the admin console).

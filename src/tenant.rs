@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 
 use crate::config::Config;
+use crate::placement::PlaceId;
 use crate::protocol::{escape_literal, put_query};
 use crate::server::LoginId;
 use crate::session_state::{RESET_SEARCH_PATH, Reset};
@@ -39,6 +40,11 @@ pub struct TenantDef {
     pub max_server: u32,
     pub max_clients: u32,
     pub login: LoginId,
+    /// Its `server` and `database` keys (or directory columns), as given.
+    pub server: Option<String>,
+    pub database: Option<String>,
+    /// Where that is ([`crate::placement::apply`] sets it).
+    pub place: PlaceId,
     /// Setting name -> value, `{tenant}` and `{schema}` not yet replaced.
     pub settings: BTreeMap<String, String>,
     pub plan: Option<String>,
@@ -77,6 +83,8 @@ pub struct Tenant {
     /// The server login its transactions run as ([`crate::server::SHARED_LOGIN`] unless it
     /// has a `server_user`).
     login: AtomicU32,
+    /// The place (server and database) its next transaction goes to.
+    place: AtomicU32,
     /// Removed by a reload or the directory: no new logins; its clients leave at their
     /// next transaction boundary.
     gone: AtomicBool,
@@ -307,6 +315,9 @@ impl Tenants {
                     max_server,
                     max_clients,
                     login,
+                    server: t.server.clone(),
+                    database: t.database.clone(),
+                    place: crate::placement::DEFAULT_PLACE,
                     settings,
                     plan: t.plan.clone(),
                     domain: None,
@@ -369,6 +380,7 @@ impl Tenants {
                         max_server: AtomicU32::new(def.max_server),
                         max_clients: AtomicU32::new(def.max_clients),
                         login: AtomicU32::new(def.login),
+                        place: AtomicU32::new(def.place),
                         gone: AtomicBool::new(false),
                         generation: AtomicU64::new(spec.generation),
                         spec: ArcSwap::from_pointee(spec),
@@ -468,6 +480,7 @@ impl Tenant {
         let mut changed = self.max_server.swap(def.max_server, Ordering::AcqRel) != def.max_server;
         changed |= self.max_clients.swap(def.max_clients, Ordering::AcqRel) != def.max_clients;
         changed |= self.login.swap(def.login, Ordering::AcqRel) != def.login;
+        changed |= self.place.swap(def.place, Ordering::AcqRel) != def.place;
         let old = self.spec.load();
         let fresh = Spec::new(def, search_path_template, Some(old.generation));
         let same_context = fresh.search_path == old.search_path && fresh.settings == old.settings;
@@ -505,6 +518,12 @@ impl Tenant {
     #[inline]
     pub fn login(&self) -> LoginId {
         self.login.load(Ordering::Acquire)
+    }
+
+    /// Where its next transaction goes ([`crate::placement`]).
+    #[inline]
+    pub fn place(&self) -> PlaceId {
+        self.place.load(Ordering::Acquire)
     }
 
     /// Removed by a reload or the directory.
@@ -575,6 +594,9 @@ mod tests {
             max_server: 2,
             max_clients: 10,
             login: 0,
+            server: None,
+            database: None,
+            place: 0,
             settings: settings
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -540,8 +540,12 @@ const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 impl Connector {
     /// From `[server]`'s TLS keys; `None` for `tls = "disable"`.
     pub fn from_config(config: &crate::config::Config) -> Result<Option<Connector>, String> {
+        Connector::from_server(&config.server)
+    }
+
+    /// From one server's TLS keys (`[server]` or a `[servers.NAME]`).
+    pub fn from_server(server: &crate::config::ServerConfig) -> Result<Option<Connector>, String> {
         use crate::config::ServerTls;
-        let server = &config.server;
         let verify = match server.tls {
             ServerTls::Disable => return Ok(None),
             ServerTls::Prefer | ServerTls::Require => Verify::None,

@@ -559,7 +559,8 @@ async fn errors_inside_pipelines_are_postgres_own() {
     assert_eq!(
         proxy
             .shared
-            .pool
+            .pools
+            .default()
             .stats
             .connects_ok
             .load(std::sync::atomic::Ordering::Relaxed),

@@ -229,7 +229,8 @@ async fn no_tenant_ever_sees_another_tenants_rows() {
     assert!(seen >= 1);
     let switches = proxy
         .shared
-        .pool
+        .pools
+        .default()
         .stats
         .search_path_switches
         .load(Ordering::Relaxed);

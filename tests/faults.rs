@@ -139,6 +139,7 @@ async fn cancelled_checkouts_give_back_every_count() {
         ),
     );
     let pool = Pool::new(
+        0,
         ServerTarget::from_config(&config).unwrap(),
         PoolSettings {
             max_connections: max,
@@ -267,7 +268,7 @@ async fn backends_never_exceed_max_connections_under_churn() {
         t.await.unwrap();
     }
     let shared = proxy.shared.clone();
-    settled(|| shared.pool.snapshot(), &[&db.role]).await;
+    settled(|| shared.pools.default().snapshot(), &[&db.role]).await;
     stop.store(true, Ordering::Relaxed);
     let peak = sampler.await.unwrap();
     let (killed, committed) = (
@@ -308,7 +309,7 @@ async fn waiting_clients_get_through_soon_after_the_server_is_back() {
     // The slots freed by the dead connections are tried at once; from then on the pool
     // knows the server is down.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let stats = &proxy.shared.pool.stats;
+    let stats = &proxy.shared.pools.default().stats;
     let failed_before = stats.connects_failed.load(Ordering::Relaxed);
     assert!(failed_before >= 1);
     // Down for a while: the backoff reaches its cap. Connect attempts never overlap.
@@ -316,7 +317,7 @@ async fn waiting_clients_get_through_soon_after_the_server_is_back() {
     let until = Instant::now() + outage;
     let mut most_connecting = 0;
     while Instant::now() < until {
-        most_connecting = most_connecting.max(proxy.shared.pool.snapshot().connecting);
+        most_connecting = most_connecting.max(proxy.shared.pools.default().snapshot().connecting);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let failed = stats.connects_failed.load(Ordering::Relaxed) - failed_before;
@@ -534,7 +535,7 @@ async fn restart_and_outage_under_load() {
         );
     }
     let shared = proxy.shared.clone();
-    settled(|| shared.pool.snapshot(), &[&db.role]).await;
+    settled(|| shared.pools.default().snapshot(), &[&db.role]).await;
     proxy.stop();
 }
 
@@ -672,7 +673,7 @@ async fn queued_transactions_time_out_cleanly_while_the_server_is_down() {
         assert_eq!(first(&c.simple_query("SELECT 3").await.unwrap()), "3");
     }
     let shared = proxy.shared.clone();
-    settled(|| shared.pool.snapshot(), &[&db.role]).await;
+    settled(|| shared.pools.default().snapshot(), &[&db.role]).await;
     proxy.stop();
 }
 
@@ -717,7 +718,7 @@ async fn a_server_that_never_answers_gives_clean_errors_and_keeps_no_slots() {
     assert!(accepted.load(Ordering::Relaxed) >= 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let s = proxy.shared.pool.snapshot();
+        let s = proxy.shared.pools.default().snapshot();
         if (s.open, s.connecting, s.closing, s.waiting) == (0, 0, 0, 0)
             && s.in_use.iter().all(|&n| n == 0)
         {

@@ -103,7 +103,7 @@ async fn quiet_tenant_does_not_queue_behind_noisy_one() {
     }
     let quiet = proxy.connect("quiet").await;
     // Let the noisy backlog build up.
-    while proxy.shared.pool.snapshot().waiting < 20 {
+    while proxy.shared.pools.default().snapshot().waiting < 20 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut worst = 0;
@@ -155,7 +155,7 @@ async fn query_wait_timeout_errors_and_the_client_goes_on() {
         .await
         .unwrap();
     assert_eq!(rows[0].get::<_, i32>(0), 2);
-    let timeouts = proxy.shared.pool.snapshot().waiting;
+    let timeouts = proxy.shared.pools.default().snapshot().waiting;
     assert_eq!(timeouts, 0, "no waiter is left behind");
     proxy.stop();
 }
@@ -177,7 +177,7 @@ async fn a_client_gone_while_queued_leaves_the_queue_and_runs_nothing() {
         let shared = proxy.shared.clone();
         async move {
             for _ in 0..500 {
-                if shared.pool.snapshot().waiting == n {
+                if shared.pools.default().snapshot().waiting == n {
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -281,7 +281,13 @@ async fn idle_transaction_timeout_closes_client_and_frees_server() {
         "0"
     );
     assert_eq!(
-        proxy.shared.pool.stats.connects_ok.load(Ordering::Relaxed),
+        proxy
+            .shared
+            .pools
+            .default()
+            .stats
+            .connects_ok
+            .load(Ordering::Relaxed),
         1
     );
     proxy.stop();
@@ -399,7 +405,7 @@ async fn thousand_tenants_two_thousand_clients() {
         clients.push(t.await.unwrap());
     }
     assert_eq!(proxy.shared.clients.load(Ordering::Relaxed), 2000);
-    let snap = proxy.shared.pool.snapshot();
+    let snap = proxy.shared.pools.default().snapshot();
     assert!(snap.open <= 20);
     // A second round on the same connections.
     for (i, c) in clients.iter().enumerate().step_by(7) {

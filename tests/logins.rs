@@ -235,7 +235,7 @@ async fn a_tenant_with_its_own_login_is_confined_by_postgresql() {
         .unwrap()
         .get(0);
     assert!(open <= 2, "{open} server connections");
-    assert!(proxy.shared.pool.snapshot().open <= 2);
+    assert!(proxy.shared.pools.default().snapshot().open <= 2);
     proxy.stop();
 }
 
@@ -334,12 +334,18 @@ async fn caps_hold_across_logins_under_load() {
         );
     }
     // Capacity moved between logins: connections were closed and opened for others.
-    let connects = proxy.shared.pool.stats.connects_ok.load(Ordering::Relaxed);
+    let connects = proxy
+        .shared
+        .pools
+        .default()
+        .stats
+        .connects_ok
+        .load(Ordering::Relaxed);
     assert!(
         connects > 4,
         "only {connects} server connections were opened"
     );
-    let snap = proxy.shared.pool.snapshot();
+    let snap = proxy.shared.pools.default().snapshot();
     assert!(
         snap.open <= 4 && snap.in_use.iter().all(|&n| n == 0),
         "{snap:?}"

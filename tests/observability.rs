@@ -168,7 +168,11 @@ async fn metrics_follow_the_traffic() {
         .unwrap()
             > 0.0
     );
-    assert!(value(&text, "tenantpool_server_connects_total{result=\"ok\"}").unwrap() >= 1.0);
+    let ok = format!(
+        "tenantpool_server_connects_total{{server=\"default\",database=\"{}\",result=\"ok\"}}",
+        db.name
+    );
+    assert!(value(&text, &ok).unwrap() >= 1.0, "{text}");
     assert_eq!(
         value(
             &text,
@@ -365,7 +369,11 @@ async fn metrics_are_consistent_and_describe_the_process() {
     let db = TestDb::create("metrics_ops", &["acme", "globex"]).await;
     let mport = free_port();
     let proxy = Proxy::start(db.config(3, &admin_extra(mport)));
-    let text = wait_for(mport, "tenantpool_server_max_connections", 3.0).await;
+    let series = format!(
+        "tenantpool_server_max_connections{{server=\"default\",database=\"{}\"}}",
+        db.name
+    );
+    let text = wait_for(mport, &series, 3.0).await;
     for name in OPS_METRICS {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }

@@ -35,13 +35,14 @@ async fn validate_settings(
     }
     let wait = shared.live.config().limits.query_wait_timeout.0;
     let mut conn = shared
-        .pool
+        .pools
+        .of(shared.tenants.get(tenant))
         .checkout(tenant, wait)
         .await
         .map_err(|e| match e {
             CheckoutError::Timeout => PgError::query_wait_timeout(
                 &shared.tenants.get(tenant).name,
-                shared.pool.wait_reason(tenant).as_deref(),
+                shared.pools.wait_reason(&shared.tenants, tenant).as_deref(),
             ),
             CheckoutError::Unavailable(m) => PgError::server_unavailable(&m, true),
         })?;
@@ -218,7 +219,8 @@ async fn login(
         return Err(PgError::unknown_tenant(&shared.tenants.get(tenant).name));
     }
     let server_params = shared
-        .pool
+        .pools
+        .of(shared.tenants.get(tenant))
         .server_params()
         .await
         .map_err(|e| PgError::server_unavailable(&e, true))?;

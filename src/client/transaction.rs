@@ -40,18 +40,19 @@ pub(super) fn policy(shared: &Shared) -> Policy {
 /// client's bytes. Returns how many ReadyForQuery replies the queued messages bring.
 pub(super) fn prepare(
     shared: &Shared,
-    conn: &mut ServerConn,
+    conn: &mut PooledConn,
     tenant: crate::tenant::TenantId,
     client: u64,
     settings: &Arc<crate::settings::Settings>,
 ) -> u8 {
     let t = shared.tenants.get(tenant);
+    let pool = conn.pool().clone();
     let ServerConn {
         state,
         work,
         backend_pid,
         ..
-    } = conn;
+    } = &mut **conn;
     let ConnWork {
         stmts,
         to_server: cout,
@@ -64,11 +65,15 @@ pub(super) fn prepare(
         policy(shared),
         !stmts.is_empty(),
     );
-    let fence = shared.notify.fence(*backend_pid, tenant);
+    // LISTEN/NOTIFY is served on the default place only (see `answer_listen`); a backend
+    // of another server, whose pid may equal one of the default's, never fences there.
+    let fence = if pool.place == crate::placement::DEFAULT_PLACE {
+        shared.notify.fence(*backend_pid, tenant)
+    } else {
+        None
+    };
     if reset == Reset::Switch {
-        shared
-            .pool
-            .stats
+        pool.stats
             .search_path_switches
             .fetch_add(1, Ordering::Relaxed);
     }
@@ -156,7 +161,10 @@ impl Session {
                             stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
                             PgError::query_wait_timeout(
                                 &tenant.name,
-                                shared.pool.wait_reason(self.reg.tenant).as_deref(),
+                                shared
+                                    .pools
+                                    .wait_reason(&shared.tenants, self.reg.tenant)
+                                    .as_deref(),
                             )
                         }
                         CheckoutError::Unavailable(msg) => PgError::server_unavailable(&msg, false),
@@ -451,11 +459,23 @@ impl Session {
         self.cfwd = 0;
         self.cscan.pending = 0;
         self.cscan.touched = 0;
+        // One listener connection, to [server]'s database: a tenant living elsewhere would
+        // never hear its notifications there.
+        if shared.tenants.get(self.reg.tenant).place() != crate::placement::DEFAULT_PLACE {
+            let mut out = PgError::error(
+                "0A000",
+                "LISTEN/UNLISTEN in transaction mode is served only for tenants in [server]'s own database (this tenant lives on another server or database)",
+            )
+            .to_bytes();
+            out.extend_from_slice(b"Z\0\0\0\x05I");
+            self.write_client(&out).await?;
+            return Ok(true);
+        }
         let inbox = self.inbox.get_or_insert_with(Default::default).clone();
         shared
             .notify
             .run(
-                &shared.pool,
+                shared.pools.default(),
                 shared.shutdown_tx.subscribe(),
                 self.reg.tenant,
                 self.reg.id,
@@ -508,7 +528,8 @@ impl Session {
             .store(STATE_WAITING, Ordering::Relaxed);
         let wait_start = Instant::now();
         let wait = shared.live.config().limits.query_wait_timeout.0;
-        let mut checkout = std::pin::pin!(shared.pool.checkout(self.reg.tenant, wait));
+        let pool = shared.pools.of(tenant);
+        let mut checkout = std::pin::pin!(pool.checkout(self.reg.tenant, wait));
         let checkout = loop {
             // Meanwhile the client's further bytes are read (and scanned) as the relay would,
             // up to a bound, so that its closing is seen behind them.

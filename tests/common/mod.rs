@@ -41,9 +41,16 @@ struct Cluster {
 }
 
 static PG: OnceLock<Pg> = OnceLock::new();
+static SECOND_PG: OnceLock<Pg> = OnceLock::new();
 
 pub fn pg() -> &'static Pg {
     PG.get_or_init(start_pg)
+}
+
+/// A second PostgreSQL cluster of this test process's own (always a local throwaway one,
+/// even with `TENANTPOOL_TEST_PG`), for tenants on another server.
+pub fn second_pg() -> &'static Pg {
+    SECOND_PG.get_or_init(start_cluster)
 }
 
 pub fn pg_bin() -> PathBuf {
@@ -103,6 +110,11 @@ fn start_pg() -> Pg {
         }
         return pg;
     }
+    start_cluster()
+}
+
+/// A throwaway cluster: initdb, SCRAM, TLS, on a free port; removed when the process ends.
+fn start_cluster() -> Pg {
     let bin = pg_bin();
     let dir = tempdir("tenantpool-test-pg");
     let root = is_root();

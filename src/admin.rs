@@ -1751,7 +1751,12 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
             for c in &clients {
                 if let Some((pid, _)) = c.server() {
                     let tn = shared.tenants.get(c.tenant);
-                    let (host, port, _) = place_of(tn);
+                    // The place of the connection (the tenant may have moved since).
+                    let target = shared
+                        .pools
+                        .get(c.server_place.load(Ordering::Relaxed))
+                        .target();
+                    let (host, port) = (target.host.clone(), target.port);
                     t.row(vec![
                         "S".into(),
                         user_of(tn).into(),

@@ -131,7 +131,7 @@ impl Proxy {
 
         let tenants = Arc::new(Tenants::from_config(&config));
         let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
-        let (logins, _) = placement::merge_logins(&[], &config);
+        let (logins, of_tenant) = placement::merge_logins(&[], &config);
         let default = placement::Place {
             server: config::DEFAULT_SERVER.into(),
             database: config.server.database.clone(),
@@ -153,6 +153,9 @@ impl Proxy {
         );
         // Every tenant in its place (the pools of the other places made here).
         let mut defs = Tenants::defs_from_config(&config);
+        for (d, login) in defs.iter_mut().zip(of_tenant) {
+            d.login = login;
+        }
         let problems = placement::apply(&pools, &tenants, &config, &logins, &mut defs);
         if !problems.is_empty() {
             return Err(invalid(problems.join("; ")));

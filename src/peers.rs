@@ -106,11 +106,10 @@ pub async fn cancel(shared: &Shared, pid: i32, secret: i32, from: SocketAddr) {
             } else {
                 shared.registry.lookup(pid, secret)
             };
-            if let Some((spid, ssecret, tenant)) = target {
+            if let Some((spid, ssecret, place)) = target {
                 tracing::debug!(client = %from, "forwarding cancel request to the server");
-                // The server of the tenant's place (a tenant moved while its query runs
-                // is cancelled on the new place's server: a cancel that does nothing).
-                let server = shared.pools.of(shared.tenants.get(tenant)).target();
+                // The server of the connection running the query.
+                let server = shared.pools.get(place).target();
                 let _ = crate::server::send_cancel(&server, spid, ssecret).await;
             }
         }

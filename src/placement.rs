@@ -143,10 +143,12 @@ impl Pools {
     /// PAUSE (of a tenant, or of everything) in every pool, so a tenant moved meanwhile is
     /// paused where it goes too.
     pub fn pause(&self, tenant: Option<TenantId>) {
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
         self.iter().for_each(|(_, _, p)| p.pause(tenant));
     }
 
     pub fn resume(&self, tenant: Option<TenantId>) {
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
         self.iter().for_each(|(_, _, p)| p.resume(tenant));
     }
 
@@ -300,7 +302,31 @@ pub fn merge_logins(running: &[ServerLogin], config: &Config) -> (Vec<ServerLogi
         };
         ids.push(id as LoginId);
     }
-    let of_tenant = wanted.of_tenant.iter().map(|&i| ids[i as usize]).collect();
+    let mut of_tenant: Vec<LoginId> = wanted.of_tenant.iter().map(|&i| ids[i as usize]).collect();
+    // A tenant whose `server_user` is `[server] user` shares login 0 on `[server]`; on
+    // another server login 0 is that server's user, so it gets an id of its own there.
+    for ((_, t), id) in config.tenants.iter().zip(of_tenant.iter_mut()) {
+        let (Some(user), Some(server)) = (&t.server_user, &t.server) else {
+            continue;
+        };
+        if *id != 0 || server == DEFAULT_SERVER {
+            continue;
+        }
+        let password = t.resolved_server_password();
+        *id = match logins.iter().skip(1).position(|l| l.user == *user) {
+            Some(j) => {
+                logins[j + 1].password = password;
+                (j + 1) as LoginId
+            }
+            None => {
+                logins.push(ServerLogin {
+                    user: user.clone(),
+                    password,
+                });
+                (logins.len() - 1) as LoginId
+            }
+        };
+    }
     (logins, of_tenant)
 }
 
@@ -343,6 +369,9 @@ pub fn apply(
                 });
                 match made {
                     Ok((id, pool)) => {
+                        // PAUSE and KILL hold in every place, this one too.
+                        let (all, paused) = pools.default().pause_state();
+                        pool.set_pause_state(all, &paused);
                         if pools.upkeep.load(Ordering::Acquire) {
                             tokio::spawn(pool.run_maintenance());
                         }
@@ -350,11 +379,23 @@ pub fn apply(
                         id
                     }
                     Err(e) => {
+                        // A tenant served now stays where it is; a new one is not served.
+                        let now = tenants.lookup(&d.name).map(|t| t.place());
                         problems.push(format!(
-                            "tenant \"{}\" on {place}: {e}; the tenant is not served",
-                            d.name
+                            "tenant \"{}\" on {place}: {e}; {}",
+                            d.name,
+                            if now.is_some() {
+                                "the tenant stays where it is"
+                            } else {
+                                "the tenant is not served"
+                            }
                         ));
-                        return false;
+                        let Some(now) = now else {
+                            return false;
+                        };
+                        used[now as usize] = true;
+                        d.place = now;
+                        return true;
                     }
                 }
             }
@@ -364,11 +405,22 @@ pub fn apply(
         true
     });
     for (id, place, pool) in pools.iter() {
+        let running = pool.target();
+        // The running target with the logins in force (ids index them), its own login
+        // (user and password) and everything else as it was.
+        let with_logins = || {
+            let mut t = (*running).clone();
+            let own = t.logins[0].clone();
+            t.logins = logins.to_vec();
+            t.logins[0] = own;
+            t
+        };
         if config.server_named(&place.server).is_none() {
             // A server no longer configured: its tenants moved (validation says every
-            // tenant's server is configured); idle connections go.
+            // tenant's server is configured); idle connections go, waiters still there
+            // are served as before.
             pool.reconfigure(
-                None,
+                Some(with_logins()),
                 Some(PoolSettings {
                     min_idle: 0,
                     ..(*pool.settings()).clone()
@@ -376,7 +428,6 @@ pub fn apply(
             );
             continue;
         }
-        let running = pool.target();
         let mut target = match target_of(config, place, logins) {
             Ok(t) => t,
             Err(e) => {
@@ -406,7 +457,7 @@ pub fn apply(
             ));
             target.host = running.host.clone();
             target.port = running.port;
-            target.logins[0].user = running.logins[0].user.clone();
+            target.logins[0] = running.logins[0].clone();
             target.connect_timeout = running.connect_timeout;
         }
         pool.reconfigure(
@@ -467,6 +518,21 @@ mod tests {
         assert_eq!((t.port, t.database.as_str()), (5433, "other"));
         let users: Vec<_> = t.logins.iter().map(|l| l.user.as_str()).collect();
         assert_eq!(users, ["ub", "rb", "ra"]);
+    }
+
+    #[test]
+    fn a_server_user_that_is_the_default_users_gets_its_own_login_elsewhere() {
+        let c = config(
+            "[tenants.d]\nschema = \"d\"\nserver_user = \"u\"\n\
+             [tenants.e]\nschema = \"e\"\nserver = \"b\"\nserver_user = \"u\"\n",
+        );
+        let (logins, of_tenant) = merge_logins(&[], &c);
+        // Tenants acme, d, e: d shares [server]'s login 0; on b, login 0 is "ub".
+        assert_eq!(of_tenant[..2], [0, 0]);
+        assert_ne!(of_tenant[2], 0);
+        assert_eq!(logins[of_tenant[2] as usize].user, "u");
+        let (again, ids) = merge_logins(&logins, &c);
+        assert_eq!((again.len(), ids), (logins.len(), of_tenant));
     }
 
     #[test]

@@ -304,6 +304,9 @@ impl Pool {
             if st.full.len() < t.logins.len() {
                 st.full.resize_with(t.logins.len(), || None);
             }
+            if st.full_probing.len() < t.logins.len() {
+                st.full_probing.resize(t.logins.len(), false);
+            }
             self.target.store(Arc::new(t));
         }
         if let Some(s) = settings {
@@ -1161,6 +1164,21 @@ impl Pool {
         }
     }
 
+    /// What PAUSE holds now: everything, and each tenant.
+    pub fn pause_state(&self) -> (bool, Vec<bool>) {
+        let st = self.lock();
+        (st.paused_all, st.paused.clone())
+    }
+
+    /// Takes over another pool's PAUSE state (a new place while tenants are paused).
+    pub fn set_pause_state(&self, all: bool, tenants: &[bool]) {
+        let mut st = self.lock();
+        st.paused_all = all;
+        for (p, &q) in st.paused.iter_mut().zip(tenants) {
+            *p = q;
+        }
+    }
+
     /// RESUME: lifts a PAUSE and hands idle connections and free slots to the waiters.
     pub fn resume(&self, tenant: Option<TenantId>) {
         let mut st = self.lock();
@@ -1533,6 +1551,14 @@ impl PooledConn {
     pub fn pool(&self) -> &Arc<Pool> {
         &self.slot.pool
     }
+
+    /// The pool it came from and the connection, borrowed together.
+    pub fn with_pool(&mut self) -> (&Pool, &mut ServerConn) {
+        (
+            &self.slot.pool,
+            self.conn.as_mut().expect("connection present until drop"),
+        )
+    }
 }
 
 impl std::ops::Deref for PooledConn {
@@ -1670,9 +1696,10 @@ mod tests {
             password: None,
         });
         pool.reconfigure(Some(target), None);
-        // Indexed by a new tenant's login at its first checkout.
+        // Indexed by a new tenant's login at its first checkout (and its first wait).
         assert_eq!(pool.lock().full.len(), 2);
         assert!(pool.lock().full[1].is_none());
+        assert_eq!(pool.lock().full_probing, [false, false]);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use dashmap::DashMap;
 
+use crate::placement::PlaceId;
 use crate::tenant::TenantId;
 
 /// What a client is doing, for SHOW CLIENTS.
@@ -40,6 +41,8 @@ pub struct ClientSlot {
     pub server_prepared: AtomicU32,
     /// The id of the server connection it holds (while `server()` is some).
     pub server_conn: AtomicU64,
+    /// The place (server and database) of that connection.
+    pub server_place: AtomicU32,
 }
 
 impl ClientSlot {
@@ -98,6 +101,7 @@ impl ClientRegistry {
                     prepared: AtomicU32::new(0),
                     server_prepared: AtomicU32::new(0),
                     server_conn: AtomicU64::new(0),
+                    server_place: AtomicU32::new(0),
                 });
                 v.insert(slot.clone());
                 return slot;
@@ -110,13 +114,14 @@ impl ClientRegistry {
     }
 
     /// The server key to cancel for a client key, if the key is valid and a query runs,
-    /// and the client's tenant.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<(i32, i32, TenantId)> {
+    /// and the place of that server connection.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<(i32, i32, PlaceId)> {
         let slot = self.slots.get(&pid)?;
         if slot.secret != secret {
             return None;
         }
-        slot.server().map(|(p, s)| (p, s, slot.tenant))
+        let place = slot.server_place.load(Ordering::Relaxed);
+        slot.server().map(|(p, s)| (p, s, place))
     }
 
     /// Every live client (for the admin console).

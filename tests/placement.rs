@@ -298,3 +298,77 @@ async fn unknown_server_and_listen_elsewhere() {
     a.batch_execute("LISTEN jobs").await.unwrap();
     proxy.stop();
 }
+
+/// A transaction queued when its tenant moves runs in the new place, and a PAUSE holds in a
+/// place made by the reload that moves the tenant there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_transactions_follow_a_move_and_pause_holds_there() {
+    let db = TestDb::create("placement_move", &["acme"]).await;
+    let second = second_pg();
+    let db2 = format!("{}_b", db.name);
+    let db3 = format!("{}_c", db.name);
+    let role2 = format!("{}_second", db.role);
+    database(pg(), &db2, &db.role, &["umbrella"], "main").await;
+    database(second, &db3, &role2, &["umbrella"], "second").await;
+    let servers = format!(
+        "[servers.second]\nhost = \"127.0.0.1\"\nport = {port}\ndatabase = \"{db3}\"\n\
+         user = \"{role2}\"\npassword = \"{SERVER_PASSWORD}\"\nmax_connections = 2\nmin_idle = 0\n{ADMIN}",
+        port = second.port,
+    );
+    let on_second =
+        format!("{servers}[tenants.umbrella]\nschema = \"tenant_umbrella\"\nserver = \"second\"\n");
+    let text = db.config_text(2, &on_second);
+    let dir = tempdir("tenantpool-placement-move");
+    let path = dir.join("tenantpool.toml");
+    std::fs::write(&path, &text).unwrap();
+    let proxy = Proxy::start(tenantpool::config::Config::parse(&text).unwrap());
+    proxy.shared.live.set_path(&path);
+    let port = proxy.addr.port();
+    let console = connect_str(&format!(
+        "host=127.0.0.1 port={port} user=admin password=admin-secret dbname=tenantpool"
+    ))
+    .await;
+    let a = proxy.connect("umbrella").await;
+    let b = proxy.connect("umbrella").await;
+    assert_eq!(first_lead(&a).await, "umbrella-second-1");
+
+    console.batch_execute("PAUSE umbrella").await.unwrap();
+    // One simple query: one transaction, queued in the old place.
+    let queued = tokio::spawn(async move {
+        rows(
+            &a.simple_query("SELECT name FROM leads ORDER BY id LIMIT 1")
+                .await
+                .unwrap(),
+        )[0][0]
+            .clone()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!queued.is_finished(), "paused");
+    // The move makes a new place (default/db2): the PAUSE holds there too.
+    let on_main = format!(
+        "{servers}[tenants.umbrella]\nschema = \"tenant_umbrella\"\ndatabase = \"{db2}\"\n"
+    );
+    std::fs::write(&path, db.config_text(2, &on_main)).unwrap();
+    console.batch_execute("RELOAD").await.unwrap();
+    let fresh = tokio::spawn(async move { first_lead(&b).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!fresh.is_finished(), "still paused in the new place");
+    assert!(!queued.is_finished());
+    console.batch_execute("RESUME umbrella").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), fresh)
+            .await
+            .unwrap()
+            .unwrap(),
+        "umbrella-main-1"
+    );
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), queued)
+            .await
+            .unwrap()
+            .unwrap(),
+        "umbrella-main-1",
+        "the transaction queued before the move runs in the new place"
+    );
+    proxy.stop();
+}

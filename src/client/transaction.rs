@@ -46,13 +46,13 @@ pub(super) fn prepare(
     settings: &Arc<crate::settings::Settings>,
 ) -> u8 {
     let t = shared.tenants.get(tenant);
-    let pool = conn.pool().clone();
+    let (pool, conn) = conn.with_pool();
     let ServerConn {
         state,
         work,
         backend_pid,
         ..
-    } = &mut **conn;
+    } = conn;
     let ConnWork {
         stmts,
         to_server: cout,
@@ -189,6 +189,10 @@ impl Session {
             .client
             .server_conn
             .store(conn.id, Ordering::Relaxed);
+        self.reg
+            .client
+            .server_place
+            .store(conn.pool().place, Ordering::Relaxed);
         self.reg
             .client
             .server_prepared
@@ -460,11 +464,14 @@ impl Session {
         self.cscan.pending = 0;
         self.cscan.touched = 0;
         // One listener connection, to [server]'s database: a tenant living elsewhere would
-        // never hear its notifications there.
-        if shared.tenants.get(self.reg.tenant).place() != crate::placement::DEFAULT_PLACE {
+        // never hear its notifications there. (UNLISTEN is served: a tenant moved away
+        // drops what it listened on before.)
+        if matches!(cmd, crate::listen::Command::Listen(_))
+            && shared.tenants.get(self.reg.tenant).place() != crate::placement::DEFAULT_PLACE
+        {
             let mut out = PgError::error(
                 "0A000",
-                "LISTEN/UNLISTEN in transaction mode is served only for tenants in [server]'s own database (this tenant lives on another server or database)",
+                "LISTEN in transaction mode is served only for tenants in [server]'s own database (this tenant lives on another server or database)",
             )
             .to_bytes();
             out.extend_from_slice(b"Z\0\0\0\x05I");
@@ -528,34 +535,48 @@ impl Session {
             .store(STATE_WAITING, Ordering::Relaxed);
         let wait_start = Instant::now();
         let wait = shared.live.config().limits.query_wait_timeout.0;
-        let pool = shared.pools.of(tenant);
-        let mut checkout = std::pin::pin!(pool.checkout(self.reg.tenant, wait));
+        let mut left = wait;
         let checkout = loop {
-            // Meanwhile the client's further bytes are read (and scanned) as the relay would,
-            // up to a bound, so that its closing is seen behind them.
-            let room = self.buf.len() < QUEUED_READ_MAX && !self.cscan.terminated;
-            if room && self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(relay::CLIENT_BUF);
-            }
-            if !room {
+            // The place the tenant lives in now: a reload may move it while it waits.
+            let pool = shared.pools.of(tenant);
+            let mut checkout = std::pin::pin!(pool.checkout(self.reg.tenant, left));
+            let got = loop {
+                // Meanwhile the client's further bytes are read (and scanned) as the relay would,
+                // up to a bound, so that its closing is seen behind them.
+                let room = self.buf.len() < QUEUED_READ_MAX && !self.cscan.terminated;
+                if room && self.buf.capacity() - self.buf.len() < 1024 {
+                    self.buf.reserve(relay::CLIENT_BUF);
+                }
+                if !room {
+                    tokio::select! {
+                        biased;
+                        c = &mut checkout => break Ok(c.map(Some)),
+                        () = closed(&self.stream) => break Ok(Ok(None)),
+                    }
+                }
+                // The checkout first: a free connection is the common case, and then the
+                // client's socket is not touched.
                 tokio::select! {
                     biased;
                     c = &mut checkout => break Ok(c.map(Some)),
-                    () = closed(&self.stream) => break Ok(Ok(None)),
-                }
-            }
-            // The checkout first: a free connection is the common case, and then the
-            // client's socket is not touched.
-            tokio::select! {
-                biased;
-                c = &mut checkout => break Ok(c.map(Some)),
-                r = self.stream.read_buf(&mut self.buf) => match r {
-                    Ok(0) | Err(_) => break Ok(Ok(None)),
-                    Ok(_) => match self.cscan.scan(&self.buf, self.cfwd) {
-                        Ok(end) => self.cfwd = end,
-                        Err(e) => break Err(e),
+                    r = self.stream.read_buf(&mut self.buf) => match r {
+                        Ok(0) | Err(_) => break Ok(Ok(None)),
+                        Ok(_) => match self.cscan.scan(&self.buf, self.cfwd) {
+                            Ok(end) => self.cfwd = end,
+                            Err(e) => break Err(e),
+                        },
                     },
-                },
+                }
+            };
+            match got {
+                // Moved while it waited: the old place's connection goes back unused (it
+                // never saw this client) and the wait goes on in the new place.
+                Ok(Ok(Some(mut conn))) if conn.pool().place != tenant.place() => {
+                    conn.set_clean(true);
+                    drop(conn);
+                    left = wait.saturating_sub(wait_start.elapsed());
+                }
+                got => break got,
             }
         };
         let waited = wait_start.elapsed();

@@ -132,6 +132,32 @@ pub async fn server_roles(config: &Config) -> Vec<String> {
             Err(e) => warnings.push(format!("could not check server role \"{user}\": {e}")),
         }
     }
+    // Each other server's own user, in its database (tenants' own logins there are the
+    // same roles as above, checked on [server]).
+    let (logins, _) = crate::placement::merge_logins(&[], config);
+    for (name, s) in &config.servers {
+        let place = crate::placement::Place {
+            server: name.clone(),
+            database: s.database.clone(),
+        };
+        let checked = async {
+            let target = crate::placement::target_of(config, &place, &logins)?;
+            let mut conn = server::connect_plain(&target, server::SHARED_LOGIN)
+                .await?
+                .conn;
+            let mut w = role_warnings(&mut conn, &s.user).await?;
+            w.extend(default_path_warnings(&mut conn, &s.user).await?);
+            conn.terminate();
+            Ok::<_, String>(w)
+        };
+        match checked.await {
+            Ok(w) => warnings.extend(w.into_iter().map(|w| format!("servers.{name}: {w}"))),
+            Err(e) => warnings.push(format!(
+                "could not check server role \"{}\" on servers.{name}: {e}",
+                s.user
+            )),
+        }
+    }
     warnings
 }
 

@@ -297,6 +297,30 @@ async fn unknown_server_and_listen_elsewhere() {
     let a = proxy.connect("acme").await;
     a.batch_execute("LISTEN jobs").await.unwrap();
     proxy.stop();
+    // `tenantpool check` logs in to every server as its own user.
+    let checked = |password: &str| {
+        db.config(
+            2,
+            &format!(
+                "[servers.other]\nhost = \"{}\"\nport = {}\ndatabase = \"{db2}\"\n\
+                 user = \"{}\"\npassword = \"{password}\"\n",
+                pg().host,
+                pg().port,
+                db.role
+            ),
+        )
+    };
+    let good = tenantpool::audit::server_roles(&checked(SERVER_PASSWORD)).await;
+    assert!(
+        !good.iter().any(|w| w.contains("could not check")),
+        "{good:?}"
+    );
+    let bad = tenantpool::audit::server_roles(&checked("wrong")).await;
+    assert!(
+        bad.iter()
+            .any(|w| w.contains("could not check server role") && w.contains("on servers.other")),
+        "{bad:?}"
+    );
 }
 
 /// A transaction queued when its tenant moves runs in the new place, and a PAUSE holds in a

@@ -309,6 +309,7 @@ impl Proxy {
         let tell_idle_clients = || {
             shared.stopping.store(true, Ordering::Release);
             shared.stop.notify_waiters();
+            shared.registry.wake_all();
         };
         match mode {
             config::ShutdownMode::WaitForServers => {

@@ -16,7 +16,6 @@ mod transaction;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
@@ -340,19 +339,12 @@ impl Session {
 
     /// Waits until the client has sent bytes (allocating the read buffer only then). An
     /// idle client's wait holds no buffer and little state: a readiness registration on
-    /// its socket and one on the proxy's stop signal.
+    /// its socket and its waker in its registry slot (for shutdown and KILL).
     async fn wait_for_data(&mut self) -> Wake {
         while self.buf.is_empty() {
             let shared = &*self.reg.shared;
+            let client = &*self.reg.client;
             let stream = &mut self.stream;
-            let mut stop = pin!(shared.stop.notified());
-            stop.as_mut().enable();
-            if shared.stopping.load(Ordering::Acquire) {
-                return Wake::Shutdown;
-            }
-            if self.reg.client.killed.load(Ordering::Acquire) {
-                return Wake::Killed;
-            }
             // client_idle_timeout, when on, costs a timer allocation per idle period.
             let mut idle_timer = shared
                 .live
@@ -365,38 +357,40 @@ impl Session {
             let mut held = self.held.as_deref_mut();
             // Notifications of the channels it listens on (transaction mode).
             let mut notified = self.inbox.as_ref().map(|i| Box::pin(i.ready.notified()));
-            let wake = std::future::poll_fn(|cx| {
-                if stop.as_mut().poll(cx).is_ready() {
-                    // Shutdown or KILL; the flags above say which (or neither: wait again).
-                    return Poll::Ready(None);
+            // Everything the closure uses is moved into it: the future holds each once.
+            let wake = std::future::poll_fn(move |cx| {
+                // The waker first, then the flags (see ClientSlot::set_waker).
+                client.set_waker(cx.waker());
+                if shared.stopping.load(Ordering::Acquire) {
+                    return Poll::Ready(Wake::Shutdown);
+                }
+                if client.killed.load(Ordering::Acquire) {
+                    return Poll::Ready(Wake::Killed);
                 }
                 if let Some(t) = idle_timer.as_mut()
                     && t.as_mut().poll(cx).is_ready()
                 {
-                    return Poll::Ready(Some(Wake::IdleTimeout));
+                    return Poll::Ready(Wake::IdleTimeout);
                 }
                 if let Some(n) = notified.as_mut()
                     && n.as_mut().poll(cx).is_ready()
                 {
-                    return Poll::Ready(Some(Wake::Notified));
+                    return Poll::Ready(Wake::Notified);
                 }
                 if let Some(conn) = held.as_deref_mut()
                     && conn.stream.poll_read_ready(cx).is_ready()
                 {
-                    return Poll::Ready(Some(Wake::Server));
+                    return Poll::Ready(Wake::Server);
                 }
-                stream.poll_read_ready(cx).map(|r| {
-                    Some(match r {
-                        Ok(()) => Wake::Data,
-                        Err(_) => Wake::Closed,
-                    })
+                stream.poll_read_ready(cx).map(|r| match r {
+                    Ok(()) => Wake::Data,
+                    Err(_) => Wake::Closed,
                 })
             })
             .await;
             match wake {
-                None => continue,
-                Some(Wake::Data) => break,
-                Some(other) => return other,
+                Wake::Data => break,
+                other => return other,
             }
         }
         self.buf.reserve(CLIENT_BUF);

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Waker;
+use std::task::{Poll, Waker};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
@@ -78,6 +78,21 @@ impl ClientSlot {
         if let Some(w) = w {
             w.wake();
         }
+    }
+
+    /// Completes once `flag` is set, woken through this client's waker: whoever sets the
+    /// flag wakes the client afterwards ([`ClientSlot::wake`], [`ClientRegistry::wake_all`]).
+    /// Registering costs an uncontended lock of this client's own, where a waiter on a
+    /// proxy-wide `Notify` took its shared lock twice.
+    pub fn until<'a>(&'a self, flag: &'a AtomicBool) -> impl Future<Output = ()> + 'a {
+        std::future::poll_fn(move |cx| {
+            self.set_waker(cx.waker());
+            if flag.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
     }
 
     /// The attached server backend's pid and secret, if any.

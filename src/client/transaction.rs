@@ -246,7 +246,7 @@ impl Session {
         let end = tokio::select! {
             biased;
             end = relay.run() => end,
-            () = shared.shutdown_timed_out() => RelayEnd::ShutdownTimeout,
+            () = self.reg.client.until(&shared.aborting) => RelayEnd::ShutdownTimeout,
         };
         stats.active.fetch_sub(1, Ordering::Relaxed);
         self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);

@@ -41,11 +41,11 @@ pub(super) fn policy(shared: &Shared) -> Policy {
 pub(super) fn prepare(
     shared: &Shared,
     conn: &mut ServerConn,
-    tenant: crate::tenant::TenantId,
+    t: &crate::tenant::Tenant,
     client: u64,
     settings: &Arc<crate::settings::Settings>,
 ) -> u8 {
-    let t = shared.tenants.get(tenant);
+    let tenant = t.id;
     let ServerConn {
         state,
         work,
@@ -128,8 +128,18 @@ impl Session {
         if self.answer_without_server(&shared).await? || self.answer_listen(&shared).await? {
             return Ok(true);
         }
+        // The tenant, its metrics and the limits in force, each loaded once (a load costs
+        // more than the reads).
         let tenant = shared.tenants.get(self.reg.tenant);
         let tmetrics = &shared.metrics.tenants[self.reg.tenant as usize];
+        let (query_wait, idle_in_transaction, message_timeout) = {
+            let config = shared.live.config();
+            (
+                config.limits.query_wait_timeout.0,
+                config.limits.idle_transaction_timeout.nonzero(),
+                config.limits.message_timeout.nonzero(),
+            )
+        };
         let stats = &tenant.stats;
         let session_mode = shared.config.proxy.pool_mode == PoolMode::Session;
         let mut conn = match self.take_held()? {
@@ -140,7 +150,7 @@ impl Session {
             // the shutdown notification (a lock per transaction).
             None => match tokio::select! {
                 biased;
-                r = self.checkout(&shared) => r?,
+                r = self.checkout(&shared, tenant, tmetrics, query_wait) => r?,
                 () = shared.shutdown_timed_out() => return Err(PgError::shutdown_timeout()),
             } {
                 Ok(Some(c)) => c,
@@ -170,7 +180,7 @@ impl Session {
         let swallow = prepare(
             &shared,
             &mut conn,
-            self.reg.tenant,
+            tenant,
             self.reg.id,
             &self.settings,
         );
@@ -214,14 +224,6 @@ impl Session {
             )
             .with_sql_statements(sql_statements)
         });
-        // One load of the limits in force for both (a load costs more than the reads).
-        let (idle_in_transaction, message_timeout) = {
-            let config = shared.live.config();
-            (
-                config.limits.idle_transaction_timeout.nonzero(),
-                config.limits.message_timeout.nonzero(),
-            )
-        };
         let mut relay = Relay {
             client: &mut self.stream,
             cbuf: &mut self.buf,
@@ -498,8 +500,10 @@ impl Session {
     async fn checkout(
         &mut self,
         shared: &Arc<Shared>,
+        tenant: &crate::tenant::Tenant,
+        tmetrics: &crate::metrics::TenantMetrics,
+        wait: std::time::Duration,
     ) -> Result<Result<Option<PooledConn>, CheckoutError>, PgError> {
-        let tenant = shared.tenants.get(self.reg.tenant);
         let stats = &tenant.stats;
         stats.waiting.fetch_add(1, Ordering::Relaxed);
         self.reg
@@ -507,7 +511,6 @@ impl Session {
             .state
             .store(STATE_WAITING, Ordering::Relaxed);
         let wait_start = Instant::now();
-        let wait = shared.live.config().limits.query_wait_timeout.0;
         let mut checkout = std::pin::pin!(shared.pool.checkout(self.reg.tenant, wait));
         let checkout = loop {
             // Meanwhile the client's further bytes are read (and scanned) as the relay would,
@@ -542,9 +545,7 @@ impl Session {
         stats
             .wait_us
             .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        shared.metrics.tenants[self.reg.tenant as usize]
-            .wait_duration
-            .record(waited.as_secs_f64());
+        tmetrics.wait_duration.record(waited.as_secs_f64());
         self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
         checkout
     }

@@ -54,6 +54,35 @@ pub fn serve<T: Send + 'static>(
     }
 }
 
+/// Read buffers kept per thread between one client's transaction and the next client's:
+/// idle clients hold no buffer, and a transaction does not pay an 8 kB malloc and free.
+/// A few only (SPARE_BUFS per worker thread): the memory stays bounded.
+const SPARE_BUFS: usize = 8;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A read buffer: a spare one, else a new one.
+fn take_buf() -> BytesMut {
+    SPARE
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(CLIENT_BUF))
+}
+
+/// Keeps an empty buffer of the usual size as a spare (others are freed).
+fn spare_buf(buf: BytesMut) {
+    let cap = buf.capacity();
+    if (CLIENT_BUF / 2..=2 * CLIENT_BUF).contains(&cap) {
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_BUFS {
+                s.push(buf);
+            }
+        });
+    }
+}
+
 /// A logged-in client.
 struct Session {
     stream: Stream,
@@ -185,8 +214,8 @@ impl Session {
             }
             drop(error);
             if self.buf.is_empty() {
-                // Idle clients hold no buffer.
-                self.buf = BytesMut::new();
+                // Idle clients hold no buffer: it goes to the thread's spares.
+                spare_buf(std::mem::take(&mut self.buf));
             }
         }
     }
@@ -392,6 +421,9 @@ impl Session {
                 Wake::Data => break,
                 other => return other,
             }
+        }
+        if self.buf.capacity() == 0 {
+            self.buf = take_buf();
         }
         self.buf.reserve(CLIENT_BUF);
         // When the socket is readable this completes at once; unlike try_read it also

@@ -15,8 +15,11 @@ pub struct Settings {
     pub reported: std::sync::OnceLock<Vec<(String, String)>>,
     /// The ParameterStatus messages a client with these settings is sent at login, made
     /// once for the server's parameters they were made from (`client::startup::welcome`).
-    pub welcome: std::sync::OnceLock<(std::sync::Arc<[(String, String)]>, bytes::Bytes)>,
+    pub welcome: std::sync::OnceLock<Welcome>,
 }
+
+/// The server's parameters and the ParameterStatus messages made from them.
+pub type Welcome = (std::sync::Arc<[(String, String)]>, bytes::Bytes);
 
 impl Settings {
     pub fn new(list: Vec<(String, String)>) -> Settings {

@@ -370,7 +370,7 @@ impl Session {
     /// idle client's wait holds no buffer and little state: a readiness registration on
     /// its socket and its waker in its registry slot (for shutdown and KILL).
     async fn wait_for_data(&mut self) -> Wake {
-        while self.buf.is_empty() {
+        if self.buf.is_empty() {
             let shared = &*self.reg.shared;
             let client = &*self.reg.client;
             let stream = &mut self.stream;
@@ -417,9 +417,8 @@ impl Session {
                 })
             })
             .await;
-            match wake {
-                Wake::Data => break,
-                other => return other,
+            if !matches!(wake, Wake::Data) {
+                return wake;
             }
         }
         if self.buf.capacity() == 0 {

@@ -441,7 +441,12 @@ fn put_parameter_statuses(
     for (name, value) in server_params {
         let own = reported
             .and_then(|r| r.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))
-            .or_else(|| settings.list.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))
+            .or_else(|| {
+                settings
+                    .list
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            })
             .map(|(_, v)| v.as_str());
         let value = match own {
             Some(v) => v,

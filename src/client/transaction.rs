@@ -177,13 +177,7 @@ impl Session {
                 }
             },
         };
-        let swallow = prepare(
-            &shared,
-            &mut conn,
-            tenant,
-            self.reg.id,
-            &self.settings,
-        );
+        let swallow = prepare(&shared, &mut conn, tenant, self.reg.id, &self.settings);
         self.reg
             .client
             .attach(conn.backend_pid, conn.backend_secret);

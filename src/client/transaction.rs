@@ -504,8 +504,17 @@ impl Session {
             .client
             .state
             .store(STATE_WAITING, Ordering::Relaxed);
-        let wait_start = Instant::now();
         let mut checkout = std::pin::pin!(shared.pool.checkout(self.reg.tenant, wait));
+        // Most checkouts find a connection at once: those read no clock (their wait is 0).
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(checkout.as_mut().poll(cx))).await;
+        if let std::task::Poll::Ready(c) = first {
+            stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            tmetrics.wait_duration.record(0.0);
+            self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
+            return Ok(c.map(Some));
+        }
+        let wait_start = Instant::now();
         let checkout = loop {
             // Meanwhile the client's further bytes are read (and scanned) as the relay would,
             // up to a bound, so that its closing is seen behind them.

@@ -9,8 +9,9 @@
 //! Describe, Execute, Close, Sync, Flush). A SELECT returns one row of `1`s, one column per
 //! top-level comma of its select list (so `set_config(...)` lists and `current_setting`
 //! read-backs get as many values as they ask for); other statements get the tag PostgreSQL
-//! would send (`SET`, `DISCARD ALL`, `BEGIN`, `COMMIT`, `UPDATE 1`, ...). BEGIN/COMMIT move
-//! the ReadyForQuery status. Nothing is ever an error.
+//! would send (`SET`, `DISCARD ALL`, `BEGIN`, `COMMIT`, `UPDATE 1`, ...), and a `SET` of a
+//! reported parameter its ParameterStatus. BEGIN/COMMIT move the ReadyForQuery status.
+//! Nothing is ever an error.
 
 use std::collections::HashMap;
 
@@ -214,6 +215,9 @@ fn answer(out: &mut BytesMut, sql: &[u8], status: &mut u8, describe: bool) {
         return;
     }
     let word = first_word(sql);
+    if word == "SET" {
+        report_set(out, sql);
+    }
     let tag: &str = match word.as_str() {
         "BEGIN" | "START" => {
             *status = b'T';
@@ -241,6 +245,44 @@ fn answer(out: &mut BytesMut, sql: &[u8], status: &mut u8, describe: bool) {
         _ => "SELECT 0",
     };
     put_msg(out, b'C', |b| put_cstr(b, tag));
+}
+
+/// `SET [SESSION] name = value` / `TO value` of a parameter PostgreSQL reports: its
+/// ParameterStatus, as PostgreSQL sends it (PgBouncer keeps a server connection's values
+/// from these, and would otherwise SET them again before every transaction).
+fn report_set(out: &mut BytesMut, sql: &[u8]) {
+    const REPORTED: [&str; 9] = [
+        "application_name",
+        "client_encoding",
+        "DateStyle",
+        "IntervalStyle",
+        "TimeZone",
+        "standard_conforming_strings",
+        "integer_datetimes",
+        "is_superuser",
+        "server_version",
+    ];
+    let text = String::from_utf8_lossy(&sql[3..]);
+    let mut rest = text.trim_start();
+    if rest.len() >= 8 && rest[..8].eq_ignore_ascii_case("session ") {
+        rest = rest[8..].trim_start();
+    }
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '=')
+        .unwrap_or(rest.len());
+    let (name, mut value) = (&rest[..end], rest[end..].trim_start());
+    if let Some(v) = value.strip_prefix('=') {
+        value = v;
+    } else if value.len() >= 3 && value[..3].eq_ignore_ascii_case("to ") {
+        value = &value[3..];
+    }
+    let value = value.trim().trim_matches('\'');
+    if let Some(name) = REPORTED.iter().find(|r| r.eq_ignore_ascii_case(name)) {
+        put_msg(out, b'S', |b| {
+            put_cstr(b, name);
+            put_cstr(b, value);
+        });
+    }
 }
 
 /// For a SELECT (or VALUES/SHOW), the number of columns: top-level commas + 1.

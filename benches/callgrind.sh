@@ -8,6 +8,7 @@
 #   MODE=prepared VARIANTS="plain untracked" benches/callgrind.sh
 #   CG_OUT=/tmp/cg benches/callgrind.sh  # keeps /tmp/cg.<variant> for callgrind_annotate
 #   TP_BIN=/tmp/tenantpool-old VARIANTS=plain benches/callgrind.sh   # another build (before/after)
+#   CONNECT=1 TXNS=200 VARIANTS=plain benches/callgrind.sh   # pgbench -C: a login per transaction
 #
 # Variants: plain (defaults: prepared statements tracked), untracked
 # (max_prepared_statements = 0), metrics (exporter on), settings (3 startup settings),
@@ -58,13 +59,13 @@ TOML
   sleep 2
   # Start-up (config SCRAM keys, server logins) is not counted.
   callgrind_control -z "$pid" >/dev/null
-  PGOPTIONS="${3:-}" PGPASSWORD=bench-secret pgbench -n -S -M "$MODE" -c "$CLIENTS" -j 1 -t "$TXNS" -h 127.0.0.1 -p "$port" -U bench t1 >/dev/null 2>&1
+  PGOPTIONS="${3:-}" PGPASSWORD=bench-secret pgbench -n -S ${CONNECT:+-C} -M "$MODE" -c "$CLIENTS" -j 1 -t "$TXNS" -h 127.0.0.1 -p "$port" -U bench t1 >/dev/null 2>&1
   kill -INT "$pid"; wait "$pid" || true
   [ -n "${CG_OUT:-}" ] && cp "$WORK/cg.$1" "$CG_OUT.$1"
   local ir; ir=$( (callgrind_annotate "$WORK/cg.$1" 2>/dev/null || true) | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}')
   awk -v n="$1" -v ir="$ir" -v t=$((TXNS * CLIENTS)) 'BEGIN{printf "%-10s %12d Ir total  %8.0f Ir per transaction (client logins included)\n", n, ir, ir/t}'
 }
-echo "callgrind: pgbench -S -M $MODE, $CLIENTS clients x $TXNS transactions"
+echo "callgrind: pgbench -S ${CONNECT:+-C }-M $MODE, $CLIENTS clients x $TXNS transactions"
 for v in $VARIANTS; do
   case $v in
     plain) variant plain "" ;;

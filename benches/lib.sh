@@ -30,7 +30,9 @@ start_pg() {
 }
 
 # start_pgbouncer INI_BODY [MORE_SETTINGS] [NAME]: runs PgBouncer (as postgres when root)
-# with the given ini; sets PB_PORT and PB_PID. User "bench" with password "bench-secret".
+# with the given ini; sets PB_PORT and PB_PID. User "bench" with password "bench-secret"
+# (stored as PB_SECRET when set, e.g. a SCRAM verifier, so that a login costs PgBouncer no
+# key derivation).
 # NAME (default pgbouncer) names its ini, log and pid files, so several can run.
 start_pgbouncer() {
   PB_PORT=$(freeport)
@@ -49,11 +51,22 @@ logfile = $WORK/$name.log
 pidfile = $WORK/$name.pid
 ${2:-}
 INI
-  echo '"bench" "bench-secret"' > "$WORK/userlist.txt"
+  echo "\"bench\" \"${PB_SECRET:-bench-secret}\"" > "$WORK/userlist.txt"
   chown -R postgres "$WORK" 2>/dev/null || true
   rm -f "$WORK/$name.pid"
   "${AS[@]}" bash -c "ulimit -n \$(ulimit -Hn); exec pgbouncer '$WORK/$name.ini'" >/dev/null 2>&1 &
   for _ in $(seq 50); do [ -s "$WORK/$name.pid" ] && break; sleep 0.1; done
   PB_PID=$(cat "$WORK/$name.pid")
   PIDS+=("$PB_PID")
+}
+
+# scram_verifier PASSWORD: PostgreSQL's SCRAM-SHA-256 verifier (4096 iterations) of it.
+scram_verifier() {
+  python3 -c 'import base64,hashlib,hmac,os,sys
+pw=sys.argv[1].encode(); salt=os.urandom(16); it=4096
+sp=hashlib.pbkdf2_hmac("sha256", pw, salt, it)
+ck=hmac.new(sp, b"Client Key", "sha256").digest()
+sk=hmac.new(sp, b"Server Key", "sha256").digest()
+b=lambda x: base64.b64encode(x).decode()
+print("SCRAM-SHA-256$%d:%s$%s:%s" % (it, b(salt), b(hashlib.sha256(ck).digest()), b(sk)))' "$1"
 }

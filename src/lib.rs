@@ -82,8 +82,9 @@ pub struct Shared {
     pub stop: Notify,
     /// What `/readyz` reports beyond the pool (see [`health`]).
     pub health: health::State,
-    /// Set when `shutdown_timeout` ran out; `abort` then wakes every running transaction,
-    /// whose client gets FATAL 57P01 "shutdown timeout reached".
+    /// Set when `shutdown_timeout` ran out; `abort` then wakes waiting checkouts and the
+    /// registry (`wake_all`) every running transaction, whose client gets FATAL 57P01
+    /// "shutdown timeout reached".
     pub aborting: AtomicBool,
     pub abort: Notify,
     /// SHOW STATS' averages over the last `stats_period`.
@@ -327,6 +328,7 @@ impl Proxy {
         let tell_idle_clients = || {
             shared.stopping.store(true, Ordering::Release);
             shared.stop.notify_waiters();
+            shared.registry.wake_all();
         };
         match mode {
             config::ShutdownMode::WaitForServers => {
@@ -355,6 +357,7 @@ impl Proxy {
             }
             shared.aborting.store(true, Ordering::Release);
             shared.abort.notify_waiters();
+            shared.registry.wake_all();
             shared.pools.close();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), alive_rx.recv()).await;
         }

@@ -399,6 +399,7 @@ pub fn end_clients(shared: &Shared, tenant: TenantId) {
     for c in shared.registry.all() {
         if c.tenant == tenant {
             c.killed.store(true, Ordering::Release);
+            c.wake();
         }
     }
     shared.stop.notify_waiters();

@@ -143,8 +143,12 @@ pub fn put_parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
 
 /// Appends a string with its NUL terminator (interior NULs are dropped).
 pub fn put_cstr(buf: &mut BytesMut, s: &str) {
-    for part in s.split('\0') {
-        buf.put_slice(part.as_bytes());
+    if s.as_bytes().contains(&0) {
+        for part in s.split('\0') {
+            buf.put_slice(part.as_bytes());
+        }
+    } else {
+        buf.put_slice(s.as_bytes());
     }
     buf.put_u8(0);
 }

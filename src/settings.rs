@@ -13,13 +13,20 @@ pub struct Settings {
     /// ParameterStatus values PostgreSQL reported after applying them (normalized
     /// spellings such as `ISO, DMY`), once known.
     pub reported: std::sync::OnceLock<Vec<(String, String)>>,
+    /// The ParameterStatus messages a client with these settings is sent at login, made
+    /// once for the server's parameters they were made from (`client::startup::welcome`).
+    pub welcome: std::sync::OnceLock<Welcome>,
 }
+
+/// The server's parameters and the ParameterStatus messages made from them.
+pub type Welcome = (std::sync::Arc<[(String, String)]>, bytes::Bytes);
 
 impl Settings {
     pub fn new(list: Vec<(String, String)>) -> Settings {
         Settings {
             list,
             reported: std::sync::OnceLock::new(),
+            welcome: std::sync::OnceLock::new(),
         }
     }
 

@@ -225,3 +225,52 @@ async fn session_mode_reset_returns_to_the_startup_value() {
     );
     proxy.stop();
 }
+
+/// A login needs no server connection for settings that were seen before, even after every
+/// client that had them has left: with the pool's only connection held by an open
+/// transaction and `query_wait_timeout` short, a client with those settings still logs in
+/// (the check at login would have had to wait for that connection and failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seen_settings_log_in_while_the_pool_is_busy() {
+    let db = TestDb::create("seen_settings", &["acme"]).await;
+    let proxy = Proxy::start(db.config(1, "[limits]\nquery_wait_timeout = \"1s\""));
+    let extra = "options='-c timezone=Asia/Tokyo -c datestyle=SQL,DMY' application_name=seen";
+    // The first client with these settings: they are checked on the server. It leaves.
+    let first = connect_with(&proxy, "acme", extra).await;
+    assert_eq!(
+        one(&first.simple_query("SHOW timezone").await.unwrap()),
+        "Asia/Tokyo"
+    );
+    drop(first);
+    // The pool's only connection is held by an open transaction.
+    let busy = connect_with(&proxy, "acme", "").await;
+    busy.simple_query("BEGIN").await.unwrap();
+    busy.simple_query("SELECT 1").await.unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (client, conn) = tokio_postgres::connect(
+            &format!("{} {extra}", proxy.conn_str("acme")),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("a login with settings seen before needs no server connection");
+        tokio::spawn(conn);
+        clients.push(client);
+    }
+    // Settings never seen still wait for (and here, do not get) a connection.
+    let e = tokio_postgres::connect(
+        &format!("{} options='-c timezone=UTC'", proxy.conn_str("acme")),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("new settings are checked on a server connection");
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+    busy.simple_query("COMMIT").await.unwrap();
+    for c in &clients {
+        assert_eq!(
+            one(&c.simple_query("SHOW datestyle").await.unwrap()),
+            "SQL, DMY"
+        );
+    }
+}

@@ -46,7 +46,8 @@ async fn validate_settings(
             ),
             CheckoutError::Unavailable(m) => PgError::server_unavailable(&m, true),
         })?;
-    let replies = super::transaction::prepare(shared, &mut conn, tenant, client, settings);
+    let t = shared.tenants.get(tenant);
+    let replies = super::transaction::prepare(shared, &mut conn, t, client, settings);
     let mut out = BytesMut::new();
     conn.work.to_server.take_own(&mut out);
     let result = conn.run_queries(&out, u32::from(replies)).await;

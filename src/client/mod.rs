@@ -16,7 +16,6 @@ mod transaction;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
@@ -52,6 +51,35 @@ pub fn serve<T: Send + 'static>(
             return;
         };
         session.run().await;
+    }
+}
+
+/// Read buffers kept per thread between one client's transaction and the next client's:
+/// idle clients hold no buffer, and a transaction does not pay an 8 kB malloc and free.
+/// A few only (SPARE_BUFS per worker thread): the memory stays bounded.
+const SPARE_BUFS: usize = 8;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A read buffer: a spare one, else a new one.
+fn take_buf() -> BytesMut {
+    SPARE
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(CLIENT_BUF))
+}
+
+/// Keeps an empty buffer of the usual size as a spare (others are freed).
+fn spare_buf(buf: BytesMut) {
+    let cap = buf.capacity();
+    if (CLIENT_BUF / 2..=2 * CLIENT_BUF).contains(&cap) {
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_BUFS {
+                s.push(buf);
+            }
+        });
     }
 }
 
@@ -186,8 +214,8 @@ impl Session {
             }
             drop(error);
             if self.buf.is_empty() {
-                // Idle clients hold no buffer.
-                self.buf = BytesMut::new();
+                // Idle clients hold no buffer: it goes to the thread's spares.
+                spare_buf(std::mem::take(&mut self.buf));
             }
         }
     }
@@ -340,19 +368,12 @@ impl Session {
 
     /// Waits until the client has sent bytes (allocating the read buffer only then). An
     /// idle client's wait holds no buffer and little state: a readiness registration on
-    /// its socket and one on the proxy's stop signal.
+    /// its socket and its waker in its registry slot (for shutdown and KILL).
     async fn wait_for_data(&mut self) -> Wake {
-        while self.buf.is_empty() {
+        if self.buf.is_empty() {
             let shared = &*self.reg.shared;
+            let client = &*self.reg.client;
             let stream = &mut self.stream;
-            let mut stop = pin!(shared.stop.notified());
-            stop.as_mut().enable();
-            if shared.stopping.load(Ordering::Acquire) {
-                return Wake::Shutdown;
-            }
-            if self.reg.client.killed.load(Ordering::Acquire) {
-                return Wake::Killed;
-            }
             // client_idle_timeout, when on, costs a timer allocation per idle period.
             let mut idle_timer = shared
                 .live
@@ -365,39 +386,43 @@ impl Session {
             let mut held = self.held.as_deref_mut();
             // Notifications of the channels it listens on (transaction mode).
             let mut notified = self.inbox.as_ref().map(|i| Box::pin(i.ready.notified()));
-            let wake = std::future::poll_fn(|cx| {
-                if stop.as_mut().poll(cx).is_ready() {
-                    // Shutdown or KILL; the flags above say which (or neither: wait again).
-                    return Poll::Ready(None);
+            // Everything the closure uses is moved into it: the future holds each once.
+            let wake = std::future::poll_fn(move |cx| {
+                // The waker first, then the flags (see ClientSlot::set_waker).
+                client.set_waker(cx.waker());
+                if shared.stopping.load(Ordering::Acquire) {
+                    return Poll::Ready(Wake::Shutdown);
+                }
+                if client.killed.load(Ordering::Acquire) {
+                    return Poll::Ready(Wake::Killed);
                 }
                 if let Some(t) = idle_timer.as_mut()
                     && t.as_mut().poll(cx).is_ready()
                 {
-                    return Poll::Ready(Some(Wake::IdleTimeout));
+                    return Poll::Ready(Wake::IdleTimeout);
                 }
                 if let Some(n) = notified.as_mut()
                     && n.as_mut().poll(cx).is_ready()
                 {
-                    return Poll::Ready(Some(Wake::Notified));
+                    return Poll::Ready(Wake::Notified);
                 }
                 if let Some(conn) = held.as_deref_mut()
                     && conn.stream.poll_read_ready(cx).is_ready()
                 {
-                    return Poll::Ready(Some(Wake::Server));
+                    return Poll::Ready(Wake::Server);
                 }
-                stream.poll_read_ready(cx).map(|r| {
-                    Some(match r {
-                        Ok(()) => Wake::Data,
-                        Err(_) => Wake::Closed,
-                    })
+                stream.poll_read_ready(cx).map(|r| match r {
+                    Ok(()) => Wake::Data,
+                    Err(_) => Wake::Closed,
                 })
             })
             .await;
-            match wake {
-                None => continue,
-                Some(Wake::Data) => break,
-                Some(other) => return other,
+            if !matches!(wake, Wake::Data) {
+                return wake;
             }
+        }
+        if self.buf.capacity() == 0 {
+            self.buf = take_buf();
         }
         self.buf.reserve(CLIENT_BUF);
         // When the socket is readable this completes at once; unlike try_read it also

@@ -406,30 +406,56 @@ fn tenant_from_name(
 /// reported when the settings were applied, else the values as the client gave them.
 pub async fn welcome(
     stream: &mut Stream,
-    server_params: &[(String, String)],
+    server_params: &crate::pool::ServerParams,
     settings: &crate::settings::Settings,
     key: (i32, i32),
 ) -> Result<(), PgError> {
-    let mut out = BytesMut::with_capacity(512);
+    let mut out = BytesMut::with_capacity(1024);
     let _ = Authentication::Ok.encode(&mut out);
-    let reported = settings.reported.get();
-    for (name, value) in server_params {
-        let lower = name.to_ascii_lowercase();
-        let own = reported
-            .and_then(|r| r.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))
-            .map(|(_, v)| v.as_str())
-            .or_else(|| settings.get(&lower));
-        let value = match own {
-            Some(v) => v,
-            // The pool's own application_name is not the client's.
-            None if lower == "application_name" => "",
-            None => value,
-        };
-        put_parameter_status(&mut out, name, value);
+    // The same for every client with these settings: made once (when what they depend on
+    // is final) and copied.
+    match settings.welcome.get() {
+        Some((params, bytes)) if Arc::ptr_eq(params, server_params) => out.extend_from_slice(bytes),
+        _ => {
+            let start = out.len();
+            put_parameter_statuses(&mut out, server_params, settings);
+            if settings.list.is_empty() || settings.reported.get().is_some() {
+                let bytes = bytes::Bytes::copy_from_slice(&out[start..]);
+                let _ = settings.welcome.set((server_params.clone(), bytes));
+            }
+        }
     }
     let _ = BackendKeyData::new(key.0, SecretKey::I32(key.1)).encode(&mut out);
     put_ready_for_query(&mut out, b'I');
     stream.write_all(&out).await.map_err(PgError::client_io)
+}
+
+/// The ParameterStatus messages of a login: the server's values, as the client's settings
+/// change them (what PostgreSQL reported when they were applied, else the values as given).
+fn put_parameter_statuses(
+    out: &mut BytesMut,
+    server_params: &[(String, String)],
+    settings: &crate::settings::Settings,
+) {
+    let reported = settings.reported.get();
+    for (name, value) in server_params {
+        let own = reported
+            .and_then(|r| r.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))
+            .or_else(|| {
+                settings
+                    .list
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            })
+            .map(|(_, v)| v.as_str());
+        let value = match own {
+            Some(v) => v,
+            // The pool's own application_name is not the client's.
+            None if name.eq_ignore_ascii_case("application_name") => "",
+            None => value,
+        };
+        put_parameter_status(out, name, value);
+    }
 }
 
 #[cfg(test)]

@@ -41,11 +41,11 @@ pub(super) fn policy(shared: &Shared) -> Policy {
 pub(super) fn prepare(
     shared: &Shared,
     conn: &mut PooledConn,
-    tenant: crate::tenant::TenantId,
+    t: &crate::tenant::Tenant,
     client: u64,
     settings: &Arc<crate::settings::Settings>,
 ) -> u8 {
-    let t = shared.tenants.get(tenant);
+    let tenant = t.id;
     let (pool, conn) = conn.with_pool();
     let ServerConn {
         state,
@@ -133,8 +133,18 @@ impl Session {
         if self.answer_without_server(&shared).await? || self.answer_listen(&shared).await? {
             return Ok(true);
         }
+        // The tenant, its metrics and the limits in force, each loaded once (a load costs
+        // more than the reads).
         let tenant = shared.tenants.get(self.reg.tenant);
         let tmetrics = &shared.metrics.tenants[self.reg.tenant as usize];
+        let (query_wait, idle_in_transaction, message_timeout) = {
+            let config = shared.live.config();
+            (
+                config.limits.query_wait_timeout.0,
+                config.limits.idle_transaction_timeout.nonzero(),
+                config.limits.message_timeout.nonzero(),
+            )
+        };
         let stats = &tenant.stats;
         let session_mode = shared.config.proxy.pool_mode == PoolMode::Session;
         let mut conn = match self.take_held()? {
@@ -145,7 +155,7 @@ impl Session {
             // the shutdown notification (a lock per transaction).
             None => match tokio::select! {
                 biased;
-                r = self.checkout(&shared) => r?,
+                r = self.checkout(&shared, tenant, tmetrics, query_wait) => r?,
                 () = shared.shutdown_timed_out() => return Err(PgError::shutdown_timeout()),
             } {
                 Ok(Some(c)) => c,
@@ -175,13 +185,7 @@ impl Session {
                 }
             },
         };
-        let swallow = prepare(
-            &shared,
-            &mut conn,
-            self.reg.tenant,
-            self.reg.id,
-            &self.settings,
-        );
+        let swallow = prepare(&shared, &mut conn, tenant, self.reg.id, &self.settings);
         self.reg
             .client
             .attach(conn.backend_pid, conn.backend_secret);
@@ -226,14 +230,6 @@ impl Session {
             )
             .with_sql_statements(sql_statements)
         });
-        // One load of the limits in force for both (a load costs more than the reads).
-        let (idle_in_transaction, message_timeout) = {
-            let config = shared.live.config();
-            (
-                config.limits.idle_transaction_timeout.nonzero(),
-                config.limits.message_timeout.nonzero(),
-            )
-        };
         let mut relay = Relay {
             client: &mut self.stream,
             cbuf: &mut self.buf,
@@ -258,7 +254,7 @@ impl Session {
         let end = tokio::select! {
             biased;
             end = relay.run() => end,
-            () = shared.shutdown_timed_out() => RelayEnd::ShutdownTimeout,
+            () = self.reg.client.until(&shared.aborting) => RelayEnd::ShutdownTimeout,
         };
         stats.active.fetch_sub(1, Ordering::Relaxed);
         self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
@@ -525,47 +521,57 @@ impl Session {
     async fn checkout(
         &mut self,
         shared: &Arc<Shared>,
+        tenant: &crate::tenant::Tenant,
+        tmetrics: &crate::metrics::TenantMetrics,
+        wait: std::time::Duration,
     ) -> Result<Result<Option<PooledConn>, CheckoutError>, PgError> {
-        let tenant = shared.tenants.get(self.reg.tenant);
         let stats = &tenant.stats;
         stats.waiting.fetch_add(1, Ordering::Relaxed);
         self.reg
             .client
             .state
             .store(STATE_WAITING, Ordering::Relaxed);
-        let wait_start = Instant::now();
-        let wait = shared.live.config().limits.query_wait_timeout.0;
         let mut left = wait;
+        // Read only when a checkout has to wait: most find a connection at once, and those
+        // read no clock (their wait is 0).
+        let mut wait_start: Option<Instant> = None;
         let checkout = loop {
             // The place the tenant lives in now: a reload may move it while it waits.
             let pool = shared.pools.of(tenant);
             let mut checkout = std::pin::pin!(pool.checkout(self.reg.tenant, left));
-            let got = loop {
-                // Meanwhile the client's further bytes are read (and scanned) as the relay would,
-                // up to a bound, so that its closing is seen behind them.
-                let room = self.buf.len() < QUEUED_READ_MAX && !self.cscan.terminated;
-                if room && self.buf.capacity() - self.buf.len() < 1024 {
-                    self.buf.reserve(relay::CLIENT_BUF);
-                }
-                if !room {
-                    tokio::select! {
-                        biased;
-                        c = &mut checkout => break Ok(c.map(Some)),
-                        () = closed(&self.stream) => break Ok(Ok(None)),
+            let first =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(checkout.as_mut().poll(cx))).await;
+            let got = match first {
+                std::task::Poll::Ready(c) => Ok(c.map(Some)),
+                std::task::Poll::Pending => {
+                    wait_start.get_or_insert_with(Instant::now);
+                    loop {
+                        // Meanwhile the client's further bytes are read (and scanned) as the
+                        // relay would, up to a bound, so that its closing is seen behind them.
+                        let room = self.buf.len() < QUEUED_READ_MAX && !self.cscan.terminated;
+                        if room && self.buf.capacity() - self.buf.len() < 1024 {
+                            self.buf.reserve(relay::CLIENT_BUF);
+                        }
+                        if !room {
+                            tokio::select! {
+                                biased;
+                                c = &mut checkout => break Ok(c.map(Some)),
+                                () = closed(&self.stream) => break Ok(Ok(None)),
+                            }
+                        }
+                        // The checkout first: then the client's socket is not touched.
+                        tokio::select! {
+                            biased;
+                            c = &mut checkout => break Ok(c.map(Some)),
+                            r = self.stream.read_buf(&mut self.buf) => match r {
+                                Ok(0) | Err(_) => break Ok(Ok(None)),
+                                Ok(_) => match self.cscan.scan(&self.buf, self.cfwd) {
+                                    Ok(end) => self.cfwd = end,
+                                    Err(e) => break Err(e),
+                                },
+                            },
+                        }
                     }
-                }
-                // The checkout first: a free connection is the common case, and then the
-                // client's socket is not touched.
-                tokio::select! {
-                    biased;
-                    c = &mut checkout => break Ok(c.map(Some)),
-                    r = self.stream.read_buf(&mut self.buf) => match r {
-                        Ok(0) | Err(_) => break Ok(Ok(None)),
-                        Ok(_) => match self.cscan.scan(&self.buf, self.cfwd) {
-                            Ok(end) => self.cfwd = end,
-                            Err(e) => break Err(e),
-                        },
-                    },
                 }
             };
             match got {
@@ -574,19 +580,20 @@ impl Session {
                 Ok(Ok(Some(mut conn))) if conn.pool().place != tenant.place() => {
                     conn.set_clean(true);
                     drop(conn);
-                    left = wait.saturating_sub(wait_start.elapsed());
+                    let start = *wait_start.get_or_insert_with(Instant::now);
+                    left = wait.saturating_sub(start.elapsed());
                 }
                 got => break got,
             }
         };
-        let waited = wait_start.elapsed();
+        let waited = wait_start.map(|s| s.elapsed()).unwrap_or_default();
         stats.waiting.fetch_sub(1, Ordering::Relaxed);
-        stats
-            .wait_us
-            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        shared.metrics.tenants[self.reg.tenant as usize]
-            .wait_duration
-            .record(waited.as_secs_f64());
+        if !waited.is_zero() {
+            stats
+                .wait_us
+                .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        }
+        tmetrics.wait_duration.record(waited.as_secs_f64());
         self.reg.client.state.store(STATE_IDLE, Ordering::Relaxed);
         checkout
     }

@@ -332,9 +332,10 @@ pub fn merge_logins(running: &[ServerLogin], config: &Config) -> (Vec<ServerLogi
 
 /// Puts `config`'s servers in force for `defs` (the tenants about to be put in force):
 /// gives each def its place, making the pools of new places (their upkeep started), and
-/// gives every pool its target (new logins and passwords, TLS) and sizing. A def whose
-/// place cannot be served (all places taken, a TLS setup that fails) is dropped, with a
-/// problem naming it: it must never run in another tenant's database.
+/// gives every pool its target (new logins and passwords, TLS) and sizing. When a def's
+/// place cannot be made (all places taken, a TLS setup that fails), a tenant served now
+/// stays where it is and a new one is dropped, with a problem naming it: it must never run
+/// in another tenant's database. (At start every problem stops the proxy.)
 ///
 /// A place's address (host, port, user, connect timeout) stays as it was when the place
 /// was made: changing it needs a restart (or a new server name), as for `[server]`.

@@ -591,6 +591,13 @@ pub async fn run(sql: &str, shared: &Arc<Shared>, user: &str, peer: SocketAddr) 
                     }
                 })
                 .await;
+                if t.is_none() {
+                    // Everything paused: as PgBouncer, no server connection stays open (so
+                    // PostgreSQL can restart); answered once PostgreSQL has closed them.
+                    // One tenant's PAUSE closes none: connections are shared.
+                    shared.pools.close_idle();
+                    wait_until(shared, || shared.pools.snapshot().0.open == 0).await;
+                }
                 Answer::Done("PAUSE".into())
             }
             ("RESUME", 1 | 2) => {

@@ -176,6 +176,9 @@ impl Proxy {
             None => (Metrics::disabled(&tenants), None),
         };
         let metrics = Arc::new(metrics);
+        // Every place's server series exist from start-up too (the upkeep registers those of
+        // places a reload adds).
+        metrics.refresh(&tenants, &pools);
         let settings = settings::SettingsCache::default();
         metrics.live.last_reload.set(metrics::unix_now());
         let peer_id = config.proxy.peer_id;

@@ -169,6 +169,10 @@ impl Pools {
         self.iter().any(|(_, _, p)| p.old_idle(tenant, mark))
     }
 
+    pub fn close_idle(&self) {
+        self.iter().for_each(|(_, _, p)| p.close_idle());
+    }
+
     pub fn close_idle_of(&self, tenant: TenantId) {
         self.iter().for_each(|(_, _, p)| p.close_idle_of(tenant));
     }

@@ -1102,7 +1102,9 @@ impl Pool {
             if st.waiting > 0 {
                 self.dispatch(&mut st);
             }
+            // A PAUSE of everything keeps none open (see `close_idle`).
             let want = st.down.is_none()
+                && !st.paused_all
                 && (st.idle.len() as u32) < self.settings.load().min_idle
                 && st.open < self.settings.load().max_connections;
             if want {
@@ -1253,6 +1255,14 @@ impl Pool {
             .iter()
             .any(|c| c.id < mark && tenant.is_none_or(|t| c.state.tenant() == Some(t)))
             || st.closing > 0
+    }
+
+    /// Closes every idle connection (a PAUSE of everything, as PgBouncer's: PostgreSQL can
+    /// then be restarted with no connection of the pool open).
+    pub fn close_idle(&self) {
+        let mut st = self.lock();
+        let idle = std::mem::take(&mut st.idle);
+        st.retiring.extend(idle);
     }
 
     /// Closes the idle connections carrying `tenant`'s search_path (KILL).

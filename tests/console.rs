@@ -443,7 +443,8 @@ async fn err_code(c: &tokio_postgres::Client, sql: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_waits_for_servers_and_resume_errors() {
     let db = TestDb::create("console_pause", &["acme", "globex"]).await;
-    let proxy = Proxy::start(db.config(2, &console_extra("")));
+    // min_idle 1: the pool keeps a connection open, except under a PAUSE of everything.
+    let proxy = Proxy::start(db.config(2, &console_extra("[server]\nmin_idle = 1\n")));
     let admin = std::sync::Arc::new(console(&proxy, "admin").await);
     let acme = proxy.connect("acme").await;
 
@@ -475,7 +476,7 @@ async fn pause_waits_for_servers_and_resume_errors() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!held.is_finished());
     admin.simple_query("RESUME acme").await.unwrap();
-    let _acme = tokio::time::timeout(Duration::from_secs(5), held)
+    let acme = tokio::time::timeout(Duration::from_secs(5), held)
         .await
         .unwrap()
         .unwrap();
@@ -487,15 +488,22 @@ async fn pause_waits_for_servers_and_resume_errors() {
     let out = psql_console(proxy.addr.port(), "admin", ADMIN_PASSWORD, "RESUME globex;");
     assert!(out.contains("tenant globex is not paused"), "{out}");
 
-    // PAUSE of everything, then RESUME.
+    // PAUSE of everything: answered once no server connection is open (PgBouncer's PAUSE,
+    // for a PostgreSQL restart), and none is opened for min_idle meanwhile; then RESUME.
+    let su = pg().superuser("postgres").await;
+    assert!(db.backends(&su).await > 0);
     admin.simple_query("PAUSE").await.unwrap();
+    assert_eq!(db.backends(&su).await, 0);
     let state = admin.query("SHOW STATE", &[]).await.unwrap();
     assert!(
         state
             .iter()
             .any(|r| r.get::<_, String>("key") == "paused" && r.get::<_, String>("value") == "yes")
     );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(db.backends(&su).await, 0, "min_idle waits for RESUME");
     admin.simple_query("RESUME").await.unwrap();
+    acme.simple_query("SELECT 1").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

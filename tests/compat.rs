@@ -463,6 +463,43 @@ async fn listen_notify_in_transaction_mode_stays_within_the_tenant() {
     proxy.stop();
 }
 
+/// A driver that closes a statement it dropped in the same write as its next query
+/// (tokio-postgres does: Close + Sync, then the query): a LISTEN sent so is still the
+/// proxy's, and the server connections never LISTEN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_behind_a_statement_close_is_the_proxys() {
+    let db = TestDb::create("compat_listen_close", &["acme"]).await;
+    let proxy = Proxy::start(db.config(1, TRUST));
+    let mut a = Raw::login(proxy.addr, "acme").await;
+    let mut batch = parse("s0", "SELECT 1");
+    batch.extend(sync());
+    a.send(&batch).await;
+    assert_eq!(tags(&a.until_ready().await), "1Z");
+    let mut batch = close("s0");
+    batch.extend(sync());
+    batch.extend(query("LISTEN jobs"));
+    a.send(&batch).await;
+    assert_eq!(tags(&a.until_ready().await), "3Z");
+    assert_eq!(tags(&a.until_ready().await), "CZ");
+    let mut b = Raw::login(proxy.addr, "acme").await;
+    b.send(&query("NOTIFY jobs, 'hello'")).await;
+    assert_eq!(tags(&b.until_ready().await), "CZ");
+    assert_eq!(
+        notification(&mut a, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("hello")
+    );
+    // The pool's one connection listens on nothing.
+    b.send(&query("SELECT count(*) FROM pg_listening_channels()"))
+        .await;
+    assert_eq!(first_column(&b.until_ready().await), ["0"]);
+    // The statement is closed for the client, as PostgreSQL would have it.
+    a.send(&[bind("s0"), execute(), sync()].concat()).await;
+    assert_eq!(error_code(&a.until_ready().await).as_deref(), Some("26000"));
+    proxy.stop();
+}
+
 /// A listening client that does not read: its backlog is bounded, and past it the client
 /// is disconnected with FATAL 53200; others go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

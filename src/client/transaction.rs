@@ -121,6 +121,25 @@ async fn rollback(conn: &mut PooledConn) -> bool {
     conn.run_queries(&out, 1).await.is_ok() && conn.buf.is_empty()
 }
 
+/// The end of the first batch in `batch` (whole messages): just past its first Sync, Query
+/// or FunctionCall, the messages that each bring a ReadyForQuery.
+fn first_batch_end(batch: &[u8]) -> Option<usize> {
+    let mut pos = 0;
+    while pos < batch.len() {
+        let (tag, Ok(len)) = crate::protocol::header(&batch[pos..])? else {
+            return None;
+        };
+        pos += len;
+        if pos > batch.len() {
+            return None;
+        }
+        if matches!(tag, b'S' | b'Q' | b'F') {
+            return Some(pos);
+        }
+    }
+    None
+}
+
 impl Session {
     /// Runs one transaction (session mode: on the connection kept from the last one).
     /// Returns whether the client is still there.
@@ -407,25 +426,41 @@ impl Session {
                 _ => false,
             }
             || shared.config.proxy.max_prepared_statements == 0
-            || self.cscan.pending != 1
+            || self.cscan.pending == 0
             || self.cscan.unsynced
             || self.cscan.body_left != 0
         {
             return Ok(false);
         }
+        // Several batches at once (a driver's Close of a statement it dropped, sent ahead of
+        // its next query): the first one alone may be answerable; the rest is then the next
+        // transaction's (a LISTEN there is answered too).
+        let whole = self.cscan.pending == 1;
+        let end = if whole {
+            self.cfwd
+        } else {
+            match first_batch_end(&self.buf[..self.cfwd]) {
+                Some(end) => end,
+                None => return Ok(false),
+            }
+        };
         let Some(reply) = crate::prepared::answer_alone(
             &mut self.statements,
             &shared.statements,
             self.reg.tenant,
-            &self.buf[..self.cfwd],
+            &self.buf[..end],
         ) else {
             return Ok(false);
         };
-        self.buf.advance(self.cfwd);
-        self.cfwd = 0;
-        self.cscan.pending = 0;
-        // Nothing ran: what the texts may touch is on their statements.
-        self.cscan.touched = 0;
+        self.buf.advance(end);
+        self.cfwd -= end;
+        self.cscan.pending -= 1;
+        if whole {
+            // Nothing ran: what the texts may touch is on their statements.
+            self.cscan.touched = 0;
+        }
+        // Else what the rest may touch is kept, with what this batch's added (more than it
+        // needs, never less).
         self.reg
             .client
             .prepared

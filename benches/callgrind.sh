@@ -24,8 +24,7 @@ command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgri
 source benches/lib.sh
 start_pg
 export PGPASSWORD=server-secret
-psql -qX -h 127.0.0.1 -p "$PGPORT" -U tenantpool -d app -c "CREATE SCHEMA tenant_t1" >/dev/null
-PGOPTIONS="-c search_path=tenant_t1" pgbench -q -i -s 1 -h 127.0.0.1 -p "$PGPORT" -U tenantpool app >/dev/null 2>&1
+bench_schema
 if [ -z "${TP_BIN:-}" ]; then
   cargo build --release -q --bin tenantpool
   TP_BIN=$ROOT/target/release/tenantpool

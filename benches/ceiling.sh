@@ -36,7 +36,7 @@ cargo build --release -q --bin tenantpool --example fakepg
 FAKEPORT=$(freeport)
 "$ROOT/target/release/examples/fakepg" "127.0.0.1:$FAKEPORT" "$FAKE_THREADS" >"$WORK/fakepg.log" 2>&1 &
 FAKE_PID=$!; PIDS+=("$FAKE_PID")
-for _ in $(seq 50); do (echo > "/dev/tcp/127.0.0.1/$FAKEPORT") 2>/dev/null && break; sleep 0.1; done
+wait_port "$FAKEPORT"
 echo "SELECT 1;" > "$WORK/select1.sql"
 TCK=$(getconf CLK_TCK)
 
@@ -61,28 +61,13 @@ run direct "$FAKEPORT" "" fake
 
 for w in $WORKERS_LIST; do
   port=$(freeport)
-  cat > "$WORK/tp.toml" <<TOML
-[proxy]
-listen = "127.0.0.1:$port"
-max_client_conn = 10000
-[server]
-host = "127.0.0.1"
-port = $FAKEPORT
-database = "app"
-user = "fake"
-max_connections = $POOL
-min_idle = $POOL
-[tenant_defaults]
-max_server_connections = $POOL
-max_client_connections = 10000
-[users.bench]
-password = "bench-secret"
-[tenants.t1]
-schema = "tenant_t1"
-TOML
+  {
+    tp_toml "$port" 127.0.0.1 "$FAKEPORT" fake "" "$POOL" 10000
+    printf '[tenants.t1]\nschema = "tenant_t1"\n'
+  } > "$WORK/tp.toml"
   RUST_LOG=warn "$ROOT/target/release/tenantpool" --config "$WORK/tp.toml" --workers "$w" >"$WORK/tp.$w.log" 2>&1 &
   pid=$!; PIDS+=("$pid")
-  for _ in $(seq 50); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  wait_port "$port"
   sleep 1
   run "tenantpool-$w" "$port" "$pid" bench
   kill "$pid"; wait "$pid" 2>/dev/null || true

@@ -38,8 +38,7 @@ PB_SECRET=$(scram_verifier bench-secret)
 PGPASSWORD=su-secret psql -qX -h 127.0.0.1 -p "$PGPORT" -U postgres -d app \
   -c "CREATE ROLE bench LOGIN PASSWORD '$PB_SECRET' IN ROLE tenantpool" >/dev/null
 export PGPASSWORD=server-secret
-psql -qX -h 127.0.0.1 -p "$PGPORT" -U tenantpool -d app -c "CREATE SCHEMA tenant_t1" >/dev/null
-PGOPTIONS="-c search_path=tenant_t1" pgbench -q -i -s 1 -h 127.0.0.1 -p "$PGPORT" -U tenantpool app >/dev/null 2>&1
+bench_schema
 
 if [ -z "${TP_BIN:-}" ]; then
   cargo build --release -q --bin tenantpool
@@ -54,29 +53,13 @@ PB_VERSION=$(pgbouncer --version | awk '/PgBouncer/{print $2; exit}')
 declare -A PORT PID
 start_tp() { # name binary
   local name=$1 bin=$2 port; port=$(freeport)
-  cat > "$WORK/$name.toml" <<TOML
-[proxy]
-listen = "127.0.0.1:$port"
-max_client_conn = 20000
-[server]
-host = "127.0.0.1"
-port = $PGPORT
-database = "app"
-user = "tenantpool"
-password = "server-secret"
-max_connections = $POOL
-min_idle = $POOL
-[tenant_defaults]
-max_server_connections = $POOL
-max_client_connections = 20000
-[users.bench]
-password = "bench-secret"
-[tenants.t1]
-schema = "tenant_t1"
-TOML
+  {
+    tp_toml "$port" 127.0.0.1 "$PGPORT" tenantpool server-secret "$POOL" 20000
+    printf '[tenants.t1]\nschema = "tenant_t1"\n'
+  } > "$WORK/$name.toml"
   RUST_LOG=warn "$bin" --config "$WORK/$name.toml" ${WORKERS:+--workers "$WORKERS"} >"$WORK/$name.log" 2>&1 &
   PID[$name]=$!; PORT[$name]=$port; PIDS+=($!)
-  for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  wait_port "$port"
 }
 start_pb() { # name
   start_pgbouncer "[databases]

@@ -5,6 +5,44 @@ freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 
+# Waits (up to 10 s) until something listens on 127.0.0.1:PORT.
+wait_port() { for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; }
+
+# tp_toml PORT HOST SERVER_PORT USER PASSWORD POOL MAX_CLIENTS [PROXY_LINES]: the benches'
+# tenantpool config, tenants left to the caller: listening on 127.0.0.1:PORT, one server
+# pool of POOL connections kept warm (database app; PASSWORD "" for none), the user bench
+# (password bench-secret); PROXY_LINES go in [proxy].
+tp_toml() {
+  local password=""
+  [ -n "$5" ] && password="password = \"$5\""
+  cat <<TOML
+[proxy]
+listen = "127.0.0.1:$1"
+max_client_conn = $7
+${8:-}
+[server]
+host = "$2"
+port = $3
+database = "app"
+user = "$4"
+$password
+max_connections = $6
+min_idle = $6
+[tenant_defaults]
+max_server_connections = $6
+max_client_connections = $7
+[users.bench]
+password = "bench-secret"
+TOML
+}
+
+# bench_schema: tenant_t1 in database app with pgbench's tables (scale 1), for the
+# scripts that run one tenant.
+bench_schema() {
+  PGPASSWORD=server-secret psql -qX -h 127.0.0.1 -p "$PGPORT" -U tenantpool -d app -c "CREATE SCHEMA tenant_t1" >/dev/null
+  PGPASSWORD=server-secret PGOPTIONS="-c search_path=tenant_t1" pgbench -q -i -s 1 -h 127.0.0.1 -p "$PGPORT" -U tenantpool app >/dev/null 2>&1
+}
+
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done

@@ -51,24 +51,7 @@ done
 
 # tenantpool
 {
-  cat <<TOML
-[proxy]
-listen = "127.0.0.1:$TPPORT"
-max_client_conn = 10000
-[server]
-host = "127.0.0.1"
-port = $PGPORT
-database = "app"
-user = "tenantpool"
-password = "server-secret"
-max_connections = $POOL
-min_idle = $POOL
-[tenant_defaults]
-max_server_connections = $POOL
-max_client_connections = 10000
-[users.bench]
-password = "bench-secret"
-TOML
+  tp_toml "$TPPORT" 127.0.0.1 "$PGPORT" tenantpool server-secret "$POOL" 10000
   for i in $(seq 1 "$TENANTS"); do printf '[tenants.t%s]\nschema = "tenant_t%s"\n' "$i" "$i"; done
   [ -n "${EXTRA_TOML:-}" ] && printf '%b\n' "$EXTRA_TOML"
 } > "$WORK/tenantpool.toml"

@@ -41,27 +41,10 @@ declare -A TP_PORT TP_PID TP_SOCK PB_PORTS PB_PIDS PB_SOCK
 for side in tcp unix; do
   port=$(freeport)
   sock="$WORK/tp-$side"; mkdir -p "$sock"
-  cat > "$WORK/tenantpool-$side.toml" <<TOML
-[proxy]
-listen = "127.0.0.1:$port"
-unix_socket_dir = "$sock"
-max_client_conn = 10000
-[server]
-host = "$(server_host $side)"
-port = $PGPORT
-database = "app"
-user = "tenantpool"
-password = "server-secret"
-max_connections = $POOL
-min_idle = $POOL
-[tenant_defaults]
-max_server_connections = $POOL
-max_client_connections = 10000
-[users.bench]
-password = "bench-secret"
-[tenants.t1]
-schema = "tenant_t1"
-TOML
+  {
+    tp_toml "$port" "$(server_host $side)" "$PGPORT" tenantpool server-secret "$POOL" 10000 "unix_socket_dir = \"$sock\""
+    printf '[tenants.t1]\nschema = "tenant_t1"\n'
+  } > "$WORK/tenantpool-$side.toml"
   RUST_LOG=warn "$TP_BIN" --config "$WORK/tenantpool-$side.toml" >"$WORK/tenantpool-$side.log" 2>&1 &
   TP_PID[$side]=$!; TP_PORT[$side]=$port; TP_SOCK[$side]=$sock; PIDS+=($!)
 done

@@ -466,6 +466,32 @@ fn default_user_tenants() -> Vec<String> {
     vec!["*".into()]
 }
 
+/// Problems with a secret given inline (`field`) or by environment variable (`field_env`)
+/// in section `section`: both given, or the variable not set.
+fn secret_problems(
+    section: &str,
+    field: &str,
+    inline: &Option<String>,
+    env: &Option<String>,
+    p: &mut Vec<String>,
+) {
+    if inline.is_some() && env.is_some() {
+        p.push(format!(
+            "{section}: give either {field} or {field}_env, not both"
+        ));
+    }
+    env_problem(&format!("{section}.{field}_env"), env, p);
+}
+
+/// The environment variable a `*_env` key (`key`) names is not set.
+fn env_problem(key: &str, env: &Option<String>, p: &mut Vec<String>) {
+    if let Some(v) = env
+        && std::env::var(v).is_err()
+    {
+        p.push(format!("{key}: environment variable {v} is not set"));
+    }
+}
+
 /// A secret given inline or as the name of an environment variable (`*_env`).
 fn resolve_secret(inline: &Option<String>, env: &Option<String>) -> Option<String> {
     inline
@@ -812,18 +838,7 @@ impl Config {
         if s.user.is_empty() || s.user.contains('\0') {
             p.push(format!("{key}.user: must not be empty or contain NUL"));
         }
-        if s.password.is_some() && s.password_env.is_some() {
-            p.push(format!(
-                "{key}: give either password or password_env, not both"
-            ));
-        }
-        if let Some(v) = &s.password_env
-            && std::env::var(v).is_err()
-        {
-            p.push(format!(
-                "{key}.password_env: environment variable {v} is not set"
-            ));
-        }
+        secret_problems(key, "password", &s.password, &s.password_env, p);
     }
 
     /// The `max_connections` of the server a tenant with this `server` key lives on, and
@@ -842,18 +857,13 @@ impl Config {
         // The first tenant naming each role, to compare passwords with.
         let mut first: BTreeMap<&str, (&str, Option<String>)> = BTreeMap::new();
         for (name, t) in &self.tenants {
-            if t.server_password.is_some() && t.server_password_env.is_some() {
-                p.push(format!(
-                    "tenants.{name}: give either server_password or server_password_env, not both"
-                ));
-            }
-            if let Some(v) = &t.server_password_env
-                && std::env::var(v).is_err()
-            {
-                p.push(format!(
-                    "tenants.{name}.server_password_env: environment variable {v} is not set"
-                ));
-            }
+            secret_problems(
+                &format!("tenants.{name}"),
+                "server_password",
+                &t.server_password,
+                &t.server_password_env,
+                p,
+            );
             let Some(user) = &t.server_user else {
                 let key = if t.server_password.is_some() {
                     Some("server_password")
@@ -1191,13 +1201,11 @@ impl Config {
                     "users.{name}: needs password, password_env or scram (auth_method is not trust or cert)"
                 ));
             }
-            if let Some(v) = &u.password_env
-                && std::env::var(v).is_err()
-            {
-                p.push(format!(
-                    "users.{name}.password_env: environment variable {v} is not set"
-                ));
-            }
+            env_problem(
+                &format!("users.{name}.password_env"),
+                &u.password_env,
+                &mut p,
+            );
             if let Some(s) = &u.scram {
                 if let Err(e) = crate::client::auth::parse_scram_verifier(s) {
                     p.push(format!("users.{name}.scram: {e}"));

@@ -564,19 +564,12 @@ impl Metrics {
         let Some(r) = self.recorder.as_deref() else {
             return;
         };
-        let snaps: Vec<_> = pools.iter().map(|(_, _, p)| p.snapshot()).collect();
-        let (snap, _) = pools.snapshot();
-        let paused = &snap.paused;
-        self.paused_tenants.set(
-            tenants
-                .iter()
-                .filter(|t| paused.get(t.id as usize).copied().unwrap_or(false))
-                .count() as f64,
-        );
+        // Each pool's snapshot once: its place's series, then all of them merged.
+        let snaps: Vec<_> = pools.iter().map(|(id, _, p)| (id, p.snapshot())).collect();
         self.process.refresh();
         let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
         let mut switches = 0;
-        for ((id, place, pool), snap) in pools.iter().zip(&snaps) {
+        for ((id, place, pool), (_, snap)) in pools.iter().zip(&snaps) {
             if places.len() <= id as usize {
                 places.push(PlaceMetrics::new(r, &place.server, &place.database));
             }
@@ -596,6 +589,14 @@ impl Metrics {
         }
         drop(places);
         self.switches.absolute(switches);
+        let (snap, _) = Pools::merge(snaps);
+        let paused = &snap.paused;
+        self.paused_tenants.set(
+            tenants
+                .iter()
+                .filter(|t| paused.get(t.id as usize).copied().unwrap_or(false))
+                .count() as f64,
+        );
         let mut placement = self.placement.lock().unwrap_or_else(|e| e.into_inner());
         for t in tenants.iter_all() {
             if t.id as usize >= self.tenants.len() {

@@ -202,10 +202,16 @@ impl Pools {
     /// All pools' snapshots as one: counts added, per-tenant counts added over places (a
     /// tenant being moved has connections in two), idle servers listed with their place.
     pub fn snapshot(&self) -> (PoolSnapshot, Vec<PlaceId>) {
+        Pools::merge(self.iter().map(|(id, _, p)| (id, p.snapshot())))
+    }
+
+    /// [`Pools::snapshot`] of snapshots taken already (the default place's first).
+    pub fn merge(
+        snaps: impl IntoIterator<Item = (PlaceId, PoolSnapshot)>,
+    ) -> (PoolSnapshot, Vec<PlaceId>) {
         let mut all: Option<PoolSnapshot> = None;
         let mut places = Vec::new();
-        for (id, _, p) in self.iter() {
-            let s = p.snapshot();
+        for (id, s) in snaps {
             places.extend(std::iter::repeat_n(id, s.idle_servers.len()));
             let Some(a) = all.as_mut() else {
                 all = Some(s);

@@ -14,35 +14,36 @@ use common::*;
 
 const ADMIN: &str = "[users.admin]\npassword = \"admin-secret\"\ntenants = []\n";
 
-/// A database `db` owned by `role` on `pg`, with a schema `tenant_<t>` per tenant holding
-/// `leads` rows named `<t>-<tag>-1` and `<t>-<tag>-2`.
+/// A database `db` owned by `role` on `pg` (see [`tenant_database`]) whose leads are named
+/// `<t>-<tag>-1` and `<t>-<tag>-2`.
 async fn database(pg: &Pg, db: &str, role: &str, tenants: &[&str], tag: &str) {
-    let su = pg.superuser("postgres").await;
-    su.batch_execute(&format!(
-        "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN \
-         CREATE ROLE {role} LOGIN PASSWORD '{SERVER_PASSWORD}'; END IF; END$$"
+    tenant_database(pg, db, role, tenants, |t| format!("{t}-{tag}")).await;
+}
+
+/// `[servers.second]`: database `db` on the second cluster, as `role`.
+fn second_server(db: &str, role: &str, max_connections: u32) -> String {
+    format!(
+        "[servers.second]\nhost = \"127.0.0.1\"\nport = {port}\ndatabase = \"{db}\"\n\
+         user = \"{role}\"\npassword = \"{SERVER_PASSWORD}\"\nmax_connections = {max_connections}\n\
+         min_idle = 0\n",
+        port = second_pg().port,
+    )
+}
+
+/// A proxy started from `text`, which is written to the file a RELOAD reads; and that file.
+fn start_from_file(text: &str) -> (Proxy, std::path::PathBuf) {
+    let path = tempdir("tenantpool-placement").join("tenantpool.toml");
+    std::fs::write(&path, text).unwrap();
+    let proxy = Proxy::start(tenantpool::config::Config::parse(text).unwrap());
+    proxy.shared.live.set_path(&path);
+    (proxy, path)
+}
+
+async fn console(port: u16) -> tokio_postgres::Client {
+    connect_str(&format!(
+        "host=127.0.0.1 port={port} user=admin password=admin-secret dbname=tenantpool"
     ))
     .await
-    .unwrap();
-    // Not in the same string: CREATE DATABASE cannot run in a transaction block.
-    su.batch_execute(&format!("CREATE DATABASE {db} OWNER {role}"))
-        .await
-        .unwrap();
-    let owner = connect_str(&format!(
-        "{} application_name={OWNER_APP}",
-        pg.conn_str(role, SERVER_PASSWORD, db)
-    ))
-    .await;
-    for t in tenants {
-        owner
-            .batch_execute(&format!(
-                "CREATE SCHEMA tenant_{t};
-                 CREATE TABLE tenant_{t}.leads (id serial PRIMARY KEY, name text NOT NULL);
-                 INSERT INTO tenant_{t}.leads (name) VALUES ('{t}-{tag}-1'), ('{t}-{tag}-2');"
-            ))
-            .await
-            .unwrap();
-    }
 }
 
 /// Backends of `role` per database on a cluster, the harness's own connections left out.
@@ -86,21 +87,14 @@ async fn tenants_in_two_databases_and_on_a_second_server() {
     let metrics_port = free_port();
     let servers = format!(
         "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
-         [tenant_defaults]\nmax_server_connections = 2\n\
-         [servers.second]\nhost = \"127.0.0.1\"\nport = {port}\ndatabase = \"{db3}\"\n\
-         user = \"{role2}\"\npassword = \"{SERVER_PASSWORD}\"\nmax_connections = 1\nmin_idle = 0\n\
+         [tenant_defaults]\nmax_server_connections = 2\n{}\
          [tenants.initech]\nschema = \"tenant_initech\"\ndatabase = \"{db2}\"\n{ADMIN}",
-        port = second.port,
+        second_server(&db3, &role2, 1),
     );
     let before =
         format!("{servers}[tenants.umbrella]\nschema = \"tenant_umbrella\"\nserver = \"second\"\n");
     // [server] allows 2 connections per database: db1 and db2 get up to 2 each.
-    let text = db.config_text(2, &before);
-    let dir = tempdir("tenantpool-placement");
-    let path = dir.join("tenantpool.toml");
-    std::fs::write(&path, &text).unwrap();
-    let proxy = Proxy::start(tenantpool::config::Config::parse(&text).unwrap());
-    proxy.shared.live.set_path(&path);
+    let (proxy, path) = start_from_file(&db.config_text(2, &before));
     let port = proxy.addr.port();
 
     // Under load: 4 clients per tenant, each transaction checking it sees its own rows.
@@ -201,10 +195,7 @@ async fn tenants_in_two_databases_and_on_a_second_server() {
         .unwrap()
             >= 1.0
     );
-    let console = connect_str(&format!(
-        "host=127.0.0.1 port={port} user=admin password=admin-secret dbname=tenantpool"
-    ))
-    .await;
+    let console = console(port).await;
     let tenants = rows(&console.simple_query("SHOW TENANTS").await.unwrap());
     let place = |t: &str| {
         let r = tenants.iter().find(|r| r[0] == t).unwrap();
@@ -332,24 +323,11 @@ async fn queued_transactions_follow_a_move_and_pause_holds_there() {
     let role2 = format!("{}_second", db.role);
     database(pg(), &db2, &db.role, &["umbrella"], "main").await;
     database(second, &db3, &role2, &["umbrella"], "second").await;
-    let servers = format!(
-        "[servers.second]\nhost = \"127.0.0.1\"\nport = {port}\ndatabase = \"{db3}\"\n\
-         user = \"{role2}\"\npassword = \"{SERVER_PASSWORD}\"\nmax_connections = 2\nmin_idle = 0\n{ADMIN}",
-        port = second.port,
-    );
+    let servers = format!("{}{ADMIN}", second_server(&db3, &role2, 2));
     let on_second =
         format!("{servers}[tenants.umbrella]\nschema = \"tenant_umbrella\"\nserver = \"second\"\n");
-    let text = db.config_text(2, &on_second);
-    let dir = tempdir("tenantpool-placement-move");
-    let path = dir.join("tenantpool.toml");
-    std::fs::write(&path, &text).unwrap();
-    let proxy = Proxy::start(tenantpool::config::Config::parse(&text).unwrap());
-    proxy.shared.live.set_path(&path);
-    let port = proxy.addr.port();
-    let console = connect_str(&format!(
-        "host=127.0.0.1 port={port} user=admin password=admin-secret dbname=tenantpool"
-    ))
-    .await;
+    let (proxy, path) = start_from_file(&db.config_text(2, &on_second));
+    let console = console(proxy.addr.port()).await;
     let a = proxy.connect("umbrella").await;
     let b = proxy.connect("umbrella").await;
     assert_eq!(first_lead(&a).await, "umbrella-second-1");

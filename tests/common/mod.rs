@@ -460,36 +460,52 @@ pub struct TestDb {
 
 static DB_SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// A database `db` owned by `role` (made with password [`SERVER_PASSWORD`] unless it exists)
+/// on `pg`, with one schema `tenant_<t>` per tenant holding a `leads(id, name)` table whose
+/// rows are named `<prefix(t)>-1` and `<prefix(t)>-2`.
+pub async fn tenant_database(
+    pg: &Pg,
+    db: &str,
+    role: &str,
+    tenants: &[&str],
+    prefix: impl Fn(&str) -> String,
+) {
+    let su = pg.superuser("postgres").await;
+    su.batch_execute(&format!(
+        "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN \
+         CREATE ROLE {role} LOGIN PASSWORD '{SERVER_PASSWORD}'; END IF; END$$"
+    ))
+    .await
+    .unwrap();
+    // Not in the same string: CREATE DATABASE cannot run in a transaction block.
+    su.batch_execute(&format!("CREATE DATABASE {db} OWNER {role}"))
+        .await
+        .unwrap();
+    let owner = connect_str(&format!(
+        "{} application_name={OWNER_APP}",
+        pg.conn_str(role, SERVER_PASSWORD, db)
+    ))
+    .await;
+    for t in tenants {
+        let p = prefix(t);
+        owner
+            .batch_execute(&format!(
+                "CREATE SCHEMA tenant_{t};
+                 CREATE TABLE tenant_{t}.leads (id serial PRIMARY KEY, name text NOT NULL);
+                 INSERT INTO tenant_{t}.leads (name) VALUES ('{p}-1'), ('{p}-2');"
+            ))
+            .await
+            .unwrap();
+    }
+}
+
 impl TestDb {
     pub async fn create(test: &str, tenants: &[&str]) -> TestDb {
         let pg = pg();
         let n = DB_SEQ.fetch_add(1, Ordering::Relaxed);
         let name = format!("t_{test}_{n}_{}", std::process::id());
         let role = format!("r_{test}_{n}_{}", std::process::id());
-        let su = pg.superuser("postgres").await;
-        su.batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD '{SERVER_PASSWORD}'"
-        ))
-        .await
-        .unwrap();
-        su.batch_execute(&format!("CREATE DATABASE {name} OWNER {role}"))
-            .await
-            .unwrap();
-        let owner = connect_str(&format!(
-            "{} application_name={OWNER_APP}",
-            pg.conn_str(&role, SERVER_PASSWORD, &name)
-        ))
-        .await;
-        for t in tenants {
-            owner
-                .batch_execute(&format!(
-                    "CREATE SCHEMA tenant_{t};
-                     CREATE TABLE tenant_{t}.leads (id serial PRIMARY KEY, name text NOT NULL);
-                     INSERT INTO tenant_{t}.leads (name) VALUES ('{t}-1'), ('{t}-2');"
-                ))
-                .await
-                .unwrap();
-        }
+        tenant_database(pg, &name, &role, tenants, |t| t.to_string()).await;
         TestDb {
             name,
             role,

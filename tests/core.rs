@@ -648,5 +648,18 @@ async fn protocol_3_2_client_is_negotiated_down() {
     r.send(&startup_packet(&[("user", APP_USER), ("database", "acme")]))
         .await;
     r.until_ready().await;
+
+    // Without TLS the SSLRequest, the startup and a first query may come in one write
+    // (the startup phase reads what is there, not a packet at a time): 'N', the login,
+    // then the query's answer.
+    let mut r = Raw::connect(proxy.addr).await;
+    let mut bytes = ssl.clone();
+    bytes.extend_from_slice(&startup_packet(&[("user", APP_USER), ("database", "acme")]));
+    bytes.extend_from_slice(&query("SELECT 'pipelined'"));
+    r.send(&bytes).await;
+    r.stream.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"N");
+    r.until_ready().await;
+    assert_eq!(first_column(&r.until_ready().await), ["pipelined"]);
     proxy.stop();
 }

@@ -232,6 +232,27 @@ async fn direct_tls_with_alpn() {
         Ok(mut s) => run_over(&mut s, &params, sql).await.is_err(),
     };
     assert!(refused);
+
+    // Bytes sent in the clear behind an SSLRequest, before its answer, are refused as
+    // PostgreSQL refuses them (they would be taken for the handshake, CVE-2021-23214).
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut bytes = vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    bytes.extend_from_slice(&startup_packet(&params));
+    tcp.write_all(&bytes).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tcp.read_to_end(&mut got),
+    )
+    .await
+    .expect("the proxy closes the connection");
+    assert_eq!(got.first(), Some(&b'E'), "{got:?}");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("08P01"), "{text}");
+    assert!(
+        text.contains("unencrypted data after SSL request"),
+        "{text}"
+    );
     proxy.stop();
 }
 

@@ -139,10 +139,13 @@ impl UserDb {
 const MAX_AUTH_MESSAGE: usize = 10_000;
 
 /// Runs the configured exchange with the client. On success the client is authenticated
-/// (AuthenticationOk is not sent yet). `buf` is the connection's read buffer.
+/// (AuthenticationOk is not sent yet). `buf` is the connection's read buffer; `out` gets
+/// what goes to the client with AuthenticationOk, in the same write (SCRAM's final
+/// message, which needs no answer).
 pub async fn authenticate(
     stream: &mut Stream,
     buf: &mut BytesMut,
+    out: &mut BytesMut,
     method: AuthMethod,
     tls: Option<&crate::tls::Listener>,
     user_name: &str,
@@ -159,7 +162,7 @@ pub async fn authenticate(
         AuthMethod::ScramSha256 => {
             // On TLS, SCRAM-SHA-256-PLUS too: channel binding to the certificate.
             let bound = tls.filter(|_| stream.is_tls()).map(|t| &t.scram);
-            scram(stream, buf, bound, user_name, user).await
+            scram(stream, buf, out, bound, user_name, user).await
         }
         AuthMethod::Cert => {
             // rustls verified the certificate against tls_client_ca_file during the
@@ -263,6 +266,7 @@ fn sasl_initial_well_formed(body: &[u8]) -> bool {
 async fn scram(
     stream: &mut Stream,
     buf: &mut BytesMut,
+    out: &mut BytesMut,
     bound: Option<&ScramServerAuth>,
     user_name: &str,
     user: Option<&User>,
@@ -316,11 +320,9 @@ async fn scram(
     let body = read_password_message(stream, buf).await?;
     match waiting.on_client_final_message(&body) {
         Ok(server_final) if user.is_some_and(|u| u.scram.is_some()) => {
-            send_auth(
-                stream,
-                Authentication::SASLFinal(server_final.into_bytes().into()),
-            )
-            .await
+            Authentication::SASLFinal(server_final.into_bytes().into())
+                .encode(out)
+                .map_err(|e| PgError::protocol_violation(e.to_string()))
         }
         _ => Err(PgError::password_failed(user_name)),
     }

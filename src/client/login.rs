@@ -136,8 +136,8 @@ pub(super) async fn admit_client(
             return None;
         }
     };
-    let reg = match reg {
-        Login::Client(reg) => reg,
+    let (reg, buf) = match reg {
+        Login::Client(reg, buf) => (reg, buf),
         Login::Admin(user, _conn_count) => {
             crate::admin::serve(stream, peer, user, shared).await;
             return None;
@@ -145,7 +145,8 @@ pub(super) async fn admit_client(
     };
     Some(Session {
         stream,
-        buf: BytesMut::new(),
+        // Idle clients hold no buffer.
+        buf: if buf.is_empty() { BytesMut::new() } else { buf },
         cfwd: 0,
         cscan: ClientScan::default(),
         skip_until_sync: false,
@@ -161,7 +162,8 @@ pub(super) async fn admit_client(
 
 /// Who logged in.
 enum Login {
-    Client(Registration),
+    /// A client, with what it sent past its login.
+    Client(Registration, BytesMut),
     /// An admin user opened the admin console.
     Admin(Arc<str>, ConnCount),
 }
@@ -173,7 +175,9 @@ async fn login(
     shared: &Arc<Shared>,
     conn_count: Option<ConnCount>,
 ) -> Result<Option<Login>, PgError> {
-    let first = startup::open(slot, tcp, shared.tls.load_full().as_deref(), peer).await?;
+    // The read buffer of the login; what the client sent past it goes on to the session.
+    let mut buf = BytesMut::new();
+    let first = startup::open(slot, tcp, shared.tls.load_full().as_deref(), peer, &mut buf).await?;
     let stream = slot.as_mut().expect("open set it");
     let startup = match first {
         FirstPacket::Cancel { pid, secret } => {
@@ -185,19 +189,27 @@ async fn login(
     if shared.config.proxy.client_tls == crate::config::ClientTls::Require && !stream.is_tls() {
         return Err(PgError::tls_required());
     }
-    let mut buf = BytesMut::new();
-    let admitted = startup::admit(stream, &mut buf, *startup, shared, conn_count.is_none()).await?;
+    // What goes to the client in the write of AuthenticationOk.
+    let mut out = BytesMut::new();
+    let admitted = startup::admit(
+        stream,
+        &mut buf,
+        &mut out,
+        *startup,
+        shared,
+        conn_count.is_none(),
+    )
+    .await?;
     // admit refused every client over the limit.
     let conn_count = conn_count.ok_or_else(|| PgError::too_many_clients("max_client_conn"))?;
-    if !buf.is_empty() {
-        return Err(PgError::protocol_violation(
-            "unexpected data after authentication",
-        ));
-    }
     let tenant = match admitted.target {
         startup::Target::Tenant(t) => t,
         startup::Target::Admin => {
-            let mut out = BytesMut::new();
+            if !buf.is_empty() {
+                return Err(PgError::protocol_violation(
+                    "unexpected data after authentication",
+                ));
+            }
             crate::admin::welcome(&mut out, (0, 0));
             stream.write_all(&out).await.map_err(PgError::client_io)?;
             tracing::info!(client = %peer, user = %admitted.user, "admin console opened");
@@ -228,6 +240,7 @@ async fn login(
     validate_settings(shared, tenant, reg.id, &settings).await?;
     startup::welcome(
         stream,
+        &mut out,
         &server_params,
         &settings,
         (reg.client.pid, reg.client.secret),
@@ -240,7 +253,8 @@ async fn login(
         tenant = %shared.tenants.get(tenant).name,
         "client connected"
     );
-    Ok(Some(Login::Client(reg)))
+    // Sent before AuthenticationOk (a driver pipelining its first query): the session's.
+    Ok(Some(Login::Client(reg, buf)))
 }
 
 /// One of `max_client_conn`, taken when the connection is accepted (so clients still

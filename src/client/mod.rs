@@ -142,6 +142,13 @@ impl Session {
     async fn serve_transactions(&mut self) -> &'static str {
         // Paths that write errors or owed ReadyForQuery messages are rare and boxed, so
         // that their state does not enlarge every idle client's future.
+        // What the client sent with its login is scanned as if just read.
+        if !self.buf.is_empty()
+            && let Err(e) = self.absorb_input()
+        {
+            let _ = self.boxed_send_error(e).await;
+            return "protocol violation";
+        }
         loop {
             if !self.first_message_ready() {
                 if self.cscan.terminated && self.cfwd == 0 {

@@ -128,17 +128,27 @@ pub fn decode_packet(packet: &[u8]) -> Result<Packet, PgError> {
 /// once ("direct" TLS, PostgreSQL 17's `sslnegotiation=direct`).
 const TLS_HANDSHAKE: u8 = 0x16;
 
+/// How much a read of the startup phase asks for: a whole usual packet in one read.
+const STARTUP_READ: usize = 1024;
+
 /// Opens a client's connection: reads packets until a StartupMessage or CancelRequest.
 /// An SSLRequest is answered 'S' and the TLS handshake done when `tls` is set ('N'
 /// otherwise); a TLS handshake as the very first bytes is direct TLS, which must name
 /// ALPN `postgresql`; a GSSENCRequest gets 'N'. `slot` holds the stream from the start
 /// (so errors can be sent on it), upgraded in place to TLS. What each packet is, is
 /// decided by [`decode_packet`].
+///
+/// Packets are read into `buf` a read at a time, not a length and then a body: one
+/// system call for a packet instead of two or three. What the client sent past its
+/// StartupMessage is left in `buf`. Bytes past an SSLRequest that is answered 'S' are
+/// refused, as PostgreSQL refuses them: they were sent in the clear before the handshake,
+/// so they would be taken for part of it (or, once encrypted, for the client's).
 pub async fn open(
     slot: &mut Option<Stream>,
     conn: Stream,
     tls: Option<&crate::tls::Listener>,
     peer: std::net::SocketAddr,
+    buf: &mut BytesMut,
 ) -> Result<FirstPacket, PgError> {
     let mut first = [0u8; 1];
     // No TLS on a Unix socket, as in PostgreSQL.
@@ -152,28 +162,34 @@ pub async fn open(
         }
         (_, conn) => conn,
     });
-    let mut packet = Vec::new();
+    let incomplete = || PgError::protocol_violation("incomplete startup packet");
     loop {
         let stream = slot.as_mut().expect("set above");
-        let mut len_bytes = [0u8; 4];
-        stream
-            .read_exact(&mut len_bytes)
-            .await
-            .map_err(|_| PgError::protocol_violation("incomplete startup packet"))?;
-        let len = packet_len(len_bytes)?;
-        packet.clear();
-        packet.extend_from_slice(&len_bytes);
-        packet.resize(len, 0);
-        stream
-            .read_exact(&mut packet[4..])
-            .await
-            .map_err(|_| PgError::protocol_violation("incomplete startup packet"))?;
+        let len = loop {
+            match buf.first_chunk::<4>() {
+                Some(prefix) => {
+                    let len = packet_len(*prefix)?;
+                    if buf.len() >= len {
+                        break len;
+                    }
+                    buf.reserve(len - buf.len());
+                }
+                None => buf.reserve(STARTUP_READ),
+            }
+            match stream.read_buf(buf).await {
+                Ok(0) | Err(_) => return Err(incomplete()),
+                Ok(_) => {}
+            }
+        };
+        let packet = buf.split_to(len);
         match decode_packet(&packet)? {
             Packet::EncryptionRequest { ssl: true } if tls.is_some() && !stream.is_tls() => {
+                if !buf.is_empty() {
+                    return Err(PgError::protocol_violation(
+                        "received unencrypted data after SSL request",
+                    ));
+                }
                 stream.write_all(b"S").await.map_err(PgError::client_io)?;
-                // Nothing was read past the SSLRequest: whatever the client sent before
-                // the 'S' is part of the handshake (or breaks it), never a plaintext
-                // message taken for an encrypted one.
                 let Some(Stream::Plain(tcp)) = slot.take() else {
                     unreachable!("checked: not TLS")
                 };
@@ -216,6 +232,7 @@ async fn accept(
 pub async fn admit(
     stream: &mut Stream,
     buf: &mut BytesMut,
+    out: &mut BytesMut,
     startup: Startup,
     shared: &Shared,
     over_client_limit: bool,
@@ -230,11 +247,11 @@ pub async fn admit(
         .cloned()
         .collect();
     if startup.protocol_number_minor > 0 || !unsupported.is_empty() {
-        let mut out = BytesMut::new();
+        let mut npv = BytesMut::new();
         NegotiateProtocolVersion::new(196_608, unsupported)
-            .encode(&mut out)
+            .encode(&mut npv)
             .map_err(|e| PgError::protocol_violation(e.to_string()))?;
-        stream.write_all(&out).await.map_err(PgError::client_io)?;
+        stream.write_all(&npv).await.map_err(PgError::client_io)?;
     }
     if params.contains_key("replication") {
         return Err(PgError::unsupported(
@@ -304,6 +321,7 @@ pub async fn admit(
     if let Err(e) = auth::authenticate(
         stream,
         buf,
+        out,
         shared.config.proxy.auth_method,
         tls.as_deref(),
         &raw_user,
@@ -401,33 +419,35 @@ fn tenant_from_name(
 }
 
 /// Sends AuthenticationOk, the ParameterStatus values, the proxy-made BackendKeyData and
-/// the first ReadyForQuery.
+/// the first ReadyForQuery, after what `out` holds already (SCRAM's final message), in one
+/// write.
 /// The values are the server's, as the client's own settings change them: what PostgreSQL
 /// reported when the settings were applied, else the values as the client gave them.
 pub async fn welcome(
     stream: &mut Stream,
+    out: &mut BytesMut,
     server_params: &crate::pool::ServerParams,
     settings: &crate::settings::Settings,
     key: (i32, i32),
 ) -> Result<(), PgError> {
-    let mut out = BytesMut::with_capacity(1024);
-    let _ = Authentication::Ok.encode(&mut out);
+    out.reserve(1024);
+    let _ = Authentication::Ok.encode(out);
     // The same for every client with these settings: made once (when what they depend on
     // is final) and copied.
     match settings.welcome.get() {
         Some((params, bytes)) if Arc::ptr_eq(params, server_params) => out.extend_from_slice(bytes),
         _ => {
             let start = out.len();
-            put_parameter_statuses(&mut out, server_params, settings);
+            put_parameter_statuses(out, server_params, settings);
             if settings.list.is_empty() || settings.reported.get().is_some() {
                 let bytes = bytes::Bytes::copy_from_slice(&out[start..]);
                 let _ = settings.welcome.set((server_params.clone(), bytes));
             }
         }
     }
-    let _ = BackendKeyData::new(key.0, SecretKey::I32(key.1)).encode(&mut out);
-    put_ready_for_query(&mut out, b'I');
-    stream.write_all(&out).await.map_err(PgError::client_io)
+    let _ = BackendKeyData::new(key.0, SecretKey::I32(key.1)).encode(out);
+    put_ready_for_query(out, b'I');
+    stream.write_all(out).await.map_err(PgError::client_io)
 }
 
 /// The ParameterStatus messages of a login: the server's values, as the client's settings

@@ -26,6 +26,7 @@ pub mod registry;
 pub mod server;
 pub mod session_state;
 pub mod settings;
+pub mod slab;
 pub mod sniff;
 pub mod splice;
 pub mod tenant;

@@ -41,11 +41,11 @@ pub const MAX_BACKLOG_BYTES: usize = 1 << 20;
 pub const MAX_BACKLOG_MESSAGES: usize = 10_000;
 
 /// A listening client's notifications waiting to be sent.
-#[derive(Default)]
 pub struct Inbox {
     q: Mutex<Backlog>,
-    /// Woken when something arrives.
-    pub ready: tokio::sync::Notify,
+    /// The client's slot: its session is woken through it when something arrives (an idle
+    /// session looks at [`Inbox::has_pending`] after registering its waker there).
+    client: Arc<crate::registry::ClientSlot>,
 }
 
 #[derive(Default)]
@@ -56,6 +56,13 @@ struct Backlog {
 }
 
 impl Inbox {
+    pub fn new(client: Arc<crate::registry::ClientSlot>) -> Inbox {
+        Inbox {
+            q: Mutex::default(),
+            client,
+        }
+    }
+
     fn push(&self, msg: &[u8]) {
         let mut q = self.q.lock().unwrap_or_else(|e| e.into_inner());
         if q.overflow {
@@ -69,7 +76,7 @@ impl Inbox {
             q.count += 1;
         }
         drop(q);
-        self.ready.notify_one();
+        self.client.wake();
     }
 
     /// What is waiting; `None` when the backlog passed its bound.
@@ -574,7 +581,8 @@ mod tests {
 
     #[test]
     fn backlog_is_bounded() {
-        let inbox = Inbox::default();
+        let reg = crate::registry::ClientRegistry::with_peer_id(0);
+        let inbox = Inbox::new(reg.register(0, "u".into(), "127.0.0.1:1".parse().unwrap()));
         let mut m = BytesMut::new();
         put_notification(&mut m, 1, "c", &"x".repeat(1000));
         for _ in 0..2000 {

@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use tenantpool::Proxy;
 use tenantpool::config::Config;
 
+/// tokio's 128-byte-aligned objects (a task and a socket's readiness state per client) come
+/// from slabs: see `tenantpool::slab`.
+#[global_allocator]
+static ALLOC: tenantpool::slab::SlabAlloc = tenantpool::slab::SlabAlloc::new();
+
 #[derive(Parser)]
 #[command(
     name = "tenantpool",

@@ -70,6 +70,33 @@ async fn each_tenant_sees_its_own_rows_in_both_pool_modes() {
 /// carry each client's statements to whatever connection it gets; its threads also prepare
 /// synchronously while their other clients hold connections, which works because a Parse of
 /// a statement the tenant already has needs no connection).
+/// An idle client's whole state is its task: tokio's task cell holds the session's future
+/// plus 104 bytes, rounded up to 128. At most 280 bytes (release build) keeps the cell at
+/// 384 bytes instead of 512 (docs/performance.md, idle memory); unoptimised test builds
+/// lay it out a little larger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_clients_task_fits_tokios_384_byte_cell() {
+    let db = TestDb::create("task_size", &["acme"]).await;
+    let proxy = Proxy::start(db.config(1, ""));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (tcp, peer) = listener.accept().await.unwrap();
+    let (alive, _rx) = tokio::sync::mpsc::channel(1);
+    let task = tenantpool::client::serve(
+        tenantpool::tls::Stream::Plain(tcp),
+        peer,
+        proxy.shared.clone(),
+        alive,
+    );
+    let size = std::mem::size_of_val(&task);
+    let bound = if cfg!(debug_assertions) { 320 } else { 280 };
+    assert!(size <= bound, "client task {size} bytes, more than {bound}");
+    drop(task);
+    proxy.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_through_the_proxy_on_a_small_pool() {
     let db = TestDb::create("pgbench", &["acme"]).await;

@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::Shared;
+use crate::client::Alive;
 use crate::error::PgError;
 use crate::pool::CheckoutError;
 use crate::prepared::ClientStatements;
@@ -104,6 +105,7 @@ pub(super) async fn admit_client(
     stream: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    alive: Alive,
 ) -> Option<Session> {
     let login_timeout = shared.live.config().limits.client_login_timeout.0;
     // Over max_client_conn the startup packet is still read, to name the tenant in the
@@ -114,7 +116,7 @@ pub(super) async fn admit_client(
     let mut slot = None;
     let result = tokio::time::timeout(
         login_timeout,
-        login(stream, &mut slot, peer, &shared, conn_count),
+        login(stream, &mut slot, peer, &shared, conn_count, alive),
     )
     .await;
     let mut stream = slot?;
@@ -138,7 +140,7 @@ pub(super) async fn admit_client(
     };
     let (reg, buf) = match reg {
         Login::Client(reg, buf) => (reg, buf),
-        Login::Admin(user, _conn_count) => {
+        Login::Admin(user, _conn_count, _alive) => {
             crate::admin::serve(stream, peer, user, shared).await;
             return None;
         }
@@ -151,11 +153,9 @@ pub(super) async fn admit_client(
         cscan: ClientScan::default(),
         skip_until_sync: false,
         discard_left: 0,
-        lost: None,
         settings: reg.settings.clone(),
-        held: None,
         statements: ClientStatements::default(),
-        inbox: None,
+        rare: None,
         reg,
     })
 }
@@ -165,7 +165,7 @@ enum Login {
     /// A client, with what it sent past its login.
     Client(Registration, BytesMut),
     /// An admin user opened the admin console.
-    Admin(Arc<str>, ConnCount),
+    Admin(Arc<str>, ConnCount, Alive),
 }
 
 async fn login(
@@ -174,6 +174,7 @@ async fn login(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     conn_count: Option<ConnCount>,
+    alive: Alive,
 ) -> Result<Option<Login>, PgError> {
     // The read buffer of the login; what the client sent past it goes on to the session.
     let mut buf = BytesMut::new();
@@ -213,7 +214,7 @@ async fn login(
             crate::admin::welcome(&mut out, (0, 0));
             stream.write_all(&out).await.map_err(PgError::client_io)?;
             tracing::info!(client = %peer, user = %admitted.user, "admin console opened");
-            return Ok(Some(Login::Admin(admitted.user, conn_count)));
+            return Ok(Some(Login::Admin(admitted.user, conn_count, alive)));
         }
     };
     // The tenant's settings are the tenant context (row-level security): like the
@@ -226,7 +227,14 @@ async fn login(
         return Err(PgError::forbidden_parameter(name));
     }
     let settings = shared.settings.intern(admitted.settings);
-    let mut reg = Registration::take(shared, tenant, admitted.user.clone(), peer, conn_count)?;
+    let mut reg = Registration::take(
+        shared,
+        tenant,
+        admitted.user.clone(),
+        peer,
+        conn_count,
+        alive,
+    )?;
     // Removed by a reload or the directory while this client logged in.
     if shared.tenants.get(tenant).is_gone() {
         return Err(PgError::unknown_tenant(&shared.tenants.get(tenant).name));
@@ -284,7 +292,9 @@ impl Drop for ConnCount {
 /// what the admin console shows). Dropping it gives them back, however the session ends.
 pub(super) struct Registration {
     pub(super) shared: Arc<Shared>,
-    _conn_count: ConnCount,
+    /// Held while the client's task runs (shutdown waits for every one); the client's
+    /// place in `max_client_conn` (its `ConnCount`) is given back on drop too.
+    _alive: Alive,
     pub(super) tenant: TenantId,
     pub(super) client: Arc<ClientSlot>,
     pub(super) id: u64,
@@ -299,6 +309,7 @@ impl Registration {
         user: Arc<str>,
         addr: SocketAddr,
         conn_count: ConnCount,
+        alive: Alive,
     ) -> Result<Registration, PgError> {
         let rejected = &shared.metrics.tenants[tenant as usize].rejected;
         let t = shared.tenants.get(tenant);
@@ -310,9 +321,11 @@ impl Registration {
                 t.max_clients()
             )));
         }
+        // Given back by the Registration's drop (one field fewer in every idle client).
+        std::mem::forget(conn_count);
         Ok(Registration {
             shared: shared.clone(),
-            _conn_count: conn_count,
+            _alive: alive,
             tenant,
             client: shared.registry.register(tenant, user, addr),
             settings: shared.no_settings.clone(),
@@ -323,6 +336,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
         self.shared.registry.unregister(self.client.pid);
         self.shared.tenants.get(self.tenant).remove_client();
     }

@@ -34,23 +34,27 @@ use relay::{CLIENT_BUF, ClientScan};
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Held by each client's task: shutdown waits until every one is dropped.
+pub type Alive = tokio::sync::mpsc::Sender<()>;
+
 /// Serves one client connection to its end; `alive` is dropped when it ends.
 ///
 /// Written as a plain function returning a future so that the task's state is just the
-/// (boxed) login and then the session: an idle client's task stays a few hundred bytes.
-pub fn serve<T: Send + 'static>(
+/// (boxed) login and then the session: an idle client's task stays a few hundred bytes
+/// (small enough for tokio's 384-byte task cell; see docs/performance.md).
+pub fn serve(
     stream: Stream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    alive: T,
+    alive: Alive,
 ) -> impl Future<Output = ()> + Send {
-    let admit = Box::pin(login::admit_client(stream, peer, shared));
+    let admit = Box::pin(login::admit_client(stream, peer, shared, alive));
     async move {
-        let _alive = alive;
         let Some(mut session) = admit.await else {
             return;
         };
-        session.run().await;
+        let reason = session.serve_transactions().await;
+        session.end(reason);
     }
 }
 
@@ -93,20 +97,29 @@ struct Session {
     cscan: ClientScan,
     /// A batch failed without reaching a server: drop messages until Sync, then answer it.
     skip_until_sync: bool,
-    /// Body bytes of a message to drop as they arrive.
-    discard_left: usize,
-    /// The server connection died while the client was inside a transaction; the next
-    /// batch is answered with this error.
-    lost: Option<Box<PgError>>,
+    /// Body bytes of a message to drop as they arrive (a message is under 1 GB: u32 keeps
+    /// the session, and every idle client's task, 8 bytes smaller).
+    discard_left: u32,
     /// Client slots, cancel key, tenant and the shared state.
     reg: Registration,
     /// The client's settings now: its startup settings plus what it SET since (followed
     /// through ParameterStatus).
     settings: Arc<crate::settings::Settings>,
-    /// Session mode: the server connection kept between transactions.
-    held: Option<Box<crate::pool::PooledConn>>,
     /// The client's named prepared statements (when tracking is on).
     statements: ClientStatements,
+    /// What few sessions use, made at first use.
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a session that few clients use, boxed so that every idle client's task
+/// stays small (see [`serve`]).
+#[derive(Default)]
+struct Rare {
+    /// The server connection died while the client was inside a transaction; the next
+    /// batch is answered with this error.
+    lost: Option<PgError>,
+    /// Session mode: the server connection kept between transactions.
+    held: Option<crate::pool::PooledConn>,
     /// Transaction mode: the notifications of the channels it LISTENs on.
     inbox: Option<Arc<crate::listen::Inbox>>,
 }
@@ -126,9 +139,9 @@ enum Wake {
 }
 
 impl Session {
-    async fn run(&mut self) {
-        let reason = self.serve_transactions().await;
-        if self.inbox.is_some() {
+    /// The session ended, for `reason`.
+    fn end(&mut self, reason: &str) {
+        if self.inbox().is_some() {
             self.reg.shared.notify.forget(self.reg.id);
         }
         tracing::info!(
@@ -142,11 +155,10 @@ impl Session {
     async fn serve_transactions(&mut self) -> &'static str {
         // Paths that write errors or owed ReadyForQuery messages are rare and boxed, so
         // that their state does not enlarge every idle client's future.
-        // What the client sent with its login is scanned as if just read.
-        if !self.buf.is_empty()
-            && let Err(e) = self.absorb_input()
-        {
-            let _ = self.boxed_send_error(e).await;
+        // What the client sent with its login is scanned as if just read. (The error is
+        // boxed before any await: no error value is held across one in this future.)
+        if let Some(fut) = self.absorb_pipelined() {
+            let _ = fut.await;
             return "protocol violation";
         }
         loop {
@@ -155,7 +167,7 @@ impl Session {
                     return "terminated";
                 }
                 // Between transactions: the notifications of its channels.
-                if self.inbox.as_ref().is_some_and(|i| i.has_pending())
+                if self.inbox().is_some_and(|i| i.has_pending())
                     && !self.boxed_deliver_notifications().await
                 {
                     return "notification backlog";
@@ -185,14 +197,12 @@ impl Session {
                 }
                 // Results are turned into boxed futures before any await, so that no error
                 // value is held across an await in this (long-lived) future.
-                let pending = match self.absorb_input() {
-                    Ok(0) => None,
-                    Ok(n) => Some((self.boxed_send_ready(n), "closed")),
-                    Err(e) => Some((self.boxed_send_error(e), "protocol violation")),
+                let (pending, why) = match self.absorb_input() {
+                    Ok(0) => continue,
+                    Ok(n) => (self.boxed_send_ready(n), "closed"),
+                    Err(e) => (self.boxed_send_error(e), "protocol violation"),
                 };
-                if let Some((fut, why)) = pending
-                    && fut.await.is_err()
-                {
+                if pending.await.is_err() {
                     return why;
                 }
                 continue;
@@ -224,6 +234,32 @@ impl Session {
                 // Idle clients hold no buffer: it goes to the thread's spares.
                 spare_buf(std::mem::take(&mut self.buf));
             }
+        }
+    }
+
+    /// The rarely used parts, made if need be.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    fn inbox(&self) -> Option<&Arc<crate::listen::Inbox>> {
+        self.rare.as_ref()?.inbox.as_ref()
+    }
+
+    /// Session mode: whether a server connection is kept.
+    fn has_held(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.held.is_some())
+    }
+
+    /// Scans what the client sent with its login; a protocol error comes back as the boxed
+    /// future that reports it.
+    fn absorb_pipelined(&mut self) -> Option<BoxFuture<'_, Result<(), PgError>>> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        match self.absorb_input() {
+            Ok(_) => None,
+            Err(e) => Some(self.boxed_send_error(e)),
         }
     }
 
@@ -264,7 +300,7 @@ impl Session {
     /// Sends the client the notifications waiting for it; false (after a FATAL) when its
     /// backlog passed the bound, or when the socket failed.
     async fn deliver_notifications(&mut self) -> bool {
-        let Some(inbox) = self.inbox.as_ref() else {
+        let Some(inbox) = self.inbox() else {
             return true;
         };
         match inbox.take() {
@@ -294,7 +330,7 @@ impl Session {
     /// ends (its FATAL, or the socket closing) the client gets PostgreSQL's own FATAL, as it
     /// came, and the session ends. Returns whether it goes on.
     async fn relay_idle_server(&mut self) -> bool {
-        let Some(held) = self.held.as_deref_mut() else {
+        let Some(held) = self.rare.as_deref_mut().and_then(|r| r.held.as_mut()) else {
             return true;
         };
         let conn: &mut crate::server::ServerConn = held;
@@ -349,7 +385,7 @@ impl Session {
         }
         if fatal || gone {
             tracing::info!(client = %self.reg.client.addr, "session mode: the server backend ended while the client was idle");
-            self.held = None;
+            self.rare().held = None;
             return false;
         }
         wrote
@@ -378,26 +414,25 @@ impl Session {
     /// its socket and its waker in its registry slot (for shutdown and KILL).
     async fn wait_for_data(&mut self) -> Wake {
         if self.buf.is_empty() {
-            let shared = &*self.reg.shared;
-            let client = &*self.reg.client;
-            let stream = &mut self.stream;
             // client_idle_timeout, when on, costs a timer allocation per idle period.
-            let mut idle_timer = shared
+            let mut idle_timer = self
+                .reg
+                .shared
                 .live
                 .config()
                 .limits
                 .client_idle_timeout
                 .nonzero()
                 .map(|d| Box::pin(tokio::time::sleep(d)));
-            // Session mode: the server is heard while the client is idle.
-            let mut held = self.held.as_deref_mut();
-            // Notifications of the channels it listens on (transaction mode).
-            let mut notified = self.inbox.as_ref().map(|i| Box::pin(i.ready.notified()));
-            // Everything the closure uses is moved into it: the future holds each once.
+            // The closure holds the session and the timer only: every idle client's task
+            // holds this state.
+            let this = &mut *self;
             let wake = std::future::poll_fn(move |cx| {
-                // The waker first, then the flags (see ClientSlot::set_waker).
+                let client = &*this.reg.client;
+                // The waker first, then the flags (see ClientSlot::set_waker); new
+                // notifications wake it there too.
                 client.set_waker(cx.waker());
-                if shared.stopping.load(Ordering::Acquire) {
+                if this.reg.shared.stopping.load(Ordering::Acquire) {
                     return Poll::Ready(Wake::Shutdown);
                 }
                 if client.killed.load(Ordering::Acquire) {
@@ -408,17 +443,17 @@ impl Session {
                 {
                     return Poll::Ready(Wake::IdleTimeout);
                 }
-                if let Some(n) = notified.as_mut()
-                    && n.as_mut().poll(cx).is_ready()
-                {
+                // Notifications of the channels it listens on (transaction mode).
+                if this.inbox().is_some_and(|i| i.has_pending()) {
                     return Poll::Ready(Wake::Notified);
                 }
-                if let Some(conn) = held.as_deref_mut()
+                // Session mode: the server is heard while the client is idle.
+                if let Some(conn) = this.rare.as_deref_mut().and_then(|r| r.held.as_mut())
                     && conn.stream.poll_read_ready(cx).is_ready()
                 {
                     return Poll::Ready(Wake::Server);
                 }
-                stream.poll_read_ready(cx).map(|r| match r {
+                this.stream.poll_read_ready(cx).map(|r| match r {
                     Ok(()) => Wake::Data,
                     Err(_) => Wake::Closed,
                 })
@@ -445,10 +480,10 @@ impl Session {
     fn absorb_input(&mut self) -> Result<u32, PgError> {
         let mut ready = 0;
         if self.discard_left > 0 {
-            let n = self.discard_left.min(self.buf.len() - self.cfwd);
+            let n = (self.discard_left as usize).min(self.buf.len() - self.cfwd);
             // Discarded bytes are always at the front: nothing is scanned while discarding.
             self.buf.advance(n);
-            self.discard_left -= n;
+            self.discard_left -= n as u32;
         }
         while self.skip_until_sync && self.discard_left == 0 {
             let Some((tag, len)) = header(&self.buf) else {
@@ -460,7 +495,8 @@ impl Session {
             };
             let n = len.min(self.buf.len());
             self.buf.advance(n);
-            self.discard_left = len - n;
+            // len is at most MAX_CLIENT_MESSAGE_LEN + 1 (checked above).
+            self.discard_left = (len - n) as u32;
             if tag == b'S' {
                 self.skip_until_sync = false;
                 ready += 1;
@@ -508,7 +544,8 @@ impl Session {
         // Drop what was scanned; the rest of a partial message is dropped as it arrives.
         self.buf.advance(self.cfwd);
         self.cfwd = 0;
-        self.discard_left = self.cscan.body_left;
+        // What is left of a message the scanner accepted: under MAX_CLIENT_MESSAGE_LEN.
+        self.discard_left = u32::try_from(self.cscan.body_left).unwrap_or(u32::MAX);
         self.cscan.forget();
         if !out.is_empty() {
             self.write_client(&out).await?;

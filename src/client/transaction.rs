@@ -144,7 +144,7 @@ impl Session {
     /// Runs one transaction (session mode: on the connection kept from the last one).
     /// Returns whether the client is still there.
     pub(super) async fn transaction(&mut self) -> Result<bool, PgError> {
-        if let Some(err) = self.lost.take() {
+        if let Some(err) = self.rare.as_mut().and_then(|r| r.lost.take()) {
             self.fail_batch(&err).await?;
             return Ok(true);
         }
@@ -311,7 +311,7 @@ impl Session {
             .prepared
             .store(self.statements.len() as u32, Ordering::Relaxed);
         self.reg.client.detach();
-        if unlisten_seen && self.inbox.is_some() && !session_mode {
+        if unlisten_seen && self.inbox().is_some() && !session_mode {
             // An UNLISTEN in a longer query string (a pool's reset), or DISCARD ALL: the
             // client listens on nothing any more.
             shared.notify.forget(self.reg.id);
@@ -332,7 +332,7 @@ impl Session {
                 if session_mode && statements_known {
                     // The connection stays with the client; transactions are still
                     // delimited so that settings can be put right between them.
-                    self.held = Some(Box::new(conn));
+                    self.rare().held = Some(conn);
                 }
                 Ok(true)
             }
@@ -387,7 +387,7 @@ impl Session {
                 } else if status != b'I' {
                     // The client believes it is inside a transaction that is gone: its
                     // next batch gets the error.
-                    self.lost = Some(Box::new(err));
+                    self.rare().lost = Some(err);
                 }
                 Ok(true)
             }
@@ -417,7 +417,7 @@ impl Session {
     /// Sync (libpq's `PQprepare`) is answered without a server connection. Returns whether
     /// it was.
     async fn answer_without_server(&mut self, shared: &Arc<Shared>) -> Result<bool, PgError> {
-        if self.held.is_some()
+        if self.has_held()
             || shared.config.proxy.pool_mode == PoolMode::Session
             // Only a named Parse or a Close can start a batch answered without a server.
             || !match self.buf.first() {
@@ -472,7 +472,7 @@ impl Session {
     /// Transaction mode: a LISTEN, UNLISTEN or `UNLISTEN *` sent alone is the proxy's (see
     /// crate::listen): answered without a server connection. Returns whether it was.
     async fn answer_listen(&mut self, shared: &Arc<Shared>) -> Result<bool, PgError> {
-        if self.held.is_some()
+        if self.has_held()
             || shared.config.proxy.pool_mode == PoolMode::Session
             // A query text starting with L or U (LISTEN, UNLISTEN): one look at a byte.
             || !match self.buf.first() {
@@ -509,7 +509,12 @@ impl Session {
             self.write_client(&out).await?;
             return Ok(true);
         }
-        let inbox = self.inbox.get_or_insert_with(Default::default).clone();
+        let client = self.reg.client.clone();
+        let inbox = self
+            .rare()
+            .inbox
+            .get_or_insert_with(|| Arc::new(crate::listen::Inbox::new(client)))
+            .clone();
         shared
             .notify
             .run(
@@ -529,10 +534,9 @@ impl Session {
     /// The client's session ends with it if it died while the client was idle: FATAL,
     /// with PostgreSQL's own error when it sent one (the contract's session-mode row).
     fn take_held(&mut self) -> Result<Option<PooledConn>, PgError> {
-        let Some(held) = self.held.take() else {
+        let Some(mut conn) = self.rare.as_mut().and_then(|r| r.held.take()) else {
             return Ok(None);
         };
-        let mut conn = *held;
         if !conn.is_broken_idle() {
             return Ok(Some(conn));
         }

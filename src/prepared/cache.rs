@@ -197,34 +197,44 @@ impl StatementCache {
     }
 }
 
-/// A client's statements, by the names it gave them.
+/// A client's statements, by the names it gave them. Boxed, and made at the first one:
+/// most clients never name a statement, and every idle client's task holds this.
 #[derive(Debug, Default)]
-pub struct ClientStatements {
-    pub(super) map: FastMap<Box<[u8]>, Arc<Stmt>>,
-    pub(super) bytes: usize,
+pub struct ClientStatements(Option<Box<Named>>);
+
+#[derive(Debug, Default)]
+struct Named {
+    map: FastMap<Box<[u8]>, Arc<Stmt>>,
+    /// Names and statement texts, for the bound.
+    bytes: usize,
 }
 
 impl ClientStatements {
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.0.as_ref().map_or(0, |n| n.map.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
+    }
+
+    /// Bytes of names and texts held.
+    pub(super) fn bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, |n| n.bytes)
     }
 
     pub(super) fn get(&self, name: &[u8]) -> Option<&Arc<Stmt>> {
-        self.map.get(name)
+        self.0.as_ref()?.map.get(name)
     }
 
     /// Would one more statement of `cost` bytes stay within the client's bounds?
     pub(super) fn check(&self, cost: usize) -> Result<(), PgError> {
-        if self.map.len() >= MAX_CLIENT_STATEMENTS {
+        if self.len() >= MAX_CLIENT_STATEMENTS {
             return Err(PgError::too_many_statements(&format!(
                 "at most {MAX_CLIENT_STATEMENTS} (close some)"
             )));
         }
-        if self.bytes + cost > MAX_CLIENT_STATEMENT_BYTES {
+        if self.bytes() + cost > MAX_CLIENT_STATEMENT_BYTES {
             return Err(PgError::too_many_statements(&format!(
                 "at most {} MiB of statement text (close some)",
                 MAX_CLIENT_STATEMENT_BYTES >> 20
@@ -234,15 +244,25 @@ impl ClientStatements {
     }
 
     pub(super) fn insert(&mut self, name: Box<[u8]>, stmt: Arc<Stmt>) {
-        self.bytes += name.len() + stmt.cost();
-        if let Some(old) = self.map.insert(name, stmt) {
-            self.bytes -= old.cost();
+        let n = self.0.get_or_insert_with(Default::default);
+        n.bytes += name.len() + stmt.cost();
+        if let Some(old) = n.map.insert(name, stmt) {
+            n.bytes -= old.cost();
         }
     }
 
     pub(super) fn remove(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
-        let (k, s) = self.map.remove_entry(name)?;
-        self.bytes -= k.len() + s.cost();
+        let n = self.0.as_mut()?;
+        let (k, s) = n.map.remove_entry(name)?;
+        n.bytes -= k.len() + s.cost();
         Some(s)
+    }
+
+    /// Forgets every statement, handing them over.
+    pub(super) fn take_all(&mut self) -> Vec<(Box<[u8]>, Arc<Stmt>)> {
+        self.0
+            .take()
+            .map(|n| n.map.into_iter().collect())
+            .unwrap_or_default()
     }
 }

@@ -70,8 +70,8 @@ pub fn answer_alone(
             cost += name.len() + stmt.cost();
         }
     }
-    if client.map.len() + steps.len() > MAX_CLIENT_STATEMENTS
-        || client.bytes + cost > MAX_CLIENT_STATEMENT_BYTES
+    if client.len() + steps.len() > MAX_CLIENT_STATEMENTS
+        || client.bytes() + cost > MAX_CLIENT_STATEMENT_BYTES
     {
         return None;
     }

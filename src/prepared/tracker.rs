@@ -599,8 +599,7 @@ impl<'a> Tracker<'a> {
             // connection's sets (`all_gone`).
             SqlCommand::DeallocateAll if self.sql_statements => None,
             SqlCommand::DeallocateAll => {
-                let undo: Vec<_> = std::mem::take(&mut self.client.map).into_iter().collect();
-                self.client.bytes = 0;
+                let undo = self.client.take_all();
                 Some(Answer::Deallocate {
                     tag: "DEALLOCATE ALL",
                     undo,
@@ -830,8 +829,7 @@ impl<'a> Tracker<'a> {
     /// DEALLOCATE ALL it ran): so did the client.
     pub fn all_gone(&mut self) {
         self.server.clear();
-        self.client.map.clear();
-        self.client.bytes = 0;
+        self.client.take_all();
     }
 
     /// The relay ends without the replies (server lost): undo what they would have undone.

@@ -6,6 +6,10 @@
 
 #![allow(dead_code)]
 
+/// The proxy runs in-process here: with the allocator the `tenantpool` binary installs.
+#[global_allocator]
+static ALLOC: tenantpool::slab::SlabAlloc = tenantpool::slab::SlabAlloc::new();
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -6,6 +6,8 @@
 #   ROWS="simple storm idle" benches/compare.sh     # some rows only
 #   BEFORE_BIN=/tmp/tenantpool-old benches/compare.sh   # a third column: another build
 #   TP_BIN=/tmp/tenantpool-x benches/compare.sh          # measure another build as "tenantpool"
+#   DETAIL=1 benches/compare.sh              # also: user/system split, syscalls and context
+#                                            # switches per transaction (needs perf)
 #
 # Rows: pgbench -S simple and extended with 10, 50 and 200 clients, pgbench's TPC-B with 50
 # clients, a connection storm (pgbench -S -C, 10 clients: every transaction on a new
@@ -24,6 +26,10 @@ REPS=${REPS:-2}
 POOL=${POOL:-20}
 IDLE=${IDLE:-2000}
 WORKERS=${WORKERS:-}
+DETAIL=${DETAIL:-}
+if [ -n "$DETAIL" ] && ! perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1; then
+  echo "DETAIL=1 needs perf with tracepoints (linux-tools; run as root)"; exit 1
+fi
 ROWS=${ROWS:-"simple extended tpcb storm idle"}
 command -v pgbouncer >/dev/null || { echo "needs PgBouncer (apt-get install pgbouncer)"; exit 1; }
 
@@ -81,13 +87,25 @@ start_target() { # target
 stop_target() { kill "${PID[$1]}" 2>/dev/null || true; while kill -0 "${PID[$1]}" 2>/dev/null; do sleep 0.1; done; }
 
 TCK=$(getconf CLK_TCK)
-declare -A TICKS TXNS TPS
+declare -A TICKS TXNS TPS UTICKS SYSCALLS SWITCHES
+user_ticks() { awk '{print $14}' "/proc/$1/stat"; }
 run() { # target key pgbench-args...: adds CPU ticks and transactions under key
   local t=$1 key=$2; shift 2
-  local before after out txns tps
+  local before after out txns tps ubefore perf_pid=""
   before=$(cpu_ticks "${PID[$t]}")
+  ubefore=$(user_ticks "${PID[$t]}")
+  if [ -n "$DETAIL" ]; then
+    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "${PID[$t]}" -o "$WORK/perf.$t.$key" &
+    perf_pid=$!
+  fi
   out=$(PGPASSWORD=bench-secret pgbench -n "$@" -j 2 -T "$DURATION" -h 127.0.0.1 -p "${PORT[$t]}" -U bench t1 2>&1) || true
   after=$(cpu_ticks "${PID[$t]}")
+  UTICKS[$t.$key]=$(( ${UTICKS[$t.$key]:-0} + $(user_ticks "${PID[$t]}") - ubefore ))
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+    SYSCALLS[$t.$key]=$(( ${SYSCALLS[$t.$key]:-0} + $(awk -F, '/raw_syscalls/{print $1+0}' "$WORK/perf.$t.$key") ))
+    SWITCHES[$t.$key]=$(( ${SWITCHES[$t.$key]:-0} + $(awk -F, '/context-switches/{print $1+0}' "$WORK/perf.$t.$key") ))
+  fi
   if echo "$out" | grep -qi "error"; then echo "$t $key: $(echo "$out" | grep -i error | head -2)" >&2; fi
   txns=$(echo "$out" | awk -F'[:/ ]+' '/actually processed/{s+=$6} END{print s+0}')
   tps=$(echo "$out" | awk '/^tps/{s+=$3} END{printf "%.0f", s}')
@@ -174,4 +192,21 @@ if [[ " $ROWS " == *" idle "* ]]; then
   line+=" | $(ratio "${IDLE_KB[tenantpool]}" "${IDLE_KB[pgbouncer]}")"
   [ -n "${BEFORE_BIN:-}" ] && line+=" | $(ratio "${IDLE_KB[before]}" "${IDLE_KB[pgbouncer]}")"
   echo "$line"
+fi
+if [ -n "$DETAIL" ] && [ ${#KEYS[@]} -gt 0 ]; then
+  echo
+  echo "where the CPU goes, per transaction: user µs / system µs / system calls / context switches"
+  header=$(printf "%-26s" test)
+  for t in "${TARGETS[@]}"; do header+=$(printf " | %-26s" "$t"); done
+  echo "$header"
+  for key in "${KEYS[@]}"; do
+    line=$(printf "%-26s" "${LABEL[$key]}")
+    for t in "${TARGETS[@]}"; do
+      cell=$(awk -v d="${TICKS[$t.$key]:-0}" -v u="${UTICKS[$t.$key]:-0}" -v n="${TXNS[$t.$key]:-0}" \
+        -v k="$TCK" -v sc="${SYSCALLS[$t.$key]:-0}" -v cs="${SWITCHES[$t.$key]:-0}" \
+        'BEGIN{ if (n > 0) printf "%.1f / %.1f / %.2f / %.2f", u*1e6/k/n, (d-u)*1e6/k/n, sc/n, cs/n; else printf "-" }')
+      line+=$(printf " | %-26s" "$cell")
+    done
+    echo "$line"
+  done
 fi

@@ -1630,7 +1630,7 @@ fn show(what: &str, shared: &Shared) -> Result<Table, PgError> {
             );
             row(
                 "server_cache",
-                std::mem::size_of::<crate::server::ServerConn>(),
+                std::mem::size_of::<crate::server::Backend>(),
                 snap.open as usize,
             );
             row(

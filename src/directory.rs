@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::message::backend::Message;
-use tokio::io::AsyncReadExt;
 
 use crate::Shared;
 use crate::config::DirectoryConfig;
@@ -139,7 +138,7 @@ async fn notified(conn: &mut ServerConn) -> Result<(), String> {
             return Ok(());
         }
         conn.buf.reserve(4096);
-        match conn.stream.read_buf(&mut conn.buf).await {
+        match conn.read_more().await {
             Ok(0) => return Err("server closed the directory connection".into()),
             Ok(_) => {}
             Err(e) => return Err(format!("directory connection: {e}")),
@@ -182,7 +181,7 @@ async fn query(conn: &mut ServerConn, sql: &str) -> Result<Vec<DirRow>, String> 
                 Some(m) => m,
                 None => {
                     conn.buf.reserve(8192);
-                    match conn.stream.read_buf(&mut conn.buf).await {
+                    match conn.read_more().await {
                         Ok(0) => return Err("server closed the directory connection".into()),
                         Ok(_) => continue,
                         Err(e) => return Err(format!("directory connection: {e}")),

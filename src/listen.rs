@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::protocol::{HEADER_LEN, header};
 use crate::server::SHARED_LOGIN;
@@ -377,7 +377,7 @@ async fn listen_on(
             first = false;
         }
         tokio::select! {
-            r = conn.stream.read_buf(&mut conn.buf) => match r {
+            r = conn.read_more() => match r {
                 Ok(0) => return Some("server closed the connection".into()),
                 Err(e) => return Some(e.to_string()),
                 Ok(_) => {

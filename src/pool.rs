@@ -1675,7 +1675,7 @@ mod tests {
         let peer = listener.accept().unwrap().0;
         stream.set_nonblocking(true).unwrap();
         let now = Instant::now();
-        let mut conn = ServerConn {
+        let mut conn = ServerConn::new(crate::server::Backend {
             stream: crate::tls::Stream::Plain(tokio::net::TcpStream::from_std(stream).unwrap()),
             buf: Default::default(),
             id: 0,
@@ -1686,7 +1686,7 @@ mod tests {
             idle_since: now,
             state: Default::default(),
             work: Default::default(),
-        };
+        });
         let policy = crate::session_state::Policy {
             session_mode: false,
             always: false,

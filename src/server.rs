@@ -100,9 +100,34 @@ impl ServerTarget {
     }
 }
 
-/// An open, logged-in server connection.
+/// An open, logged-in server connection: a pointer to its [`Backend`], so that handing it
+/// between the pool's lists, checkouts and relays (several moves a transaction) copies 8
+/// bytes instead of the whole state.
 #[derive(Debug)]
-pub struct ServerConn {
+pub struct ServerConn(Box<Backend>);
+
+impl ServerConn {
+    pub fn new(backend: Backend) -> ServerConn {
+        ServerConn(Box::new(backend))
+    }
+}
+
+impl std::ops::Deref for ServerConn {
+    type Target = Backend;
+    fn deref(&self) -> &Backend {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ServerConn {
+    fn deref_mut(&mut self) -> &mut Backend {
+        &mut self.0
+    }
+}
+
+/// What a server connection is and carries.
+#[derive(Debug)]
+pub struct Backend {
     pub stream: Stream,
     /// Bytes read from the server and not yet forwarded. Kept for the connection's life:
     /// there are few server connections, and this avoids an allocation per transaction.
@@ -347,7 +372,7 @@ async fn connect_inner(
                 buf.clear();
                 let now = Instant::now();
                 return Ok(Login {
-                    conn: ServerConn {
+                    conn: ServerConn::new(Backend {
                         stream,
                         buf,
                         id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
@@ -358,7 +383,7 @@ async fn connect_inner(
                         idle_since: now,
                         state: SessionState::default(),
                         work: Default::default(),
-                    },
+                    }),
                     params,
                 });
             }
@@ -370,7 +395,12 @@ async fn connect_inner(
     }
 }
 
-impl ServerConn {
+impl Backend {
+    /// Reads what the server sent into `buf`.
+    pub async fn read_more(&mut self) -> io::Result<usize> {
+        self.stream.read_buf(&mut self.buf).await
+    }
+
     /// Checks, without blocking or a syscall in the common case, whether an idle connection
     /// was closed by the server (or got an error such as an admin's termination). Unsolicited
     /// harmless messages (notices, notifications, parameter changes) are kept in `buf`.
@@ -530,16 +560,19 @@ impl ServerConn {
     pub fn terminate(&mut self) {
         self.stream.try_write(TERMINATE);
     }
+}
 
+impl ServerConn {
     /// Ends the connection: sends a Terminate and waits (up to `limit`) until PostgreSQL
     /// closes its end of the socket, which it does only once the backend has exited and
     /// left its connection slot (PostgreSQL keeps the socket open until then for such a
     /// "synchronous close"). A backend that has not gone after a short grace is busy (a
     /// query its client left running, which it would finish before reading the Terminate):
     /// it is sent a cancel request. Returns whether PostgreSQL closed the socket in time.
-    pub async fn close(mut self, target: &ServerTarget, limit: Duration) -> bool {
-        let (pid, secret) = (self.backend_pid, self.backend_secret);
-        let (mut rd, mut wr) = tokio::io::split(&mut self.stream);
+    pub async fn close(self, target: &ServerTarget, limit: Duration) -> bool {
+        let mut backend = self.0;
+        let (pid, secret) = (backend.backend_pid, backend.backend_secret);
+        let (mut rd, mut wr) = tokio::io::split(&mut backend.stream);
         let mut ended = pin!(async move {
             // Written while the answers to whatever is running are read and dropped, so a
             // full socket buffer cannot hold the Terminate back.

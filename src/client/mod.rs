@@ -333,7 +333,7 @@ impl Session {
         let Some(held) = self.rare.as_deref_mut().and_then(|r| r.held.as_mut()) else {
             return true;
         };
-        let conn: &mut crate::server::ServerConn = held;
+        let conn: &mut crate::server::Backend = held;
         let mut gone = false;
         loop {
             conn.buf.reserve(4096);

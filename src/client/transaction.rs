@@ -14,7 +14,7 @@ use crate::config::{PoolMode, ResetPathAndRole};
 use crate::error::PgError;
 use crate::pool::{CheckoutError, PooledConn};
 use crate::registry::{STATE_ACTIVE, STATE_IDLE, STATE_WAITING};
-use crate::server::{ConnWork, ServerConn};
+use crate::server::{Backend, ConnWork};
 use crate::session_state::{Policy, Reset};
 use crate::sniff::{COMMITS, NAMED_PARSE, STATEMENTS};
 
@@ -47,12 +47,12 @@ pub(super) fn prepare(
 ) -> u8 {
     let tenant = t.id;
     let (pool, conn) = conn.with_pool();
-    let ServerConn {
+    let Backend {
         state,
         work,
         backend_pid,
         ..
-    } = conn;
+    } = &mut **conn;
     let ConnWork {
         stmts,
         to_server: cout,
@@ -222,8 +222,8 @@ impl Session {
             .store(conn.work.stmts.len() as u32, Ordering::Relaxed);
 
         let sql_statements = conn.state.untracked();
-        let server: &mut ServerConn = &mut conn;
-        let ServerConn {
+        let server: &mut Backend = &mut conn;
+        let Backend {
             stream: sstream,
             buf: sbuf,
             work,

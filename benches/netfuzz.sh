@@ -10,6 +10,7 @@
 #   benches/netfuzz.sh                              # 50,000 fuzz connections, 8 clients
 #   FUZZ_CONNS=5000 CONCURRENCY=16 SEED=7 benches/netfuzz.sh
 #   QUERY_WAIT=120s benches/netfuzz.sh              # query_wait_timeout (default 10s)
+#   WORKERS=4 benches/netfuzz.sh                    # tenantpool's worker threads
 #
 # Needs PostgreSQL (scripts/test.sh installs it).
 set -euo pipefail
@@ -66,7 +67,7 @@ TOML
   for t in $TENANTS; do printf '[tenants.%s]\nschema = "tenant_%s"\n' "$t" "$t"; done
 } > "$WORK/tenantpool.toml"
 cargo build --release -q --bin tenantpool --example netfuzz
-RUST_LOG=warn "$ROOT/target/release/tenantpool" --config "$WORK/tenantpool.toml" >"$WORK/tenantpool.log" 2>&1 &
+RUST_LOG=warn "${TP_BIN:-$ROOT/target/release/tenantpool}" --config "$WORK/tenantpool.toml" ${WORKERS:+--workers "$WORKERS"} >"$WORK/tenantpool.log" 2>&1 &
 TP_PID=$!; PIDS+=("$TP_PID")
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/"$TPPORT") 2>/dev/null && break; sleep 0.1; done
 sleep 1

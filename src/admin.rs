@@ -239,8 +239,15 @@ struct Portal {
 }
 
 /// Serves an admin session until the client leaves.
-pub async fn serve(mut stream: Stream, peer: SocketAddr, user: Arc<str>, shared: Arc<Shared>) {
-    let mut buf = BytesMut::with_capacity(1024);
+/// Serves an admin console session; `buf` holds what the client sent with its login.
+pub async fn serve(
+    mut stream: Stream,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    user: Arc<str>,
+    shared: Arc<Shared>,
+) {
+    buf.reserve(1024);
     // Extended protocol: after an error, messages are skipped until Sync.
     let mut skipping = false;
     let mut statements: HashMap<String, String> = HashMap::new();

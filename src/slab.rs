@@ -164,9 +164,14 @@ unsafe impl GlobalAlloc for SlabAlloc {
         // SAFETY: the caller guarantees `new_size`, rounded up to the alignment, does not
         // overflow isize, which is what this constructor needs.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        if class_of(layout).is_none() && class_of(new_layout).is_none() {
-            // SAFETY: `ptr` is the system allocator's, for `layout`.
-            return unsafe { System.realloc(ptr, layout, new_size) };
+        match (class_of(layout), class_of(new_layout)) {
+            (None, None) => {
+                // SAFETY: `ptr` is the system allocator's, for `layout`.
+                return unsafe { System.realloc(ptr, layout, new_size) };
+            }
+            // The piece already has room for the new size.
+            (Some(a), Some(b)) if a == b => return ptr,
+            _ => {}
         }
         // SAFETY: `new_layout` has a non-zero size (the caller's contract).
         let new = unsafe { self.alloc(new_layout) };
@@ -244,6 +249,9 @@ mod tests {
         unsafe {
             let p = a.alloc(layout(200, 128));
             p.write_bytes(7, 200);
+            // Within its class a piece stays where it is.
+            assert_eq!(a.realloc(p, layout(200, 128), 250), p);
+            let p = a.realloc(p, layout(250, 128), 200);
             // To a bigger class, then out of the slabs, then back.
             let p = a.realloc(p, layout(200, 128), 500);
             assert_eq!(p as usize % 128, 0);

@@ -254,6 +254,30 @@ async fn traffic(conn: &tokio_postgres::Client, n: usize) {
     }
 }
 
+/// A console client may send its first query in the same write as its StartupMessage
+/// (trust): the proxy reads what is there at login and the console session gets the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_query_pipelined_with_the_login_is_answered() {
+    let db = TestDb::create("console_pipelined", &["acme"]).await;
+    let proxy = Proxy::start(db.config(
+        1,
+        "[proxy]\nauth_method = \"trust\"\nadmin_users = [\"admin\"]\n\
+         [users.admin]\npassword = \"x\"\ntenants = []\n",
+    ));
+    let mut r = Raw::connect(proxy.addr).await;
+    let mut bytes = startup_packet(&[("user", "admin"), ("database", "pgbouncer")]);
+    bytes.extend_from_slice(&query("SHOW VERSION"));
+    r.send(&bytes).await;
+    let login = r.until_ready().await;
+    assert!(login.iter().all(|m| m.tag != b'E'), "login failed");
+    let answer = r.until_ready().await;
+    assert!(
+        answer.iter().any(|m| m.tag == b'D'),
+        "no row for SHOW VERSION"
+    );
+    proxy.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn show_commands_match_pgbouncer() {
     let db = TestDb::create("console_parity", &["acme", "globex"]).await;

@@ -116,7 +116,8 @@ pub(super) async fn admit_client(
     let mut slot = None;
     let result = tokio::time::timeout(
         login_timeout,
-        login(stream, &mut slot, peer, &shared, conn_count, alive),
+        // A clone: this one is held until the refusal, if any, has been written.
+        login(stream, &mut slot, peer, &shared, conn_count, alive.clone()),
     )
     .await;
     let mut stream = slot?;
@@ -140,8 +141,8 @@ pub(super) async fn admit_client(
     };
     let (reg, buf) = match reg {
         Login::Client(reg, buf) => (reg, buf),
-        Login::Admin(user, _conn_count, _alive) => {
-            crate::admin::serve(stream, peer, user, shared).await;
+        Login::Admin(user, buf, _conn_count, _alive) => {
+            crate::admin::serve(stream, buf, peer, user, shared).await;
             return None;
         }
     };
@@ -165,7 +166,7 @@ enum Login {
     /// A client, with what it sent past its login.
     Client(Registration, BytesMut),
     /// An admin user opened the admin console.
-    Admin(Arc<str>, ConnCount, Alive),
+    Admin(Arc<str>, BytesMut, ConnCount, Alive),
 }
 
 async fn login(
@@ -206,15 +207,10 @@ async fn login(
     let tenant = match admitted.target {
         startup::Target::Tenant(t) => t,
         startup::Target::Admin => {
-            if !buf.is_empty() {
-                return Err(PgError::protocol_violation(
-                    "unexpected data after authentication",
-                ));
-            }
             crate::admin::welcome(&mut out, (0, 0));
             stream.write_all(&out).await.map_err(PgError::client_io)?;
             tracing::info!(client = %peer, user = %admitted.user, "admin console opened");
-            return Ok(Some(Login::Admin(admitted.user, conn_count, alive)));
+            return Ok(Some(Login::Admin(admitted.user, buf, conn_count, alive)));
         }
     };
     // The tenant's settings are the tenant context (row-level security): like the

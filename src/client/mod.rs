@@ -100,8 +100,6 @@ struct Session {
     /// Body bytes of a message to drop as they arrive (a message is under 1 GB: u32 keeps
     /// the session, and every idle client's task, 8 bytes smaller).
     discard_left: u32,
-    /// Client slots, cancel key, tenant and the shared state.
-    reg: Registration,
     /// The client's settings now: its startup settings plus what it SET since (followed
     /// through ParameterStatus).
     settings: Arc<crate::settings::Settings>,
@@ -109,6 +107,10 @@ struct Session {
     statements: ClientStatements,
     /// What few sessions use, made at first use.
     rare: Option<Box<Rare>>,
+    /// Client slots, cancel key, tenant, the shared state, and the handle shutdown waits
+    /// for. Last: fields drop in order, so a session-mode connection (in `rare`) is back in
+    /// the pool before shutdown may go on.
+    reg: Registration,
 }
 
 /// The parts of a session that few clients use, boxed so that every idle client's task

@@ -303,8 +303,8 @@ pub struct LimitsConfig {
     /// Not in the original contract: PgBouncer's `client_login_timeout`. A client must finish
     /// its startup and authentication within this time.
     pub client_login_timeout: Dur,
-    /// Not in the original contract: how long a client holding a server connection may
-    /// stop in the middle of a message (or of the data of a COPY) before it is cut off.
+    /// Not in the original contract: how long a client may stop in the middle of a message
+    /// (or of the data of a COPY) before it is cut off.
     pub message_timeout: Dur,
 }
 

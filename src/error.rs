@@ -248,8 +248,8 @@ impl PgError {
         )
     }
 
-    /// Stopped in the middle of a message (or of COPY data) while holding a server
-    /// connection, longer than `message_timeout`: FATAL 08P01.
+    /// Stopped in the middle of a message (or of COPY data) longer than
+    /// `message_timeout`: FATAL 08P01.
     pub fn message_timeout() -> PgError {
         PgError::fatal(
             "08P01",

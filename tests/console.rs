@@ -681,3 +681,63 @@ async fn reconnect_wait_close_set_and_stats_users() {
     .expect("refused");
     assert_eq!(sqlstate(&e).as_deref(), Some("28000"));
 }
+
+/// A client that stops in the middle of its first message holds no server connection, but
+/// it is not out of reach: KILL and shutdown end it as they end an idle client, and
+/// `message_timeout` cuts it off. (Each wait below would otherwise last until the client
+/// sends more: `recv` gives up after 30 s and the test fails.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stopped_in_the_middle_of_a_message_is_still_reached() {
+    let db = TestDb::create("console_mid_message", &["acme"]).await;
+    let fatal = |msgs: &[Msg]| {
+        let e = msgs
+            .iter()
+            .find(|m| m.tag == b'E')
+            .unwrap_or_else(|| panic!("no error: {msgs:?}"));
+        assert_eq!(e.field(b'V').as_deref(), Some("FATAL"), "{msgs:?}");
+        e.field(b'C').unwrap()
+    };
+    let mut half = query("SELECT 1");
+    half.truncate(7);
+
+    // message_timeout off: only KILL and shutdown can end it.
+    let extra = console_extra("").replacen(
+        "[proxy]\n",
+        "[proxy]\nauth_method = \"trust\"\nshutdown_timeout = \"60s\"\n",
+        1,
+    ) + "[limits]\nmessage_timeout = \"0\"\n";
+    let proxy = Proxy::start(db.config(1, &extra));
+    let admin = console(&proxy, "admin").await;
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    r.send(&half).await;
+    // Let the proxy read the half message before KILL.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    admin.simple_query("KILL acme").await.unwrap();
+    assert_eq!(fatal(&r.until_eof().await), "57P01");
+    admin.simple_query("RESUME acme").await.unwrap();
+
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    r.send(&half).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown();
+    assert_eq!(fatal(&r.until_eof().await), "57P01");
+    assert!(proxy.stopped_within(Duration::from_secs(20)).await);
+    drop(admin);
+    proxy.stop();
+
+    // message_timeout on: the half message is given up on.
+    let extra = console_extra("").replacen("[proxy]\n", "[proxy]\nauth_method = \"trust\"\n", 1)
+        + "[limits]\nmessage_timeout = \"500ms\"\n";
+    let proxy = Proxy::start(db.config(1, &extra));
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    r.send(&half).await;
+    assert_eq!(fatal(&r.until_eof().await), "08P01");
+    // And a whole message after a pause shorter than the limit is served.
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    let whole = query("SELECT 1");
+    r.send(&whole[..7]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.send(&whole[7..]).await;
+    assert_eq!(first_column(&r.until_ready().await), vec!["1"]);
+    proxy.stop();
+}

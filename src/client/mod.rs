@@ -132,6 +132,8 @@ enum Wake {
     Closed,
     Shutdown,
     IdleTimeout,
+    /// Part of a message was read, then nothing for `message_timeout`.
+    MidMessage,
     /// The admin console's KILL.
     Killed,
     /// Session mode: the server sent something while the client was idle.
@@ -188,6 +190,10 @@ impl Session {
                     Wake::IdleTimeout => {
                         let _ = self.boxed_send_error(PgError::client_idle_timeout()).await;
                         return "client_idle_timeout";
+                    }
+                    Wake::MidMessage => {
+                        let _ = self.boxed_send_error(PgError::message_timeout()).await;
+                        return "message_timeout";
                     }
                     Wake::Notified => continue,
                     Wake::Server => {
@@ -411,59 +417,66 @@ impl Session {
         }
     }
 
+    /// How long wait_for_data waits: client_idle_timeout between messages, message_timeout
+    /// in the middle of one.
+    fn wait_limit(&self) -> Option<std::time::Duration> {
+        let limits = &self.reg.shared.live.config().limits;
+        if self.buf.is_empty() {
+            limits.client_idle_timeout.nonzero()
+        } else {
+            limits.message_timeout.nonzero()
+        }
+    }
+
     /// Waits until the client has sent bytes (allocating the read buffer only then). An
     /// idle client's wait holds no buffer and little state: a readiness registration on
     /// its socket and its waker in its registry slot (for shutdown and KILL).
     async fn wait_for_data(&mut self) -> Wake {
-        if self.buf.is_empty() {
-            // client_idle_timeout, when on, costs a timer allocation per idle period.
-            let mut idle_timer = self
-                .reg
-                .shared
-                .live
-                .config()
-                .limits
-                .client_idle_timeout
-                .nonzero()
-                .map(|d| Box::pin(tokio::time::sleep(d)));
-            // The closure holds the session and the timer only: every idle client's task
-            // holds this state.
-            let this = &mut *self;
-            let wake = std::future::poll_fn(move |cx| {
-                let client = &*this.reg.client;
-                // The waker first, then the flags (see ClientSlot::set_waker); new
-                // notifications wake it there too.
-                client.set_waker(cx.waker());
-                if this.reg.shared.stopping.load(Ordering::Acquire) {
-                    return Poll::Ready(Wake::Shutdown);
-                }
-                if client.killed.load(Ordering::Acquire) {
-                    return Poll::Ready(Wake::Killed);
-                }
-                if let Some(t) = idle_timer.as_mut()
-                    && t.as_mut().poll(cx).is_ready()
-                {
-                    return Poll::Ready(Wake::IdleTimeout);
-                }
-                // Notifications of the channels it listens on (transaction mode).
-                if this.inbox().is_some_and(|i| i.has_pending()) {
-                    return Poll::Ready(Wake::Notified);
-                }
-                // Session mode: the server is heard while the client is idle.
-                if let Some(conn) = this.rare.as_deref_mut().and_then(|r| r.held.as_mut())
-                    && conn.stream.poll_read_ready(cx).is_ready()
-                {
-                    return Poll::Ready(Wake::Server);
-                }
-                this.stream.poll_read_ready(cx).map(|r| match r {
-                    Ok(()) => Wake::Data,
-                    Err(_) => Wake::Closed,
-                })
-            })
-            .await;
-            if !matches!(wake, Wake::Data) {
-                return wake;
+        // Between messages the timer is client_idle_timeout; in the middle of one (part of
+        // a message read, no server connection yet) it is message_timeout. Either, when
+        // on, costs a timer allocation per wait. Shutdown and KILL are heard either way: a
+        // client that stops in the middle of a message must not hold them up.
+        let mut timer = self.wait_limit().map(|d| Box::pin(tokio::time::sleep(d)));
+        // The closure holds the session and the timer only: every idle client's task
+        // holds this state.
+        let this = &mut *self;
+        let wake = std::future::poll_fn(move |cx| {
+            let client = &*this.reg.client;
+            // The waker first, then the flags (see ClientSlot::set_waker); new
+            // notifications wake it there too.
+            client.set_waker(cx.waker());
+            if this.reg.shared.stopping.load(Ordering::Acquire) {
+                return Poll::Ready(Wake::Shutdown);
             }
+            if client.killed.load(Ordering::Acquire) {
+                return Poll::Ready(Wake::Killed);
+            }
+            if let Some(t) = timer.as_mut()
+                && t.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Wake::IdleTimeout);
+            }
+            // Notifications of the channels it listens on (transaction mode).
+            if this.inbox().is_some_and(|i| i.has_pending()) {
+                return Poll::Ready(Wake::Notified);
+            }
+            // Session mode: the server is heard while the client is idle.
+            if let Some(conn) = this.rare.as_deref_mut().and_then(|r| r.held.as_mut())
+                && conn.stream.poll_read_ready(cx).is_ready()
+            {
+                return Poll::Ready(Wake::Server);
+            }
+            this.stream.poll_read_ready(cx).map(|r| match r {
+                Ok(()) => Wake::Data,
+                Err(_) => Wake::Closed,
+            })
+        })
+        .await;
+        match wake {
+            Wake::Data => {}
+            // The wait does not touch the buffer: bytes in it are a message's first part.
+            Wake::IdleTimeout if !self.buf.is_empty() => return Wake::MidMessage,
+            wake => return wake,
         }
         if self.buf.capacity() == 0 {
             self.buf = take_buf();

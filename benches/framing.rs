@@ -1,4 +1,5 @@
-//! Criterion benches of the hot-path framing: scanning client and server message headers.
+//! Criterion benches of the hot-path framing: scanning client and server message headers,
+//! and the sniffer that reads every query's text for session-state words.
 //!
 //! `cargo bench --bench framing`
 
@@ -6,6 +7,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tenantpool::client::relay::{ClientScan, ServerScan};
+use tenantpool::sniff::sniff;
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![tag];
@@ -55,6 +57,31 @@ fn bench(c: &mut Criterion) {
             black_box(s.pending)
         })
     });
+    g.finish();
+
+    // pgbench -S's query, and an ORM-sized one (about 2 kB of quoted identifiers).
+    let orm = {
+        let cols: Vec<String> = (0..60)
+            .map(|i| format!("\"leads\".\"column_number_{i}\" AS \"leads_column_number_{i}\""))
+            .collect();
+        format!(
+            "SELECT {} FROM \"tenant_acme\".\"leads\" WHERE \"leads\".\"owner_id\" = $1 \
+             AND \"leads\".\"deleted_at\" IS NULL ORDER BY \"leads\".\"created_at\" DESC LIMIT 50",
+            cols.join(", ")
+        )
+    };
+    let queries: [(&str, &[u8]); 2] = [
+        (
+            "pgbench",
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+        ),
+        ("orm", orm.as_bytes()),
+    ];
+    let mut g = c.benchmark_group("sniff");
+    for (name, text) in queries {
+        g.throughput(Throughput::Bytes(text.len() as u64));
+        g.bench_function(name, |b| b.iter(|| black_box(sniff(black_box(text)))));
+    }
     g.finish();
 
     for rows in [1usize, 100] {

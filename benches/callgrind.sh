@@ -12,7 +12,8 @@
 #
 # Variants: plain (defaults: prepared statements tracked), untracked
 # (max_prepared_statements = 0), metrics (exporter on), settings (3 startup settings),
-# always (reset_path_and_role = "always").
+# always (reset_path_and_role = "always"), pgbouncer (PgBouncer itself under callgrind, same
+# workload and pool, for comparison; needs pgbouncer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -64,6 +65,50 @@ TOML
   local ir; ir=$( (callgrind_annotate "$WORK/cg.$1" 2>/dev/null || true) | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}')
   awk -v n="$1" -v ir="$ir" -v t=$((TXNS * CLIENTS)) 'BEGIN{printf "%-10s %12d Ir total  %8.0f Ir per transaction (client logins included)\n", n, ir, ir/t}'
 }
+# PgBouncer with the compare script's setup: a SCRAM verifier in its auth_file (no key
+# derivation per login), which it passes through to PostgreSQL's role bench.
+pgbouncer_variant() {
+  command -v pgbouncer >/dev/null || { echo "pgbouncer   not installed"; return; }
+  PB_SECRET=$(scram_verifier bench-secret)
+  PGPASSWORD=su-secret psql -qX -h 127.0.0.1 -p "$PGPORT" -U postgres -d app \
+    -c "DROP ROLE IF EXISTS bench" -c "CREATE ROLE bench LOGIN PASSWORD '$PB_SECRET' IN ROLE tenantpool" >/dev/null
+  local port; port=$(freeport)
+  cat > "$WORK/pgbouncer.ini" <<INI
+[databases]
+t1 = host=127.0.0.1 port=$PGPORT dbname=app pool_size=8 connect_query='SET search_path TO tenant_t1, public'
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+logfile = $WORK/pgbouncer.log
+default_pool_size = 8
+min_pool_size = 8
+log_connections = 0
+log_disconnections = 0
+INI
+  echo "\"bench\" \"$PB_SECRET\"" > "$WORK/userlist.txt"
+  chown -R postgres "$WORK" 2>/dev/null || true
+  "${AS[@]}" valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.pgbouncer" \
+    pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.vg.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.2; done
+  # Pass-through: its server connections open after a first login.
+  PGPASSWORD=bench-secret psql -qX -h 127.0.0.1 -p "$port" -U bench -d t1 -c "SELECT 1" >/dev/null
+  sleep 2
+  "${AS[@]}" callgrind_control -z >/dev/null
+  PGPASSWORD=bench-secret pgbench -n -S ${CONNECT:+-C} -M "$MODE" -c "$CLIENTS" -j 1 -t "$TXNS" -h 127.0.0.1 -p "$port" -U bench t1 >/dev/null 2>&1
+  # A dump after the run (the part counted since the zero), then stop it.
+  "${AS[@]}" callgrind_control -d >/dev/null
+  "${AS[@]}" pkill -TERM -f "pgbouncer $WORK/pgbouncer.ini" || true
+  wait "$pid" || true
+  local ir; ir=$( (callgrind_annotate "$WORK/cg.pgbouncer.1" 2>/dev/null || true) | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}')
+  [ -n "${CG_OUT:-}" ] && cp "$WORK/cg.pgbouncer.1" "$CG_OUT.pgbouncer"
+  awk -v ir="$ir" -v t=$((TXNS * CLIENTS)) 'BEGIN{printf "%-10s %12d Ir total  %8.0f Ir per transaction (client logins included)\n", "pgbouncer", ir, ir/t}'
+}
+
 echo "callgrind: pgbench -S ${CONNECT:+-C }-M $MODE, $CLIENTS clients x $TXNS transactions"
 for v in $VARIANTS; do
   case $v in
@@ -73,6 +118,7 @@ for v in $VARIANTS; do
     metrics) variant metrics "[metrics]\nlisten = \"127.0.0.1:$(freeport)\"" ;;
     # Every client with the same session settings: should cost what no settings cost.
     settings) variant settings "" "-c statement_timeout=5s -c timezone=UTC -c datestyle=ISO,DMY" ;;
+    pgbouncer) pgbouncer_variant ;;
     *) echo "unknown variant $v"; exit 1 ;;
   esac
 done

@@ -568,16 +568,24 @@ impl ServerConn {
     /// left its connection slot (PostgreSQL keeps the socket open until then for such a
     /// "synchronous close"). A backend that has not gone after a short grace is busy (a
     /// query its client left running, which it would finish before reading the Terminate):
-    /// it is sent a cancel request. Returns whether PostgreSQL closed the socket in time.
+    /// it is sent a cancel request. After the Terminate the proxy ends its side of the
+    /// stream, so a backend waiting for the rest of a message sees the end at once. Returns
+    /// whether PostgreSQL closed the socket in time.
     pub async fn close(self, target: &ServerTarget, limit: Duration) -> bool {
         let mut backend = self.0;
         let (pid, secret) = (backend.backend_pid, backend.backend_secret);
         let (mut rd, mut wr) = tokio::io::split(&mut backend.stream);
         let mut ended = pin!(async move {
             // Written while the answers to whatever is running are read and dropped, so a
-            // full socket buffer cannot hold the Terminate back.
+            // full socket buffer cannot hold the Terminate back. Then the end of the
+            // stream: a backend in the middle of reading a message (a client left while
+            // streaming one) would take the Terminate for more of it and wait for the rest;
+            // the end of the stream ends it at once. One that reads the Terminate first
+            // exits on it as usual.
             let terminate = async {
-                let _ = wr.write_all(TERMINATE).await;
+                if wr.write_all(TERMINATE).await.is_ok() {
+                    let _ = wr.shutdown().await;
+                }
                 std::future::pending::<()>().await
             };
             let drained = async {

@@ -307,6 +307,30 @@ async fn stalled_and_departed_clients_release_the_server_connection() {
     assert!(proxy.alive());
 }
 
+/// A client that leaves in the middle of a message it was streaming to PostgreSQL (the
+/// first 9 kB of a 1 MB query) leaves the backend waiting for the rest, where a Terminate
+/// would only be read as more of the message: the proxy ends the connection so that the
+/// backend goes at once, not after `connect_timeout` (60 s here), and the pool of one
+/// serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_in_the_middle_of_a_streamed_message_frees_its_backend() {
+    let db = TestDb::create("gone_mid_message", &["acme"]).await;
+    let proxy = ProxyProcess::start_with(&db, 1, "[server]\nconnect_timeout = \"60s\"");
+    still_serves(proxy.addr).await;
+    for _ in 0..2 {
+        let mut r = Raw::login(proxy.addr, "acme").await;
+        let mut big = query(&format!("SELECT '{}'", "x".repeat(1 << 20)));
+        big.truncate(9 * 1024);
+        r.send(&big).await;
+        // Let it reach PostgreSQL, then leave.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(r);
+        tokio::time::timeout(Duration::from_secs(20), still_serves(proxy.addr))
+            .await
+            .expect("the departed client's server connection still held after 20 s");
+    }
+}
+
 /// A client pipelining far ahead of a slow query, and one that does not read a huge
 /// result, leave the bytes in the socket buffers and PostgreSQL waiting: the proxy grows
 /// by less than a megabyte.

@@ -122,7 +122,10 @@ echo "took: ${secs}s for $FUZZ_CONNS fuzz connections ($CONCURRENCY at once) wit
 echo "ordinary clients' errors: $errors"
 echo "proxy RSS: before ${rss_before} kB, peak ${peak} kB (VmHWM ${hwm} kB), after ${rss_after} kB"
 echo "proxy alive: $alive, serving: $serving, panics in its log: $panics"
-grep -E 'WARN|ERROR' "$WORK/tenantpool.log" | sed -E 's/^[^ ]+ +//' | sort | uniq -c | sort -rn | head -10 || true
+# Warnings by kind: the client address and backend pid left out, so that each kind is counted.
+echo "warnings and errors in its log, by kind:"
+grep -E 'WARN|ERROR' "$WORK/tenantpool.log" | sed -E 's/^[^ ]+ +//; s/ (client|backend_pid)=[^ ]+//g' \
+  | sort | uniq -c | sort -rn | head -10 || true
 if [ -s "$WORK/busy" ]; then
   echo "server connections busy > 3 s (time|pid|state|wait|seconds|query):"
   sort -t'|' -k2,2 -k6,6nr "$WORK/busy" | awk -F'|' '!seen[$2]++' | head -10

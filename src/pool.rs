@@ -1686,6 +1686,7 @@ mod tests {
             idle_since: now,
             state: Default::default(),
             work: Default::default(),
+            mid_message: false,
         });
         let policy = crate::session_state::Policy {
             session_mode: false,

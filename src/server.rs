@@ -145,6 +145,10 @@ pub struct Backend {
     pub state: SessionState,
     /// Statements and relay queues, boxed: a connection is moved a few times per checkout.
     pub work: Box<ConnWork>,
+    /// The server has part of a client message (the client left or stalled in the middle
+    /// of one): a Terminate would be read as more of it (and could even complete it), so
+    /// the connection is ended by the end of the stream alone.
+    pub mid_message: bool,
 }
 
 /// What a server connection keeps for the relays that use it.
@@ -383,6 +387,7 @@ async fn connect_inner(
                         idle_since: now,
                         state: SessionState::default(),
                         work: Default::default(),
+                        mid_message: false,
                     }),
                     params,
                 });
@@ -556,9 +561,12 @@ impl Backend {
             .unwrap_or_else(|_| Err("no answer within 5 s".into()))
     }
 
-    /// Sends a Terminate so PostgreSQL ends the backend cleanly; best effort, never blocks.
+    /// Sends a Terminate so PostgreSQL ends the backend cleanly (not in the middle of a
+    /// message: see `mid_message`); best effort, never blocks.
     pub fn terminate(&mut self) {
-        self.stream.try_write(TERMINATE);
+        if !self.mid_message {
+            self.stream.try_write(TERMINATE);
+        }
     }
 }
 
@@ -569,21 +577,22 @@ impl ServerConn {
     /// "synchronous close"). A backend that has not gone after a short grace is busy (a
     /// query its client left running, which it would finish before reading the Terminate):
     /// it is sent a cancel request. After the Terminate the proxy ends its side of the
-    /// stream, so a backend waiting for the rest of a message sees the end at once. Returns
-    /// whether PostgreSQL closed the socket in time.
+    /// stream; a backend in the middle of a message (`mid_message`) gets the end of the
+    /// stream only, and ends at once. Returns whether PostgreSQL closed the socket in time.
     pub async fn close(self, target: &ServerTarget, limit: Duration) -> bool {
         let mut backend = self.0;
         let (pid, secret) = (backend.backend_pid, backend.backend_secret);
+        let mid_message = backend.mid_message;
         let (mut rd, mut wr) = tokio::io::split(&mut backend.stream);
         let mut ended = pin!(async move {
             // Written while the answers to whatever is running are read and dropped, so a
-            // full socket buffer cannot hold the Terminate back. Then the end of the
-            // stream: a backend in the middle of reading a message (a client left while
-            // streaming one) would take the Terminate for more of it and wait for the rest;
-            // the end of the stream ends it at once. One that reads the Terminate first
-            // exits on it as usual.
+            // full socket buffer cannot hold the Terminate back; then the end of the
+            // stream (as libpq does). A backend in the middle of a message its client left
+            // unfinished gets the end of the stream alone: it would read a Terminate as
+            // more of the message (two bytes short, its first two bytes complete a Query,
+            // which would run), while the end of the stream ends it at once.
             let terminate = async {
-                if wr.write_all(TERMINATE).await.is_ok() {
+                if mid_message || wr.write_all(TERMINATE).await.is_ok() {
                     let _ = wr.shutdown().await;
                 }
                 std::future::pending::<()>().await

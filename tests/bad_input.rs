@@ -309,9 +309,9 @@ async fn stalled_and_departed_clients_release_the_server_connection() {
 
 /// A client that leaves in the middle of a message it was streaming to PostgreSQL (the
 /// first 9 kB of a 1 MB query) leaves the backend waiting for the rest, where a Terminate
-/// would only be read as more of the message: the proxy ends the connection so that the
-/// backend goes at once, not after `connect_timeout` (60 s here), and the pool of one
-/// serves the next client.
+/// would only be read as more of the message (or complete it): the proxy ends the stream
+/// without one, so that the backend goes at once, not after `connect_timeout` (60 s
+/// here), the pool of one serves the next client, and nothing half-sent runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_in_the_middle_of_a_streamed_message_frees_its_backend() {
     let db = TestDb::create("gone_mid_message", &["acme"]).await;
@@ -329,6 +329,29 @@ async fn a_client_gone_in_the_middle_of_a_streamed_message_frees_its_backend() {
             .await
             .expect("the departed client's server connection still held after 20 s");
     }
+    // Two bytes short: the first two bytes of a Terminate ('X', 0) would complete the
+    // query, and PostgreSQL would run it (`... AS aX`). The backend gets the end of the
+    // stream instead, and runs nothing.
+    let mut r = Raw::login(proxy.addr, "acme").await;
+    let mut q = query(&format!(
+        "/*{}*/ CREATE TABLE two_short AS SELECT 1 AS aa",
+        " ".repeat(20_000)
+    ));
+    q.truncate(q.len() - 2);
+    r.send(&q).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(r);
+    tokio::time::timeout(Duration::from_secs(20), still_serves(proxy.addr))
+        .await
+        .expect("the departed client's server connection still held after 20 s");
+    let made: Option<String> = db
+        .owner()
+        .await
+        .query_one("SELECT to_regclass('tenant_acme.two_short')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(made, None, "the half-sent query ran");
 }
 
 /// A client pipelining far ahead of a slow query, and one that does not read a huge

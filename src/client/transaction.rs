@@ -322,6 +322,11 @@ impl Session {
             conn.state.settings = (!reset_seen).then(|| self.settings.clone());
         }
 
+        if self.cscan.body_left > 0 {
+            // The server has part of a message: the connection is not reused, and its
+            // close must not send a Terminate (see Backend::mid_message).
+            conn.mid_message = true;
+        }
         if !statements_known && end == RelayEnd::Released {
             tracing::warn!(client = %self.reg.client.addr, "prepared statement replies out of step; server connection closed");
         }

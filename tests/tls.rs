@@ -649,3 +649,41 @@ fn check_names_tls_file_problems() {
     ));
     assert!(!ok && text.contains("missing.crt"), "{text}");
 }
+
+/// A TLS client that sends part of a record is not out of reach: its socket is readable
+/// but gives no plaintext yet, and the wait for the rest still hears the timer (and KILL
+/// and shutdown, through the same wait). Without that it would stay open for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_stopped_in_the_middle_of_a_record_is_still_reached() {
+    let db = TestDb::create("tls_partial_record", &["acme"]).await;
+    let dir = tempdir("tenantpool-tls-partial");
+    let proxy = Proxy::start(db.config(
+        1,
+        &format!(
+            "{}auth_method = \"trust\"\n[limits]\nclient_idle_timeout = \"500ms\"\n",
+            proxy_tls(&dir, "require")
+        ),
+    ));
+    let params = [("user", APP_USER), ("database", "acme")];
+    let mut s = tls_client(proxy.addr, "localhost", None, false)
+        .await
+        .unwrap();
+    assert_eq!(run_over(&mut s, &params, "SELECT 1").await.unwrap(), ["1"]);
+    // An application-data record header announcing 64 bytes, and 3 of them.
+    s.get_mut()
+        .0
+        .write_all(&[0x17, 3, 3, 0, 64, 1, 2, 3])
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the client was still connected after 20 s");
+    proxy.stop();
+}

@@ -192,6 +192,7 @@ impl Session {
                         return "client_idle_timeout";
                     }
                     Wake::MidMessage => {
+                        tracing::warn!(client = %self.reg.client.addr, "client stopped in the middle of a message; disconnected");
                         let _ = self.boxed_send_error(PgError::message_timeout()).await;
                         return "message_timeout";
                     }
@@ -417,11 +418,16 @@ impl Session {
         }
     }
 
+    /// Part of a message read (or the rest of a refused one still to be discarded).
+    fn mid_message(&self) -> bool {
+        !self.buf.is_empty() || self.discard_left > 0
+    }
+
     /// How long wait_for_data waits: client_idle_timeout between messages, message_timeout
     /// in the middle of one.
     fn wait_limit(&self) -> Option<std::time::Duration> {
         let limits = &self.reg.shared.live.config().limits;
-        if self.buf.is_empty() {
+        if !self.mid_message() {
             limits.client_idle_timeout.nonzero()
         } else {
             limits.message_timeout.nonzero()
@@ -466,27 +472,39 @@ impl Session {
             {
                 return Poll::Ready(Wake::Server);
             }
-            this.stream.poll_read_ready(cx).map(|r| match r {
-                Ok(()) => Wake::Data,
-                Err(_) => Wake::Closed,
-            })
+            match this.stream.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(Wake::Closed),
+                Poll::Ready(Ok(())) => {}
+            }
+            // The read is tried here, inside the checked wait: a readable socket may still
+            // give nothing (part of a TLS record, or readiness that was stale), and the
+            // wait for the rest must hear KILL, shutdown and the timer too.
+            if this.buf.capacity() == 0 {
+                this.buf = take_buf();
+            }
+            this.buf.reserve(CLIENT_BUF);
+            // Unlike try_read, read_buf notes a short read as "drained", saving a wasted
+            // read syscall later.
+            let read = std::pin::pin!(this.stream.read_buf(&mut this.buf)).poll(cx);
+            match read {
+                Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Wake::Closed),
+                Poll::Ready(Ok(_)) => Poll::Ready(Wake::Data),
+                Poll::Pending => {
+                    if this.buf.is_empty() {
+                        // An idle client holds no buffer.
+                        spare_buf(std::mem::take(&mut this.buf));
+                    }
+                    Poll::Pending
+                }
+            }
         })
         .await;
         match wake {
-            Wake::Data => {}
-            // The wait does not touch the buffer: bytes in it are a message's first part.
-            Wake::IdleTimeout if !self.buf.is_empty() => return Wake::MidMessage,
-            wake => return wake,
-        }
-        if self.buf.capacity() == 0 {
-            self.buf = take_buf();
-        }
-        self.buf.reserve(CLIENT_BUF);
-        // When the socket is readable this completes at once; unlike try_read it also
-        // notes a short read as "drained", saving a wasted read syscall later.
-        match self.stream.read_buf(&mut self.buf).await {
-            Ok(0) | Err(_) => Wake::Closed,
-            Ok(_) => Wake::Data,
+            // The wait reads only when it returns Data: bytes in the buffer otherwise are
+            // a message's first part.
+            Wake::IdleTimeout if self.mid_message() => Wake::MidMessage,
+            wake => wake,
         }
     }
 

@@ -61,52 +61,40 @@ TOML
   callgrind_control -z "$pid" >/dev/null
   PGOPTIONS="${3:-}" PGPASSWORD=bench-secret pgbench -n -S ${CONNECT:+-C} -M "$MODE" -c "$CLIENTS" -j 1 -t "$TXNS" -h 127.0.0.1 -p "$port" -U bench t1 >/dev/null 2>&1
   kill -INT "$pid"; wait "$pid" || true
-  [ -n "${CG_OUT:-}" ] && cp "$WORK/cg.$1" "$CG_OUT.$1"
-  local ir; ir=$( (callgrind_annotate "$WORK/cg.$1" 2>/dev/null || true) | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}')
+  report "$1" "$WORK/cg.$1"
+}
+
+# report NAME FILE: the instructions a callgrind output FILE counted, per transaction.
+report() {
+  [ -n "${CG_OUT:-}" ] && cp "$2" "$CG_OUT.$1"
+  local ir; ir=$( (callgrind_annotate "$2" 2>/dev/null || true) | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}')
   awk -v n="$1" -v ir="$ir" -v t=$((TXNS * CLIENTS)) 'BEGIN{printf "%-10s %12d Ir total  %8.0f Ir per transaction (client logins included)\n", n, ir, ir/t}'
 }
-# PgBouncer with the compare script's setup: a SCRAM verifier in its auth_file (no key
-# derivation per login), which it passes through to PostgreSQL's role bench.
+
+# PgBouncer with the compare script's setup (benches/lib.sh start_pgbouncer): a SCRAM
+# verifier in its auth_file (no key derivation per login), which it passes through to
+# PostgreSQL's role bench.
 pgbouncer_variant() {
   command -v pgbouncer >/dev/null || { echo "pgbouncer   not installed"; return; }
   PB_SECRET=$(scram_verifier bench-secret)
   PGPASSWORD=su-secret psql -qX -h 127.0.0.1 -p "$PGPORT" -U postgres -d app \
     -c "DROP ROLE IF EXISTS bench" -c "CREATE ROLE bench LOGIN PASSWORD '$PB_SECRET' IN ROLE tenantpool" >/dev/null
-  local port; port=$(freeport)
-  cat > "$WORK/pgbouncer.ini" <<INI
-[databases]
-t1 = host=127.0.0.1 port=$PGPORT dbname=app pool_size=8 connect_query='SET search_path TO tenant_t1, public'
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $port
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/userlist.txt
-pool_mode = transaction
-logfile = $WORK/pgbouncer.log
-default_pool_size = 8
+  PB_WRAP="valgrind --tool=callgrind --callgrind-out-file=$WORK/cg.pgbouncer" start_pgbouncer "[databases]
+t1 = host=127.0.0.1 port=$PGPORT dbname=app pool_size=8 connect_query='SET search_path TO tenant_t1, public'" "default_pool_size = 8
 min_pool_size = 8
 log_connections = 0
-log_disconnections = 0
-INI
-  echo "\"bench\" \"$PB_SECRET\"" > "$WORK/userlist.txt"
-  chown -R postgres "$WORK" 2>/dev/null || true
-  "${AS[@]}" valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.pgbouncer" \
-    pgbouncer "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.vg.log" 2>&1 &
-  local pid=$!
-  for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.2; done
+log_disconnections = 0"
+  wait_port "$PB_PORT"
   # Pass-through: its server connections open after a first login.
-  PGPASSWORD=bench-secret psql -qX -h 127.0.0.1 -p "$port" -U bench -d t1 -c "SELECT 1" >/dev/null
+  PGPASSWORD=bench-secret psql -qX -h 127.0.0.1 -p "$PB_PORT" -U bench -d t1 -c "SELECT 1" >/dev/null
   sleep 2
-  "${AS[@]}" callgrind_control -z >/dev/null
-  PGPASSWORD=bench-secret pgbench -n -S ${CONNECT:+-C} -M "$MODE" -c "$CLIENTS" -j 1 -t "$TXNS" -h 127.0.0.1 -p "$port" -U bench t1 >/dev/null 2>&1
+  "${AS[@]}" callgrind_control -z "$PB_PID" >/dev/null
+  PGPASSWORD=bench-secret pgbench -n -S ${CONNECT:+-C} -M "$MODE" -c "$CLIENTS" -j 1 -t "$TXNS" -h 127.0.0.1 -p "$PB_PORT" -U bench t1 >/dev/null 2>&1
   # A dump after the run (the part counted since the zero), then stop it.
-  "${AS[@]}" callgrind_control -d >/dev/null
-  "${AS[@]}" pkill -TERM -f "pgbouncer $WORK/pgbouncer.ini" || true
-  wait "$pid" || true
-  local ir; ir=$( (callgrind_annotate "$WORK/cg.pgbouncer.1" 2>/dev/null || true) | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1; exit}')
-  [ -n "${CG_OUT:-}" ] && cp "$WORK/cg.pgbouncer.1" "$CG_OUT.pgbouncer"
-  awk -v ir="$ir" -v t=$((TXNS * CLIENTS)) 'BEGIN{printf "%-10s %12d Ir total  %8.0f Ir per transaction (client logins included)\n", "pgbouncer", ir, ir/t}'
+  "${AS[@]}" callgrind_control -d "$PB_PID" >/dev/null
+  kill -TERM "$PB_PID" 2>/dev/null || true
+  while kill -0 "$PB_PID" 2>/dev/null; do sleep 0.1; done
+  report pgbouncer "$WORK/cg.pgbouncer.1"
 }
 
 echo "callgrind: pgbench -S ${CONNECT:+-C }-M $MODE, $CLIENTS clients x $TXNS transactions"

@@ -72,6 +72,7 @@ start_pg() {
 # (stored as PB_SECRET when set, e.g. a SCRAM verifier, so that a login costs PgBouncer no
 # key derivation).
 # NAME (default pgbouncer) names its ini, log and pid files, so several can run.
+# PB_WRAP, when set, is a command PgBouncer runs under (e.g. valgrind and its options).
 start_pgbouncer() {
   PB_PORT=$(freeport)
   local name=${3:-pgbouncer}
@@ -92,8 +93,8 @@ INI
   echo "\"bench\" \"${PB_SECRET:-bench-secret}\"" > "$WORK/userlist.txt"
   chown -R postgres "$WORK" 2>/dev/null || true
   rm -f "$WORK/$name.pid"
-  "${AS[@]}" bash -c "ulimit -n \$(ulimit -Hn); exec pgbouncer '$WORK/$name.ini'" >/dev/null 2>&1 &
-  for _ in $(seq 50); do [ -s "$WORK/$name.pid" ] && break; sleep 0.1; done
+  "${AS[@]}" bash -c "ulimit -n \$(ulimit -Hn); exec ${PB_WRAP:-} pgbouncer '$WORK/$name.ini'" >/dev/null 2>&1 &
+  for _ in $(seq 200); do [ -s "$WORK/$name.pid" ] && break; sleep 0.1; done
   PB_PID=$(cat "$WORK/$name.pid")
   PIDS+=("$PB_PID")
 }

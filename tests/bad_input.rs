@@ -317,33 +317,31 @@ async fn a_client_gone_in_the_middle_of_a_streamed_message_frees_its_backend() {
     let db = TestDb::create("gone_mid_message", &["acme"]).await;
     let proxy = ProxyProcess::start_with(&db, 1, "[server]\nconnect_timeout = \"60s\"");
     still_serves(proxy.addr).await;
-    for _ in 0..2 {
+    // Sends `bytes` (part of a message), lets them reach PostgreSQL, leaves; the pool of
+    // one then serves the next client.
+    let leave_after = |bytes: Vec<u8>| async move {
         let mut r = Raw::login(proxy.addr, "acme").await;
-        let mut big = query(&format!("SELECT '{}'", "x".repeat(1 << 20)));
-        big.truncate(9 * 1024);
-        r.send(&big).await;
-        // Let it reach PostgreSQL, then leave.
+        r.send(&bytes).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(r);
         tokio::time::timeout(Duration::from_secs(20), still_serves(proxy.addr))
             .await
             .expect("the departed client's server connection still held after 20 s");
+    };
+    for _ in 0..2 {
+        let mut big = query(&format!("SELECT '{}'", "x".repeat(1 << 20)));
+        big.truncate(9 * 1024);
+        leave_after(big).await;
     }
     // Two bytes short: the first two bytes of a Terminate ('X', 0) would complete the
     // query, and PostgreSQL would run it (`... AS aX`). The backend gets the end of the
     // stream instead, and runs nothing.
-    let mut r = Raw::login(proxy.addr, "acme").await;
     let mut q = query(&format!(
         "/*{}*/ CREATE TABLE two_short AS SELECT 1 AS aa",
         " ".repeat(20_000)
     ));
     q.truncate(q.len() - 2);
-    r.send(&q).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    drop(r);
-    tokio::time::timeout(Duration::from_secs(20), still_serves(proxy.addr))
-        .await
-        .expect("the departed client's server connection still held after 20 s");
+    leave_after(q).await;
     let made: Option<String> = db
         .owner()
         .await
